@@ -1,0 +1,129 @@
+//! Where the bytes live: the backend contract, a sparse raw image file, and an in-memory
+//! backend for tests.
+//!
+//! A backend knows nothing about virtio. A queue worker hands it a batch of [`IoOp`]s whose
+//! buffers are addresses in the worker's memory ([`SliceSource`]); the backend moves bytes
+//! between those buffers and its storage without an intermediate copy.
+
+pub mod file;
+pub mod memory;
+mod uring;
+
+use std::io;
+use std::path::PathBuf;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice};
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+/// Sector size of the block device model; capacities are multiples of it.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors of the backend layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image does not exist and no size was given to create it.
+    #[error("image {0} does not exist; pass --size to create it")]
+    Missing(PathBuf),
+    /// Opening or creating the image failed.
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    /// The size is not usable for a block device.
+    #[error("invalid image size {size} bytes: it must be a non-zero multiple of {SECTOR_SIZE}")]
+    InvalidSize { size: u64 },
+    /// Shrinking would lose data.
+    #[error("cannot shrink image from {current} to {requested} bytes")]
+    Shrink { current: u64, requested: u64 },
+    /// Any other I/O failure.
+    #[error("{op}: {source}")]
+    Io { op: &'static str, source: io::Error },
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A buffer of an I/O operation: `len` bytes at `addr` in the worker's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoBuf {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A run of buffers in the batch's buffer table: `bufs[start..end]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+/// One operation of a batch. Buffers are named by index so that a worker can keep its buffer
+/// and operation tables across batches without reallocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Fill the buffers, in order, from the image starting at byte `offset`.
+    Read { offset: u64, bufs: BufRange },
+    /// Write the buffers, in order, to the image starting at byte `offset`.
+    Write { offset: u64, bufs: BufRange },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate a byte range; it reads back as zeroes.
+    Discard { offset: u64, len: u64 },
+    /// Zero a byte range, keeping it allocated where the filesystem can.
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+/// Resolves buffer addresses to memory. Implemented for every vm-memory address space whose
+/// regions are mmaps, which covers both the VDUSE IOVA space and test memory.
+pub trait SliceSource {
+    /// The `len` bytes at `addr`, if they lie entirely inside one region.
+    fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>>;
+}
+
+impl<M: GuestMemoryBackend<R = GuestRegionMmap<()>>> SliceSource for M {
+    fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
+        let region = self.find_region(addr)?;
+        let offset = addr.0.checked_sub(region.start_addr().0)?;
+        region.get_slice(MemoryRegionAddress(offset), len).ok()
+    }
+}
+
+/// The I/O engine of one queue worker. Not shared between queues, so it needs no lock.
+pub trait QueueIo: Send {
+    /// Runs `ops` (in any order, possibly concurrently) with the buffers of `bufs` and stores
+    /// each result at the same index of `results`, which is cleared first.
+    fn execute(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], ops: &[IoOp], results: &mut Vec<io::Result<()>>);
+}
+
+/// A block device's storage.
+pub trait Backend: Send + Sync {
+    /// Size in bytes, a multiple of [`SECTOR_SIZE`].
+    fn capacity(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// An I/O engine for one queue worker.
+    fn open_queue(&self) -> Result<Box<dyn QueueIo>>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// The buffers of `range`, or an error if the range is not inside the table.
+pub fn buffers(bufs: &[IoBuf], range: BufRange) -> io::Result<&[IoBuf]> {
+    bufs.get(range.start..range.end).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn slices_never_cross_regions() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+            .expect("test memory");
+        assert!(mem.slice(GuestAddress(0xff0), 0x10).is_some());
+        assert!(mem.slice(GuestAddress(0xff0), 0x11).is_none(), "spans two regions");
+        assert!(mem.slice(GuestAddress(0x1ff0), 0x11).is_none(), "past the end");
+        assert!(mem.slice(GuestAddress(u64::MAX), 2).is_none());
+    }
+}

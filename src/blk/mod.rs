@@ -1,0 +1,10 @@
+//! The virtio-blk device model: features and config space, request parsing (validated, no
+//! I/O) and the queue worker loop. Built on vm-memory and virtio-queue; knows nothing of VDUSE,
+//! so it is unit-tested with virtio-queue's mock driver.
+
+pub mod config;
+pub mod request;
+pub mod worker;
+
+pub use request::DeviceLimits;
+pub use worker::{QueueError, QueueWorker};

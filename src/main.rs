@@ -1,0 +1,156 @@
+//! `vduse-csi` command line: set up logging, parse arguments, call into the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+
+use vduse_csi::backend::FileBackend;
+use vduse_csi::server::{self, DeviceOptions, DeviceServer};
+use vduse_csi::units::parse_size;
+use vduse_csi::vduse::{self, sysfs};
+
+/// Kubernetes CSI driver whose volumes are VDUSE virtio-blk devices served by this process.
+#[derive(Parser, Debug)]
+#[command(name = "vduse-csi", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive such as
+    /// `vduse_csi=debug`). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve and manage single VDUSE block devices without Kubernetes.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Serve an image file as a host block device (/dev/vdX) until SIGINT or SIGTERM.
+    ///
+    /// Prints the block device path alone on a line of stdout once the device is up. On
+    /// SIGINT/SIGTERM it detaches the device (the kernel drains outstanding I/O through us),
+    /// makes every completed write durable and destroys the device. A device of the same name
+    /// left attached by a server that was killed is taken over and served again.
+    Serve(ServeArgs),
+    /// List the VDUSE devices on this host.
+    List,
+    /// Remove a VDUSE device that no server is serving (a leftover of a killed server).
+    ///
+    /// Pending I/O on it fails with an I/O error; the device is then detached and destroyed.
+    Remove {
+        /// Device name as shown by `device list`.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Image file to serve; created sparse if absent and --size is given.
+    #[arg(long)]
+    image: PathBuf,
+    /// Size of a new image: bytes or a K, M, G, T suffix (powers of 1024). An existing image
+    /// keeps its size.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Device name (VDUSE, vdpa and virtio-blk serial); default: the image file name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Number of virtqueues (the host uses at most one per CPU).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Entries per virtqueue: a power of two from 4 to 1024.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Refuse writes (the host sees a read-only disk).
+    #[arg(long)]
+    read_only: bool,
+    /// Seconds the kernel waits for an answer to a control message before it marks the device
+    /// broken for good; 0 waits forever, so a restarted server can still answer.
+    #[arg(long, default_value_t = 0)]
+    msg_timeout: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let result = match cli.command {
+        Command::Device(DeviceCommand::Serve(args)) => serve_device(args),
+        Command::Device(DeviceCommand::List) => list_devices(),
+        Command::Device(DeviceCommand::Remove { name }) => server::remove_stale(&name).map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vduse-csi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The default device name: the image file name with unusable characters replaced.
+fn default_name(image: &std::path::Path) -> String {
+    let stem = image.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut name: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    if name.is_empty() || name.starts_with('.') {
+        name.insert_str(0, "vd");
+        name.truncate(64);
+    }
+    name
+}
+
+fn serve_device(args: ServeArgs) -> Result<(), String> {
+    let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
+    vduse::validate_device_name(&name).map_err(|e| e.to_string())?;
+    if !std::path::Path::new(vduse::CONTROL_PATH).exists() {
+        return Err(vduse::Error::ControlMissing.to_string());
+    }
+    // Block the stop signals before any thread exists so every thread inherits the mask and
+    // only sigwait below sees them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let backend = Arc::new(FileBackend::open(&args.image, args.size, args.read_only).map_err(|e| e.to_string())?);
+    let opts = DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
+    let server = DeviceServer::start(&opts, backend).map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", server.block_device().display());
+        let _ = out.flush();
+    }
+    let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
+    tracing::info!(?signal, "stopping");
+    server.stop().map_err(|e| e.to_string())
+}
+
+fn list_devices() -> Result<(), String> {
+    let names = sysfs::list_devices().map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{:<40} {:<9} {:<12} {:<10} MSG_TIMEOUT", "NAME", "ATTACHED", "DRIVER", "BLOCK");
+    for name in names {
+        let attached = sysfs::is_attached(&name);
+        let driver = sysfs::bound_driver(&name).unwrap_or_else(|| "-".into());
+        let block = sysfs::block_device_name(&name).map(|b| format!("/dev/{b}")).unwrap_or_else(|| "-".into());
+        let timeout = sysfs::msg_timeout(&name).map(|t| t.to_string()).unwrap_or_else(|_| "?".into());
+        let _ = writeln!(out, "{name:<40} {:<9} {driver:<12} {block:<10} {timeout}", if attached { "yes" } else { "no" });
+    }
+    Ok(())
+}

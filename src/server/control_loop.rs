@@ -1,0 +1,238 @@
+//! The control-message thread: answers the kernel's messages on the device fd and starts and
+//! stops the queue workers as the driver sets DRIVER_OK or resets the device.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::thread::JoinHandle;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK};
+
+use super::queue_thread::{self, QueueStart};
+use super::{Error, Result};
+use crate::backend::Backend;
+use crate::blk::{DeviceLimits, config};
+use crate::vduse::VduseDevice;
+use crate::vduse::uapi::{
+    VDUSE_GET_VQ_STATE, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB,
+    vduse_dev_request, vduse_dev_response,
+};
+
+/// Upper bound on queues probed when taking over a device of unknown shape.
+const MAX_QUEUES: u32 = 64;
+
+/// What the device was created as.
+#[derive(Debug, Clone)]
+pub(super) struct DeviceShape {
+    pub name: String,
+    pub offered_features: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub limits: DeviceLimits,
+}
+
+/// Running queue workers of one DRIVER_OK period.
+struct Datapath {
+    stop: Arc<EventFd>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+pub(super) struct ControlLoop {
+    dev: Arc<VduseDevice>,
+    backend: Arc<dyn Backend>,
+    shape: DeviceShape,
+    status: u8,
+    features: u64,
+    datapath: Option<Datapath>,
+    /// Per queue: the next available index the worker will consume (for GET_VQ_STATE).
+    progress: Vec<Arc<AtomicU16>>,
+}
+
+impl ControlLoop {
+    pub fn new(dev: Arc<VduseDevice>, backend: Arc<dyn Backend>, shape: DeviceShape) -> Self {
+        Self { dev, backend, shape, status: 0, features: 0, datapath: None, progress: Vec::new() }
+    }
+
+    /// `VDUSE_VQ_SETUP` for every queue; attach fails with EINVAL if any has size 0.
+    pub fn setup_queues(&self) -> Result<()> {
+        for index in 0..u32::from(self.shape.num_queues) {
+            self.dev.vq_setup(index, self.shape.queue_size)?;
+        }
+        Ok(())
+    }
+
+    /// Takes over a device whose driver is already running (a previous server died): no
+    /// SET_STATUS will come, so start the workers now from the rings' used indexes.
+    pub fn recover(&mut self) -> Result<()> {
+        self.features = self.dev.driver_features()?;
+        self.status = (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK) as u8 | 0x3;
+        self.start_datapath(true)
+    }
+
+    /// Serves control messages until `stop` is signalled, then stops the workers.
+    pub fn run(mut self, stop: &EventFd) {
+        loop {
+            let mut fds = [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(device = %self.shape.name, error = %e, "poll failed; control loop exits");
+                    break;
+                }
+            }
+            let dev_events = fds[0].revents().unwrap_or(PollFlags::empty());
+            if fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+                break;
+            }
+            if dev_events.contains(PollFlags::POLLERR) {
+                tracing::error!(device = %self.shape.name, "the kernel marked the device broken (a message timed out); it must be removed");
+                break;
+            }
+            loop {
+                match self.dev.read_request() {
+                    Ok(Some(req)) => {
+                        let resp = self.handle(&req);
+                        if let Err(e) = self.dev.write_response(&resp) {
+                            tracing::error!(device = %self.shape.name, error = %e, "cannot answer a control message");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(device = %self.shape.name, error = %e, "cannot read a control message");
+                        break;
+                    }
+                }
+            }
+        }
+        self.stop_datapath();
+    }
+
+    fn handle(&mut self, req: &vduse_dev_request) -> vduse_dev_response {
+        let ok = vduse_dev_response::new(req.request_id, VDUSE_REQ_RESULT_OK);
+        let failed = vduse_dev_response::new(req.request_id, VDUSE_REQ_RESULT_FAILED);
+        match req.type_ {
+            VDUSE_SET_STATUS => {
+                if self.set_status(req.status()) { ok } else { failed }
+            }
+            VDUSE_GET_VQ_STATE => {
+                let index = req.vq_index();
+                match self.progress.get(index as usize) {
+                    Some(p) => {
+                        let mut resp = ok;
+                        resp.set_vq_state(index, p.load(Ordering::Acquire));
+                        resp
+                    }
+                    None => failed,
+                }
+            }
+            VDUSE_UPDATE_IOTLB => {
+                // Mappings changed under the workers: restart them so they map afresh. Only
+                // vhost-vdpa sends this; the virtio_vdpa path never does.
+                let (start, last) = req.iova_range();
+                tracing::info!(device = %self.shape.name, start, last, "IOTLB update: remapping");
+                if self.datapath.is_some() {
+                    self.stop_datapath();
+                    if let Err(e) = self.start_datapath(true) {
+                        tracing::error!(device = %self.shape.name, error = %e, "cannot restart the datapath");
+                        return failed;
+                    }
+                }
+                ok
+            }
+            other => {
+                tracing::warn!(device = %self.shape.name, message = other, "unknown control message");
+                failed
+            }
+        }
+    }
+
+    /// Applies a new status byte; returns false to refuse it.
+    fn set_status(&mut self, status: u8) -> bool {
+        tracing::debug!(device = %self.shape.name, status, "SET_STATUS");
+        if status == 0 {
+            // Reset: stop touching the rings and drop every mapping before we answer; the
+            // kernel clears the queues right after our reply.
+            self.stop_datapath();
+            self.status = 0;
+            self.features = 0;
+            return true;
+        }
+        let newly = status & !self.status;
+        if newly & VIRTIO_CONFIG_S_FEATURES_OK as u8 != 0 {
+            match self.dev.driver_features() {
+                Ok(f) if config::features_acceptable(self.shape.offered_features, f) => self.features = f,
+                Ok(f) => {
+                    tracing::error!(device = %self.shape.name, features = f, "driver accepted unusable features");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(device = %self.shape.name, error = %e, "cannot read driver features");
+                    return false;
+                }
+            }
+        }
+        if newly & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0 {
+            if let Err(e) = self.start_datapath(false) {
+                tracing::error!(device = %self.shape.name, error = %e, "cannot start the datapath");
+                return false;
+            }
+        }
+        self.status = status;
+        true
+    }
+
+    fn start_datapath(&mut self, recover: bool) -> Result<()> {
+        self.stop_datapath();
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let mut datapath = Datapath { stop: Arc::clone(&stop), workers: Vec::new() };
+        self.progress.clear();
+        for index in 0..MAX_QUEUES {
+            let info = match self.dev.vq_info(index) {
+                Ok(info) => info,
+                // Past the last queue.
+                Err(_) => break,
+            };
+            let progress = Arc::new(AtomicU16::new(info.avail_index));
+            self.progress.push(Arc::clone(&progress));
+            if info.ready == 0 {
+                // virtio_blk uses min(queues, CPUs) queues; the rest stay unready.
+                continue;
+            }
+            let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?;
+            self.dev.set_kickfd(index, Some(kick.as_fd()))?;
+            let start = QueueStart {
+                dev: Arc::clone(&self.dev),
+                index,
+                info,
+                event_idx: config::event_idx(self.features),
+                backend: Arc::clone(&self.backend),
+                limits: self.shape.limits.clone(),
+                kick,
+                stop: Arc::clone(&stop),
+                recover,
+                progress,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vduse-q{index}-{}", self.shape.name))
+                .spawn(move || queue_thread::run(start))
+                .map_err(Error::Thread)?;
+            datapath.workers.push(handle);
+        }
+        tracing::info!(device = %self.shape.name, workers = datapath.workers.len(), recover, "datapath started");
+        self.datapath = Some(datapath);
+        Ok(())
+    }
+
+    fn stop_datapath(&mut self) {
+        if let Some(datapath) = self.datapath.take() {
+            let _ = datapath.stop.write(1);
+            for worker in datapath.workers {
+                let _ = worker.join();
+            }
+            tracing::info!(device = %self.shape.name, "datapath stopped");
+        }
+    }
+}

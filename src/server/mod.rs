@@ -1,0 +1,313 @@
+//! One VDUSE device serving one backend: create (or recover) → control-message thread →
+//! attach → per-queue workers at DRIVER_OK → detach → destroy.
+
+mod control_loop;
+mod queue_thread;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::backend::Backend;
+use crate::blk::{DeviceLimits, config};
+use crate::vduse::{self, VduseControl, VduseDevice, control::DeviceConfig, netlink, sysfs};
+
+use control_loop::{ControlLoop, DeviceShape};
+
+/// How long to wait for `/dev/vdX` after attach returned.
+const BLOCK_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the device server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Vduse(#[from] vduse::Error),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::Error),
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("eventfd: {0}")]
+    EventFd(nix::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What device to serve.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// VDUSE, vdpa and GET_ID name.
+    pub name: String,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Seconds the kernel waits for a control-message answer; 0 = forever.
+    pub msg_timeout: u32,
+}
+
+impl DeviceOptions {
+    fn validate(&self) -> Result<()> {
+        vduse::validate_device_name(&self.name)?;
+        if self.num_queues == 0 || self.num_queues > 64 {
+            return Err(Error::InvalidOption(format!("queues must be 1..=64, not {}", self.num_queues)));
+        }
+        if !self.queue_size.is_power_of_two() || !(4..=1024).contains(&self.queue_size) {
+            return Err(Error::InvalidOption(format!(
+                "queue size must be a power of two in 4..=1024, not {}",
+                self.queue_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A running device. Stop it with [`DeviceServer::stop`]; dropping it leaves the device
+/// attached but unserved, exactly like a crash, so the next server can recover it.
+pub struct DeviceServer {
+    name: String,
+    block_device: PathBuf,
+    backend: Arc<dyn Backend>,
+    /// Our handle on the device node; `None` once closed for destruction.
+    dev: Option<Arc<VduseDevice>>,
+    stop: Arc<EventFd>,
+    control: Option<JoinHandle<()>>,
+    recovered: bool,
+}
+
+impl DeviceServer {
+    /// Brings the device up and returns once `/dev/vdX` exists. A device of the same name left
+    /// attached by a server that died is taken over and served again; one left detached is
+    /// destroyed and created afresh.
+    pub fn start(opts: &DeviceOptions, backend: Arc<dyn Backend>) -> Result<Self> {
+        opts.validate()?;
+        let control = VduseControl::open()?;
+        let shape = DeviceShape {
+            name: opts.name.clone(),
+            offered_features: config::device_features(opts.num_queues, backend.read_only()),
+            num_queues: opts.num_queues,
+            queue_size: opts.queue_size,
+            limits: limits(&opts.name, opts.queue_size, backend.as_ref()),
+        };
+        let cfg = DeviceConfig {
+            name: opts.name.clone(),
+            device_id: config::VIRTIO_ID_BLOCK,
+            features: shape.offered_features,
+            num_queues: u32::from(opts.num_queues),
+            config: config::config_space(backend.capacity(), opts.num_queues, opts.queue_size),
+        };
+
+        let recovered = match control.create(&cfg) {
+            Ok(()) => false,
+            Err(vduse::Error::Exists(_)) if sysfs::is_attached(&opts.name) => {
+                tracing::warn!(device = %opts.name, "device exists and is attached: taking it over");
+                true
+            }
+            Err(vduse::Error::Exists(_)) => {
+                tracing::warn!(device = %opts.name, "stale detached device: destroying and recreating it");
+                control.destroy(&opts.name)?;
+                control.create(&cfg)?;
+                false
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Raise the message timeout before anything can send a message: a slow moment must
+        // not mark the device broken for good.
+        sysfs::set_msg_timeout(&opts.name, opts.msg_timeout)?;
+
+        let dev = match VduseDevice::open(&opts.name) {
+            Ok(dev) => Arc::new(dev),
+            Err(e) => {
+                if !recovered {
+                    let _ = control.destroy(&opts.name);
+                }
+                return Err(e.into());
+            }
+        };
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape);
+        control_loop.setup_queues()?;
+        if recovered {
+            control_loop.recover()?;
+            // The image may have grown while nobody served the device.
+            update_capacity(&dev, backend.capacity())?;
+        }
+        let stop_thread = Arc::clone(&stop);
+        let control_thread = std::thread::Builder::new()
+            .name(format!("vduse-ctl-{}", opts.name))
+            .spawn(move || control_loop.run(&stop_thread))
+            .map_err(Error::Thread)?;
+
+        let mut server = Self {
+            name: opts.name.clone(),
+            block_device: PathBuf::new(),
+            backend,
+            dev: Some(dev),
+            stop,
+            control: Some(control_thread),
+            recovered,
+        };
+        if !recovered {
+            if let Err(e) = netlink::dev_add(&opts.name) {
+                server.shutdown_threads();
+                server.dev = None;
+                let _ = control.destroy(&opts.name);
+                return Err(e.into());
+            }
+        }
+        match sysfs::wait_for_block_device(&opts.name, BLOCK_DEVICE_TIMEOUT) {
+            Ok(path) => server.block_device = path,
+            Err(e) => {
+                let _ = server.teardown();
+                return Err(e.into());
+            }
+        }
+        tracing::info!(device = %server.name, block = %server.block_device.display(), recovered, "device up");
+        Ok(server)
+    }
+
+    /// The host block device (`/dev/vdX`).
+    pub fn block_device(&self) -> &Path {
+        &self.block_device
+    }
+
+    /// Whether this server took over a device left by a previous one.
+    pub fn recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// Tells the driver the backend's capacity changed (after growing the image).
+    pub fn capacity_changed(&self) -> Result<()> {
+        match &self.dev {
+            Some(dev) => update_capacity(dev, self.backend.capacity()),
+            None => Err(Error::InvalidOption("device is stopped".into())),
+        }
+    }
+
+    /// Detaches (the kernel drains outstanding I/O through us first), makes every completed
+    /// write durable, and destroys the device.
+    pub fn stop(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        let detach = netlink::dev_del(&self.name);
+        if let Err(e) = &detach {
+            tracing::error!(device = %self.name, error = %e, "detach failed");
+        }
+        let flushed = self.backend.flush();
+        self.shutdown_threads();
+        // Closing our fd is required before DESTROY (EBUSY while open); the threads that held
+        // clones of it have been joined.
+        self.dev = None;
+        let control = VduseControl::open()?;
+        let mut destroyed = false;
+        for _ in 0..50 {
+            match control.destroy(&self.name) {
+                Ok(_) => {
+                    destroyed = true;
+                    break;
+                }
+                Err(vduse::Error::Ioctl { source: nix::errno::Errno::EBUSY, .. }) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        detach?;
+        flushed?;
+        if !destroyed {
+            return Err(vduse::Error::Ioctl { op: "VDUSE_DESTROY_DEV", source: nix::errno::Errno::EBUSY }.into());
+        }
+        tracing::info!(device = %self.name, "device destroyed");
+        Ok(())
+    }
+
+    fn shutdown_threads(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.control.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        self.shutdown_threads();
+    }
+}
+
+fn limits(name: &str, queue_size: u16, backend: &dyn Backend) -> DeviceLimits {
+    let mut serial = [0u8; crate::blk::request::ID_BYTES];
+    let n = name.len().min(serial.len());
+    serial[..n].copy_from_slice(&name.as_bytes()[..n]);
+    DeviceLimits {
+        capacity_sectors: backend.capacity() / 512,
+        read_only: backend.read_only(),
+        // Linux uses at most seg_max + 2 descriptors; allow the whole ring, never more.
+        max_descriptors: usize::from(queue_size),
+        max_request_bytes: 256 << 20,
+        max_discard_sectors: config::MAX_DISCARD_SECTORS,
+        serial,
+    }
+}
+
+fn update_capacity(dev: &VduseDevice, capacity: u64) -> Result<()> {
+    // One SET_CONFIG for all 8 bytes, then the interrupt (VDUSE.md §7).
+    dev.set_config(config::CAPACITY_OFFSET, &(capacity / 512).to_le_bytes())?;
+    match dev.inject_config_irq() {
+        Ok(()) => Ok(()),
+        // EINVAL before DRIVER_OK: the driver reads the new value when it probes.
+        Err(vduse::Error::Ioctl { source: nix::errno::Errno::EINVAL, .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes a device no server is serving: takes it over with a backend that fails all I/O, so
+/// the kernel's drain and reset complete, then detaches and destroys it.
+pub fn remove_stale(name: &str) -> Result<()> {
+    vduse::validate_device_name(name)?;
+    if !sysfs::device_exists(name) {
+        return Err(Error::InvalidOption(format!("no VDUSE device named {name:?}")));
+    }
+    let control = VduseControl::open()?;
+    if !sysfs::is_attached(name) {
+        control.destroy(name)?;
+        return Ok(());
+    }
+    let backend: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(0, true));
+    let dev = Arc::new(VduseDevice::open(name)?);
+    let shape = DeviceShape {
+        name: name.to_owned(),
+        offered_features: u64::MAX,
+        num_queues: 0,
+        queue_size: 0,
+        limits: limits(name, 1024, backend.as_ref()),
+    };
+    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+    let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape);
+    control_loop.recover()?;
+    let stop_thread = Arc::clone(&stop);
+    let handle = std::thread::Builder::new()
+        .name(format!("vduse-rm-{name}"))
+        .spawn(move || control_loop.run(&stop_thread))
+        .map_err(Error::Thread)?;
+    let mut server = DeviceServer::from_parts(name, backend, dev, stop, handle);
+    server.teardown()
+}
+
+impl DeviceServer {
+    fn from_parts(name: &str, backend: Arc<dyn Backend>, dev: Arc<VduseDevice>, stop: Arc<EventFd>, control: JoinHandle<()>) -> Self {
+        Self {
+            name: name.to_owned(),
+            block_device: PathBuf::new(),
+            backend,
+            dev: Some(dev),
+            stop,
+            control: Some(control),
+            recovered: true,
+        }
+    }
+}
