@@ -8,3 +8,6 @@ pub mod worker;
 
 pub use request::DeviceLimits;
 pub use worker::{QueueError, QueueWorker};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,378 @@
+//! Queue-loop tests with virtio-queue's mock driver: good chains in every framing, and hostile
+//! ones. The worker must answer each bad request with a status and keep serving, and stop the
+//! queue (never the process) when the ring itself is corrupt.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::request::{DeviceLimits, ID_BYTES, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use super::{QueueError, QueueWorker};
+use crate::backend::{Backend, MemoryBackend};
+
+const QUEUE_SIZE: u16 = 32;
+const DATA: u64 = 0x10_0000;
+const CAPACITY: u64 = 1 << 20;
+
+type Mem = GuestMemoryMmap<()>;
+
+fn memory() -> Mem {
+    // Rings in the first MiB, buffers in the second; nothing mapped above 2 MiB.
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000), (GuestAddress(DATA), 0x10_0000)]).expect("memory")
+}
+
+fn limits(read_only: bool) -> DeviceLimits {
+    let mut serial = [0u8; ID_BYTES];
+    serial[..7].copy_from_slice(b"vol-123");
+    DeviceLimits {
+        capacity_sectors: CAPACITY / 512,
+        read_only,
+        max_descriptors: usize::from(QUEUE_SIZE),
+        max_request_bytes: 1 << 20,
+        max_discard_sectors: 1 << 21,
+        serial,
+    }
+}
+
+/// A descriptor as the test writes it: address, length, device-writable.
+#[derive(Clone, Copy)]
+struct D(u64, u32, bool);
+
+struct Harness<'a> {
+    mem: &'a Mem,
+    mock: MockSplitQueue<'a, Mem>,
+    worker: QueueWorker,
+    backend: MemoryBackend,
+    next_desc: u16,
+    notifications: usize,
+}
+
+impl<'a> Harness<'a> {
+    fn new(mem: &'a Mem, read_only: bool) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
+        let queue: Queue = mock.create_queue().expect("queue");
+        let backend = MemoryBackend::new(CAPACITY, read_only);
+        let io = backend.open_queue().expect("io");
+        let shared: Arc<dyn Backend> = Arc::new(backend.clone());
+        let worker = QueueWorker::new(queue, shared, io, limits(read_only));
+        Self { mem, mock, worker, backend, next_desc: 0, notifications: 0 }
+    }
+
+    /// Makes a chain of `descs` available; returns its head.
+    fn add(&mut self, descs: &[D]) -> u16 {
+        // Reuse the table from the start once it is full; callers process in between.
+        if usize::from(self.next_desc) + descs.len() > usize::from(QUEUE_SIZE) {
+            self.next_desc = 0;
+        }
+        let head = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut flags = if d.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(d.0, d.1, flags, head + i as u16 + 1))
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, head).expect("add chain");
+        self.next_desc += descs.len() as u16;
+        head
+    }
+
+    fn process(&mut self) -> Result<(), QueueError> {
+        let mut count = 0;
+        let result = self.worker.process(self.mem, &mut || count += 1);
+        self.notifications += count;
+        result
+    }
+
+    fn used(&self, n: u16) -> (u32, u32) {
+        let elem = self.mock.used().ring().ref_at(usize::from(n)).expect("used elem").load();
+        (elem.id(), elem.len())
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mock.used().idx().load()
+    }
+}
+
+fn header(mem: &Mem, at: u64, req_type: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&req_type.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(at)).expect("header");
+}
+
+fn status(mem: &Mem, at: u64) -> u8 {
+    mem.read_obj(GuestAddress(at)).expect("status")
+}
+
+const HDR: u64 = DATA;
+const BUF: u64 = DATA + 0x1000;
+const STATUS: u64 = DATA + 0xf000;
+
+#[test]
+fn write_then_read_round_trips() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 8);
+    mem.write_slice(&pattern, GuestAddress(BUF)).expect("data");
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    let head = h.add(&[D(HDR, 16, false), D(BUF, 4096, false), D(STATUS, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_OK);
+    assert_eq!(h.used(0), (u32::from(head), 1));
+    assert_eq!(&h.backend.contents()[8 * 512..8 * 512 + 4096], &pattern[..]);
+
+    let out = BUF + 0x2000;
+    header(&mem, HDR + 0x100, VIRTIO_BLK_T_IN, 8);
+    let head = h.add(&[D(HDR + 0x100, 16, false), D(out, 4096, true), D(STATUS + 1, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS + 1), STATUS_OK);
+    assert_eq!(h.used(1), (u32::from(head), 4097));
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(out)).expect("read back");
+    assert_eq!(back, pattern);
+}
+
+#[test]
+fn any_framing_is_accepted() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    // Header and data in one readable descriptor, status in its own.
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    mem.write_slice(&[0xabu8; 512], GuestAddress(HDR + 16)).expect("data");
+    h.add(&[D(HDR, 16 + 512, false), D(STATUS, 1, true)]);
+    // Read data and status in one writable descriptor.
+    header(&mem, HDR + 0x1000, VIRTIO_BLK_T_IN, 0);
+    h.add(&[D(HDR + 0x1000, 16, false), D(BUF, 513, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_OK);
+    assert_eq!(status(&mem, BUF + 512), STATUS_OK);
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(BUF)).expect("read");
+    assert_eq!(back, [0xab; 512]);
+    assert_eq!(h.used(1).1, 513);
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+    mem.write_slice(&[0xee; 20], GuestAddress(BUF)).expect("fill");
+    h.add(&[D(HDR, 16, false), D(BUF, 20, true), D(STATUS, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_OK);
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(BUF)).expect("id");
+    assert_eq!(&id[..8], b"vol-123\0");
+    assert_eq!(h.used(0).1, 21);
+}
+
+#[test]
+fn bad_requests_get_an_error_status_and_the_queue_keeps_serving() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    let cases: &[(&str, u32, u64, &[D], u8)] = &[
+        ("past capacity", VIRTIO_BLK_T_IN, CAPACITY / 512, &[D(BUF, 512, true)], STATUS_IOERR),
+        ("straddles the end", VIRTIO_BLK_T_OUT, CAPACITY / 512 - 1, &[D(BUF, 1024, false)], STATUS_IOERR),
+        ("huge sector", VIRTIO_BLK_T_IN, u64::MAX, &[D(BUF, 512, true)], STATUS_IOERR),
+        ("not a sector multiple", VIRTIO_BLK_T_IN, 0, &[D(BUF, 100, true)], STATUS_IOERR),
+        ("buffer outside memory", VIRTIO_BLK_T_IN, 0, &[D(0x40_0000, 512, true)], STATUS_IOERR),
+        ("buffer crossing regions", VIRTIO_BLK_T_IN, 0, &[D(DATA - 256, 512, true)], STATUS_IOERR),
+        ("zero-length buffer", VIRTIO_BLK_T_IN, 0, &[D(BUF, 0, true)], STATUS_IOERR),
+        ("writable before readable", VIRTIO_BLK_T_OUT, 0, &[D(BUF, 512, true), D(BUF + 512, 512, false)], STATUS_IOERR),
+        ("unknown type", 0x55, 0, &[], STATUS_UNSUPP),
+        ("secure erase", VIRTIO_BLK_T_SECURE_ERASE, 0, &[], STATUS_UNSUPP),
+    ];
+    let mut n = 0;
+    for (what, req_type, sector, data, expected) in cases {
+        let hdr = HDR + 0x100 * n;
+        let st = STATUS + n;
+        header(&mem, hdr, *req_type, *sector);
+        mem.write_obj(0xffu8, GuestAddress(st)).expect("status");
+        let mut chain = vec![D(hdr, 16, false)];
+        chain.extend_from_slice(data);
+        chain.push(D(st, 1, true));
+        h.add(&chain);
+        h.process().unwrap_or_else(|e| panic!("{what}: queue stopped: {e}"));
+        assert_eq!(status(&mem, st), *expected, "{what}");
+        assert_eq!(h.used_idx(), n as u16 + 1, "{what}: completed");
+        n += 1;
+    }
+    // A good request right after all of that still works.
+    header(&mem, HDR + 0x100 * n, VIRTIO_BLK_T_IN, 0);
+    h.add(&[D(HDR + 0x100 * n, 16, false), D(BUF, 512, true), D(STATUS + n, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS + n), STATUS_OK);
+    assert!(h.backend.contents().iter().all(|b| *b == 0), "no bad request wrote data");
+}
+
+#[test]
+fn short_or_missing_parts_never_hang_the_driver() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    // Header shorter than 16 bytes: IOERR.
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    h.add(&[D(HDR, 8, false), D(STATUS, 1, true)]);
+    // No writable byte at all: completed with used.len 0 (there is nowhere to put a status).
+    h.add(&[D(HDR, 16, false)]);
+    // Status descriptor outside memory: completed, nothing written.
+    h.add(&[D(HDR, 16, false), D(0x50_0000, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_IOERR);
+    assert_eq!(h.used_idx(), 3);
+    assert_eq!(h.used(1).1, 0);
+    assert_eq!(h.used(2).1, 0);
+}
+
+#[test]
+fn read_only_device_refuses_writes() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, true);
+    for (i, t) in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES].into_iter().enumerate() {
+        let hdr = HDR + 0x100 * i as u64;
+        header(&mem, hdr, t, 0);
+        h.add(&[D(hdr, 16, false), D(BUF, 512, false), D(STATUS + i as u64, 1, true)]);
+    }
+    h.process().expect("process");
+    for i in 0..3 {
+        assert_eq!(status(&mem, STATUS + i), STATUS_IOERR);
+    }
+}
+
+fn discard_segment(mem: &Mem, at: u64, sector: u64, num: u32, flags: u32) {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    mem.write_slice(&s, GuestAddress(at)).expect("segment");
+}
+
+#[test]
+fn discard_write_zeroes_and_flush() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    h.backend.fill(0, &[0x11; 4096]);
+    header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    discard_segment(&mem, BUF, 0, 4, 0);
+    h.add(&[D(HDR, 16, false), D(BUF, 16, false), D(STATUS, 1, true)]);
+    header(&mem, HDR + 0x100, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    discard_segment(&mem, BUF + 0x100, 4, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    h.add(&[D(HDR + 0x100, 16, false), D(BUF + 0x100, 16, false), D(STATUS + 1, 1, true)]);
+    // DISCARD with the UNMAP flag is not allowed by the spec.
+    header(&mem, HDR + 0x200, VIRTIO_BLK_T_DISCARD, 0);
+    discard_segment(&mem, BUF + 0x200, 0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    h.add(&[D(HDR + 0x200, 16, false), D(BUF + 0x200, 16, false), D(STATUS + 2, 1, true)]);
+    // Two segments: more than we advertise.
+    header(&mem, HDR + 0x300, VIRTIO_BLK_T_DISCARD, 0);
+    h.add(&[D(HDR + 0x300, 16, false), D(BUF + 0x300, 32, false), D(STATUS + 3, 1, true)]);
+    // Out of range.
+    header(&mem, HDR + 0x400, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    discard_segment(&mem, BUF + 0x400, CAPACITY / 512 - 1, 2, 0);
+    h.add(&[D(HDR + 0x400, 16, false), D(BUF + 0x400, 16, false), D(STATUS + 4, 1, true)]);
+    header(&mem, HDR + 0x500, VIRTIO_BLK_T_FLUSH, 0);
+    h.add(&[D(HDR + 0x500, 16, false), D(STATUS + 5, 1, true)]);
+    h.process().expect("process");
+    let statuses: Vec<u8> = (0..6).map(|i| status(&mem, STATUS + i)).collect();
+    assert_eq!(statuses, [STATUS_OK, STATUS_OK, STATUS_UNSUPP, STATUS_UNSUPP, STATUS_IOERR, STATUS_OK]);
+    assert!(h.backend.contents()[..4096].iter().all(|b| *b == 0));
+    assert_eq!(h.backend.flush_count(), 1);
+}
+
+#[test]
+fn indirect_chains_work_and_nested_indirect_is_refused() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    let table = DATA + 0x8000;
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let entries = [
+        SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1),
+        SplitDescriptor::new(BUF, 512, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, 2),
+        SplitDescriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        mem.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64)).expect("table");
+    }
+    let raw = RawDescriptor::from(SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0));
+    h.mock.add_desc_chains(&[raw], 0).expect("add");
+    h.next_desc = 1;
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_OK);
+    assert_eq!(h.used(0).1, 513);
+
+    // A table that points at another indirect table ends the chain early: no status, but the
+    // head is still completed.
+    let nested = DATA + 0x9000;
+    mem.write_obj(RawDescriptor::from(SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0)), GuestAddress(nested))
+        .expect("nested");
+    let raw = RawDescriptor::from(SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT as u16, 0));
+    h.mock.add_desc_chains(&[raw], 1).expect("add");
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 2);
+    assert_eq!(h.used(1).1, 0);
+}
+
+#[test]
+fn a_descriptor_loop_is_bounded() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    // Descriptor 0 points at itself forever.
+    let raw = RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 0));
+    h.mock.add_desc_chains(&[raw], 0).expect("add");
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 1);
+}
+
+#[test]
+fn one_notification_per_batch() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    for i in 0..5u64 {
+        header(&mem, HDR + 0x100 * i, VIRTIO_BLK_T_IN, i);
+        h.add(&[D(HDR + 0x100 * i, 16, false), D(BUF + 0x1000 * i, 512, true), D(STATUS + i, 1, true)]);
+    }
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 5);
+    assert_eq!(h.notifications, 1);
+}
+
+#[test]
+fn corrupt_avail_index_stops_the_queue() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    h.mock.avail().idx().store(QUEUE_SIZE + 5);
+    assert!(matches!(h.process(), Err(QueueError::Ring(_))));
+}
+
+#[test]
+fn head_out_of_range_stops_the_queue() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    h.mock.avail().ring().ref_at(0).expect("slot").store(QUEUE_SIZE + 1);
+    h.mock.avail().idx().store(1);
+    assert!(matches!(h.process(), Err(QueueError::HeadOutOfRange { .. })));
+}
+
+#[test]
+fn duplicate_head_in_flight_stops_the_queue() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    h.add(&[D(HDR, 16, false), D(STATUS, 1, true)]);
+    // The same head offered twice in one batch.
+    h.mock.avail().ring().ref_at(1).expect("slot").store(0);
+    h.mock.avail().idx().store(2);
+    assert!(matches!(h.process(), Err(QueueError::DuplicateHead(0))));
+}
