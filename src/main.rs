@@ -117,7 +117,13 @@ fn default_name(image: &std::path::Path) -> String {
 
 fn serve_device(args: ServeArgs) -> Result<(), String> {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
-    vduse::validate_device_name(&name).map_err(|e| e.to_string())?;
+    let opts = DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
+    // Check everything the caller got wrong before touching the host, so a bad command line
+    // creates nothing.
+    opts.validate().map_err(|e| e.to_string())?;
+    if args.size.is_none() && !args.image.exists() {
+        return Err(vduse_csi::backend::Error::Missing(args.image.clone()).to_string());
+    }
     if !std::path::Path::new(vduse::CONTROL_PATH).exists() {
         return Err(vduse::Error::ControlMissing.to_string());
     }
@@ -129,7 +135,6 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
 
     let backend = Arc::new(FileBackend::open(&args.image, args.size, args.read_only).map_err(|e| e.to_string())?);
-    let opts = DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
     let server = DeviceServer::start(&opts, backend).map_err(|e| e.to_string())?;
     {
         let mut out = std::io::stdout().lock();

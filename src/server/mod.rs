@@ -49,7 +49,8 @@ pub struct DeviceOptions {
 }
 
 impl DeviceOptions {
-    fn validate(&self) -> Result<()> {
+    /// Checks the options without touching the host.
+    pub fn validate(&self) -> Result<()> {
         vduse::validate_device_name(&self.name)?;
         if self.num_queues == 0 || self.num_queues > 64 {
             return Err(Error::InvalidOption(format!("queues must be 1..=64, not {}", self.num_queues)));
