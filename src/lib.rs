@@ -1,9 +1,12 @@
 //! vduse-csi: a Kubernetes CSI driver whose volumes are VDUSE virtio-blk devices served from
 //! inside the plugin process. See DESIGN.md for the module map; arrows point down only:
-//! `server` → `blk` → `backend`, and `server` → `vduse`.
+//! `csi` → `volume`, `host`, `server`; `server` → `blk` → `backend`, and `server` → `vduse`.
 
 pub mod backend;
 pub mod blk;
+pub mod csi;
+pub mod host;
 pub mod server;
 pub mod units;
 pub mod vduse;
+pub mod volume;

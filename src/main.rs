@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
 use vduse_csi::backend::FileBackend;
+use vduse_csi::csi;
 use vduse_csi::server::{self, DeviceOptions, DeviceServer};
 use vduse_csi::units::parse_size;
 use vduse_csi::vduse::{self, sysfs};
@@ -27,6 +28,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the CSI plugin: Identity, Controller and Node services on a unix socket.
+    ///
+    /// Volumes live under --state-dir on this node. Volumes that were staged when the plugin
+    /// last stopped are served again before Probe reports ready; their devices stay attached
+    /// while the plugin is down (their I/O waits for it).
+    Serve(PluginArgs),
     /// Serve and manage single VDUSE block devices without Kubernetes.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -50,6 +57,25 @@ enum DeviceCommand {
         /// Device name as shown by `device list`.
         name: String,
     },
+}
+
+#[derive(Args, Debug)]
+struct PluginArgs {
+    /// gRPC endpoint, unix:///absolute/path (the socket is created with mode 0600).
+    #[arg(long, default_value = csi::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// This node's ID (the Kubernetes node name); also the topology value.
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// Where volume images and metadata live.
+    #[arg(long, default_value = csi::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value_t = csi::Mode::All)]
+    mode: csi::Mode,
+    /// CSI driver name reported by GetPluginInfo.
+    #[arg(long, default_value = csi::DRIVER_NAME)]
+    driver_name: String,
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +113,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let result = match cli.command {
+        Command::Serve(args) => serve_plugin(args),
         Command::Device(DeviceCommand::Serve(args)) => serve_device(args),
         Command::Device(DeviceCommand::List) => list_devices(),
         Command::Device(DeviceCommand::Remove { name }) => server::remove_stale(&name).map_err(|e| e.to_string()),
@@ -144,6 +171,20 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
     tracing::info!(?signal, "stopping");
     server.stop().map_err(|e| e.to_string())
+}
+
+fn serve_plugin(args: PluginArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(csi::serve::run(csi::serve::ServeOptions {
+        endpoint: args.endpoint,
+        node_id: args.node_id,
+        state_dir: args.state_dir,
+        mode: args.mode,
+        driver_name: args.driver_name,
+    }))
 }
 
 fn list_devices() -> Result<(), String> {

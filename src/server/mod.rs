@@ -187,6 +187,11 @@ impl DeviceServer {
         }
     }
 
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.backend.flush()?)
+    }
+
     /// Detaches (the kernel drains outstanding I/O through us first), makes every completed
     /// write durable, and destroys the device.
     pub fn stop(mut self) -> Result<()> {

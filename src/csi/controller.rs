@@ -1,0 +1,411 @@
+//! Controller service for node-local volumes: this node's plugin provisions on this node, as
+//! external-provisioner's per-node deployment expects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::controller_server::Controller;
+use super::proto::*;
+use super::{DEFAULT_CAPACITY, Error, MIB, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking, required, volume_id};
+use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
+
+/// Parameters external-provisioner adds with --extra-create-metadata; accepted and ignored.
+const METADATA_PARAMS: [&str; 3] = ["csi.storage.k8s.io/pv/name", "csi.storage.k8s.io/pvc/name", "csi.storage.k8s.io/pvc/namespace"];
+const MAX_QUEUES: u16 = 16;
+
+pub struct ControllerService {
+    plugin: Arc<Plugin>,
+}
+
+impl ControllerService {
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        Self { plugin }
+    }
+}
+
+/// Checks the volume capabilities we can honour: mount (ext4/xfs) or block, single node.
+pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<()> {
+    if caps.is_empty() {
+        return Err(Error::InvalidArgument("volume_capabilities are required".into()));
+    }
+    for cap in caps {
+        check_capability(cap)?;
+    }
+    Ok(())
+}
+
+pub fn check_capability(cap: &VolumeCapability) -> Result<()> {
+    use volume_capability::access_mode::Mode;
+    let mode = cap.access_mode.as_ref().map(|m| m.mode).ok_or_else(|| Error::InvalidArgument("access_mode is required".into()))?;
+    match Mode::try_from(mode) {
+        Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) => {}
+        Ok(m) => return Err(Error::InvalidArgument(format!("access mode {m:?} is not supported: volumes are local to one node"))),
+        Err(_) => return Err(Error::InvalidArgument(format!("unknown access mode {mode}"))),
+    }
+    match &cap.access_type {
+        Some(volume_capability::AccessType::Block(_)) => Ok(()),
+        Some(volume_capability::AccessType::Mount(m)) => {
+            if !m.fs_type.is_empty() && !crate::host::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
+                return Err(Error::InvalidArgument(format!("filesystem {:?} is not supported: use ext4 or xfs", m.fs_type)));
+            }
+            Ok(())
+        }
+        None => Err(Error::InvalidArgument("access_type (mount or block) is required".into())),
+    }
+}
+
+/// The size to provision for a capacity range: at least 1 MiB, rounded up to MiB.
+pub fn capacity_for(range: Option<&CapacityRange>) -> Result<u64> {
+    let Some(range) = range else { return Ok(DEFAULT_CAPACITY) };
+    if range.required_bytes < 0 || range.limit_bytes < 0 {
+        return Err(Error::OutOfRange("capacity_range bytes must not be negative".into()));
+    }
+    let (required, limit) = (range.required_bytes as u64, range.limit_bytes as u64);
+    let wanted = if required == 0 { if limit > 0 { limit.min(DEFAULT_CAPACITY) } else { DEFAULT_CAPACITY } } else { required };
+    let size = wanted.div_ceil(MIB).max(1).checked_mul(MIB).ok_or_else(|| Error::OutOfRange("capacity too large".into()))?;
+    if limit > 0 && size > limit {
+        return Err(Error::OutOfRange(format!(
+            "no size in [{required}, {limit}] bytes is a whole number of MiB (volumes are allocated in MiB)"
+        )));
+    }
+    Ok(size)
+}
+
+fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Result<Option<String>> {
+    let from_cap = caps.iter().find_map(|c| match &c.access_type {
+        Some(volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => Some(m.fs_type.clone()),
+        _ => None,
+    });
+    let fs = from_cap.or_else(|| params.get(PARAM_FS_TYPE).cloned());
+    if let Some(fs) = &fs {
+        if !crate::host::SUPPORTED_FS.contains(&fs.as_str()) {
+            return Err(Error::InvalidArgument(format!("{PARAM_FS_TYPE} {fs:?} is not supported: use ext4 or xfs")));
+        }
+    }
+    Ok(fs)
+}
+
+/// Validates StorageClass parameters; returns the ones we keep.
+fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<String, String>)> {
+    let mut queues = 1;
+    let mut kept = BTreeMap::new();
+    for (k, v) in params {
+        match k.as_str() {
+            PARAM_FS_TYPE => {
+                kept.insert(k.clone(), v.clone());
+            }
+            PARAM_QUEUES => {
+                queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|q| (1..=MAX_QUEUES).contains(q))
+                    .ok_or_else(|| Error::InvalidArgument(format!("parameter {PARAM_QUEUES}={v:?}: use 1 to {MAX_QUEUES}")))?;
+                kept.insert(k.clone(), v.clone());
+            }
+            k if METADATA_PARAMS.contains(&k) => {}
+            k => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE} and {PARAM_QUEUES}"
+                )));
+            }
+        }
+    }
+    Ok((queues, kept))
+}
+
+fn to_volume(plugin: &Plugin, meta: &VolumeMeta) -> Volume {
+    Volume {
+        capacity_bytes: meta.capacity_bytes as i64,
+        volume_id: meta.id.clone(),
+        volume_context: HashMap::new(),
+        content_source: meta.source.as_ref().map(|s| VolumeContentSource {
+            r#type: Some(match s {
+                ContentSource::Snapshot(id) => volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id.clone() }),
+                ContentSource::Volume(id) => volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.clone() }),
+            }),
+        }),
+        accessible_topology: vec![plugin.topology()],
+    }
+}
+
+fn to_snapshot(meta: &SnapshotMeta) -> Snapshot {
+    Snapshot {
+        size_bytes: meta.size_bytes as i64,
+        snapshot_id: meta.id.clone(),
+        source_volume_id: meta.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp { seconds: meta.created_unix as i64, nanos: meta.created_nanos as i32 }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// Whether a topology requirement can be met on this node.
+fn topology_ok(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
+    let Some(req) = req else { return true };
+    if req.requisite.is_empty() && req.preferred.is_empty() {
+        return true;
+    }
+    req.requisite.iter().chain(req.preferred.iter()).any(|t| t.segments.get(TOPOLOGY_KEY) == Some(&plugin.node_id))
+}
+
+/// Pages through sorted items by the ID the previous page ended after.
+fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Result<(Vec<T>, String)> {
+    if max < 0 {
+        return Err(Error::InvalidArgument("max_entries must not be negative".into()));
+    }
+    let start = if token.is_empty() {
+        0
+    } else {
+        validate_id("starting_token", token).map_err(|_| Error::Aborted(format!("invalid starting_token {token:?}")))?;
+        items.iter().position(|i| id(i) > token).unwrap_or(items.len())
+    };
+    let max = if max == 0 { usize::MAX } else { max as usize };
+    let rest: Vec<T> = items.into_iter().skip(start).collect();
+    let more = rest.len() > max;
+    let page: Vec<T> = rest.into_iter().take(max).collect();
+    let next = if more { page.last().map(|i| id(i).to_owned()).unwrap_or_default() } else { String::new() };
+    Ok((page, next))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(&self, request: Request<CreateVolumeRequest>) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = required("name", &req.name)?.to_owned();
+        validate_id("volume name", &id).map_err(Error::from)?;
+        check_capabilities(&req.volume_capabilities)?;
+        let capacity = capacity_for(req.capacity_range.as_ref())?;
+        let (queues, parameters) = check_parameters(&req.parameters)?;
+        let fs_type = fs_type_of(&req.volume_capabilities, &req.parameters)?;
+        if !topology_ok(&self.plugin, req.accessibility_requirements.as_ref()) {
+            return Err(Error::ResourceExhausted(format!("volumes of this plugin live on node {} only", self.plugin.node_id)).into());
+        }
+        let source = match req.volume_content_source.and_then(|s| s.r#type) {
+            None => None,
+            Some(volume_content_source::Type::Snapshot(s)) => {
+                validate_id("snapshot ID", &s.snapshot_id).map_err(Error::from)?;
+                Some(ContentSource::Snapshot(s.snapshot_id))
+            }
+            Some(volume_content_source::Type::Volume(v)) => Some(ContentSource::Volume(volume_id(&v.volume_id)?.to_owned())),
+        };
+        let _guard = self.plugin.guards.acquire(&id)?;
+        let spec = VolumeSpec { id: id.clone(), capacity_bytes: capacity, queues, fs_type, parameters, source };
+        let store = self.plugin.store.clone();
+        let (meta, created) = blocking(move || Ok(store.create_volume(&spec)?)).await?;
+        tracing::info!(volume = %id, capacity, created, "CreateVolume");
+        Ok(Response::new(CreateVolumeResponse { volume: Some(to_volume(&self.plugin, &meta)) }))
+    }
+
+    async fn delete_volume(&self, request: Request<DeleteVolumeRequest>) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let _guard = self.plugin.guards.acquire(&id)?;
+        if let Some(meta) = self.plugin.store.volume(&id).map_err(Error::from)? {
+            if meta.staged.is_some() {
+                return Err(Error::FailedPrecondition(format!("volume {id} is staged on node {}; unstage it first", self.plugin.node_id)).into());
+            }
+        }
+        let store = self.plugin.store.clone();
+        let existed = blocking(move || Ok(store.delete_volume(&id)?)).await?;
+        tracing::info!(volume = %req.volume_id, existed, "DeleteVolume");
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(&self, _: Request<ControllerPublishVolumeRequest>) -> std::result::Result<Response<ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("volumes are node-local: no controller publish (attachRequired: false)"))
+    }
+
+    async fn controller_unpublish_volume(&self, _: Request<ControllerUnpublishVolumeRequest>) -> std::result::Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("volumes are node-local: no controller unpublish (attachRequired: false)"))
+    }
+
+    async fn validate_volume_capabilities(&self, request: Request<ValidateVolumeCapabilitiesRequest>) -> std::result::Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::InvalidArgument("volume_capabilities are required".into()).into());
+        }
+        self.plugin.store.existing_volume(id).map_err(Error::from)?;
+        let (confirmed, message) = match check_capabilities(&req.volume_capabilities).and_then(|_| check_parameters(&req.parameters).map(drop)) {
+            Ok(()) => (
+                Some(validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: HashMap::new(),
+                }),
+                String::new(),
+            ),
+            Err(e) => (None, e.to_string()),
+        };
+        Ok(Response::new(ValidateVolumeCapabilitiesResponse { confirmed, message }))
+    }
+
+    async fn list_volumes(&self, request: Request<ListVolumesRequest>) -> std::result::Result<Response<ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let volumes = self.plugin.store.volumes().map_err(Error::from)?;
+        let (page, next_token) = page(volumes, |v| v.id.as_str(), req.max_entries, &req.starting_token)?;
+        let entries = page
+            .iter()
+            .map(|m| list_volumes_response::Entry {
+                volume: Some(to_volume(&self.plugin, m)),
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: if m.staged.is_some() { vec![self.plugin.node_id.clone()] } else { vec![] },
+                    volume_condition: None,
+                }),
+            })
+            .collect();
+        Ok(Response::new(ListVolumesResponse { entries, next_token }))
+    }
+
+    async fn get_capacity(&self, request: Request<GetCapacityRequest>) -> std::result::Result<Response<GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        if let Some(cap) = &req.volume_capabilities.first() {
+            if check_capability(cap).is_err() {
+                return Ok(Response::new(GetCapacityResponse::default()));
+            }
+        }
+        if let Some(top) = &req.accessible_topology {
+            if top.segments.get(TOPOLOGY_KEY).is_some_and(|n| n != &self.plugin.node_id) {
+                return Ok(Response::new(GetCapacityResponse::default()));
+            }
+        }
+        let available = self.plugin.store.available_bytes().map_err(Error::from)?;
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: available as i64,
+            maximum_volume_size: Some(available as i64),
+            minimum_volume_size: Some(MIB as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(&self, _: Request<ControllerGetCapabilitiesRequest>) -> std::result::Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        use controller_service_capability::rpc::Type as T;
+        let capabilities = [
+            T::CreateDeleteVolume,
+            T::ListVolumes,
+            T::GetCapacity,
+            T::ExpandVolume,
+            T::CreateDeleteSnapshot,
+            T::ListSnapshots,
+            T::CloneVolume,
+            T::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn create_snapshot(&self, request: Request<CreateSnapshotRequest>) -> std::result::Result<Response<CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let source = volume_id(&req.source_volume_id)?.to_owned();
+        let name = required("name", &req.name)?.to_owned();
+        validate_id("snapshot name", &name).map_err(Error::from)?;
+        let _guard = self.plugin.guards.acquire(&source)?;
+        if let Some(existing) = self.plugin.store.snapshot(&name).map_err(Error::from)? {
+            if existing.source_volume_id != source {
+                return Err(Error::AlreadyExists(format!("snapshot {name} exists for volume {}", existing.source_volume_id)).into());
+            }
+            return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&existing)) }));
+        }
+        let meta = self.plugin.store.existing_volume(&source).map_err(Error::from)?;
+        if meta.capacity_bytes > self.plugin.store.available_bytes().map_err(Error::from)? {
+            return Err(Error::ResourceExhausted(format!("not enough space for a snapshot of {source}")).into());
+        }
+        // A staged volume's filesystem and image are flushed first so the copy is consistent.
+        if let Some(stage) = &meta.staged {
+            if !stage.block {
+                crate::host::sync_filesystem(&stage.staging_path).map_err(Error::from)?;
+            }
+            if let Ok(servers) = self.plugin.servers.lock() {
+                if let Some(server) = servers.get(&source) {
+                    server.flush().map_err(Error::from)?;
+                }
+            }
+        }
+        let store = self.plugin.store.clone();
+        let (snapshot, _) = blocking(move || Ok(store.create_snapshot(&name, &source)?)).await?;
+        tracing::info!(volume = %snapshot.source_volume_id, snapshot = %snapshot.id, "CreateSnapshot");
+        Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&snapshot)) }))
+    }
+
+    async fn delete_snapshot(&self, request: Request<DeleteSnapshotRequest>) -> std::result::Result<Response<DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let id = required("snapshot_id", &req.snapshot_id)?;
+        validate_id("snapshot ID", id).map_err(Error::from)?;
+        let _guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
+        self.plugin.store.delete_snapshot(id).map_err(Error::from)?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(&self, request: Request<ListSnapshotsRequest>) -> std::result::Result<Response<ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let mut snapshots = self.plugin.store.snapshots().map_err(Error::from)?;
+        if !req.snapshot_id.is_empty() {
+            snapshots.retain(|s| s.id == req.snapshot_id);
+        }
+        if !req.source_volume_id.is_empty() {
+            snapshots.retain(|s| s.source_volume_id == req.source_volume_id);
+        }
+        let (page, next_token) = page(snapshots, |s| s.id.as_str(), req.max_entries, &req.starting_token)?;
+        let entries = page.iter().map(|s| list_snapshots_response::Entry { snapshot: Some(to_snapshot(s)) }).collect();
+        Ok(Response::new(ListSnapshotsResponse { entries, next_token }))
+    }
+
+    async fn controller_expand_volume(&self, request: Request<ControllerExpandVolumeRequest>) -> std::result::Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let capacity = capacity_for(Some(&req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?))?;
+        if let Some(cap) = &req.volume_capability {
+            check_capability(cap)?;
+        }
+        let _guard = self.plugin.guards.acquire(&id)?;
+        let store = self.plugin.store.clone();
+        // Growing the sparse image is cheap and safe while staged: the node step tells the
+        // driver and grows the filesystem.
+        let meta = blocking(move || Ok(store.grow_volume(&id, capacity)?)).await?;
+        Ok(Response::new(ControllerExpandVolumeResponse { capacity_bytes: meta.capacity_bytes as i64, node_expansion_required: true }))
+    }
+
+    async fn controller_get_volume(&self, _: Request<ControllerGetVolumeRequest>) -> std::result::Result<Response<ControllerGetVolumeResponse>, Status> {
+        Err(Status::unimplemented("ControllerGetVolume is not offered"))
+    }
+
+    async fn controller_modify_volume(&self, _: Request<ControllerModifyVolumeRequest>) -> std::result::Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("ControllerModifyVolume is not offered: no mutable parameters"))
+    }
+
+    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> std::result::Result<Response<GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("GetSnapshot (alpha) is not offered"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_rounds_up_to_mib_and_honours_limits() {
+        let r = |req, lim| CapacityRange { required_bytes: req, limit_bytes: lim };
+        assert_eq!(capacity_for(None).ok(), Some(DEFAULT_CAPACITY));
+        assert_eq!(capacity_for(Some(&r(1, 0))).ok(), Some(MIB));
+        assert_eq!(capacity_for(Some(&r(MIB as i64 + 1, 0))).ok(), Some(2 * MIB));
+        assert_eq!(capacity_for(Some(&r(0, 5 * MIB as i64))).ok(), Some(5 * MIB));
+        assert!(matches!(capacity_for(Some(&r(MIB as i64 + 1, MIB as i64 + 100))), Err(Error::OutOfRange(_))));
+        assert!(matches!(capacity_for(Some(&r(-1, 0))), Err(Error::OutOfRange(_))));
+    }
+
+    #[test]
+    fn paging_resumes_after_the_token() {
+        let items: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let (p, next) = page(items.clone(), |s| s.as_str(), 2, "").expect("page 1");
+        assert_eq!((p.len(), next.as_str()), (2, "b"));
+        let (p, next) = page(items.clone(), |s| s.as_str(), 2, &next).expect("page 2");
+        assert_eq!((p, next), (vec!["c".to_string(), "d".to_string()], String::new()));
+        assert!(matches!(page(items, |s| s.as_str(), 1, "../x"), Err(Error::Aborted(_))));
+    }
+}

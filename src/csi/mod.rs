@@ -1,0 +1,192 @@
+//! The CSI gRPC services (tonic over a unix socket): identity, controller, node.
+//!
+//! Handlers are thin: they validate the request, take the volume's guard, and call the
+//! volume store, the device server and the host operations. Errors become `tonic::Status` in
+//! one place ([`Error::into_status`]).
+
+pub mod controller;
+pub mod guard;
+pub mod identity;
+pub mod node;
+pub mod serve;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use tonic::{Code, Status};
+
+use crate::server::DeviceServer;
+use crate::volume::VolumeStore;
+
+/// Generated CSI v1 types and service traits.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+/// CSI driver name.
+pub const DRIVER_NAME: &str = "vduse.csi.dev";
+/// Topology key whose value is the node ID.
+pub const TOPOLOGY_KEY: &str = "vduse.csi.dev/node";
+/// Default state dir.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vduse-csi";
+/// Default endpoint.
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/vduse-csi/csi.sock";
+/// StorageClass parameter: filesystem type (external-provisioner usually moves it into the
+/// volume capability, but it may arrive here too).
+pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
+/// StorageClass parameter: number of virtqueues.
+pub const PARAM_QUEUES: &str = "queues";
+/// Smallest volume and allocation unit.
+pub const MIB: u64 = 1 << 20;
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+
+/// Which services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    All,
+    Controller,
+    Node,
+}
+
+impl Mode {
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::All | Mode::Controller)
+    }
+    pub fn node(self) -> bool {
+        matches!(self, Mode::All | Mode::Node)
+    }
+}
+
+/// State shared by the three services.
+pub struct Plugin {
+    pub driver_name: String,
+    pub node_id: String,
+    pub mode: Mode,
+    pub store: VolumeStore,
+    pub guards: guard::VolumeGuards,
+    /// Device servers of staged volumes, by volume ID.
+    pub servers: Mutex<HashMap<String, DeviceServer>>,
+    /// Set once staged volumes are served again after a restart.
+    pub recovered: AtomicBool,
+    /// Why the node cannot serve volumes, if it cannot.
+    pub not_ready_reason: Mutex<Option<String>>,
+}
+
+impl Plugin {
+    pub fn new(driver_name: String, node_id: String, mode: Mode, store: VolumeStore) -> Arc<Self> {
+        Arc::new(Self {
+            driver_name,
+            node_id,
+            mode,
+            store,
+            guards: guard::VolumeGuards::default(),
+            servers: Mutex::new(HashMap::new()),
+            recovered: AtomicBool::new(false),
+            not_ready_reason: Mutex::new(None),
+        })
+    }
+
+    /// The topology segment of this node.
+    pub fn topology(&self) -> proto::Topology {
+        proto::Topology { segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), self.node_id.clone())]) }
+    }
+}
+
+/// Everything a handler can fail with, mapped to a gRPC code in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("an operation on volume {0} is already in progress")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn into_status(self) -> Status {
+        let code = match &self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        e.into_status()
+    }
+}
+
+impl From<crate::volume::Error> for Error {
+    fn from(e: crate::volume::Error) -> Self {
+        use crate::volume::Error as V;
+        match e {
+            V::InvalidId { .. } => Error::InvalidArgument(e.to_string()),
+            V::NotFound { .. } => Error::NotFound(e.to_string()),
+            V::Conflict { .. } => Error::AlreadyExists(e.to_string()),
+            V::NoSpace { .. } => Error::ResourceExhausted(e.to_string()),
+            V::Io { .. } | V::Corrupt { .. } => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::host::Error> for Error {
+    fn from(e: crate::host::Error) -> Self {
+        match e {
+            crate::host::Error::UnsupportedFs(_) | crate::host::Error::BadFlag(_) => Error::InvalidArgument(e.to_string()),
+            _ => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::server::Error> for Error {
+    fn from(e: crate::server::Error) -> Self {
+        match e {
+            crate::server::Error::Vduse(crate::vduse::Error::ControlMissing) => Error::Unavailable(e.to_string()),
+            _ => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks a required string field.
+pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() { Err(Error::InvalidArgument(format!("{field} is required"))) } else { Ok(value) }
+}
+
+/// Validates a volume ID from a request.
+pub fn volume_id(id: &str) -> Result<&str> {
+    required("volume_id", id)?;
+    crate::volume::validate_id("volume ID", id)?;
+    Ok(id)
+}
+
+/// Runs blocking work (netlink attach, mkfs, copies) off the async runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("worker task failed: {e}")))?
+}

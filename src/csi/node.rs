@@ -1,0 +1,413 @@
+//! Node service: stage = serve the volume's image as /dev/vdX (and format + mount it),
+//! publish = bind mounts, plus stats and online expansion.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use super::controller::{capacity_for, check_capability};
+use super::proto::node_server::Node;
+use super::proto::*;
+use super::{Error, Plugin, Result, blocking, required, volume_id};
+use crate::backend::FileBackend;
+use crate::host;
+use crate::server::{DeviceOptions, DeviceServer};
+use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
+
+/// Ring size of every volume's queues.
+const QUEUE_SIZE: u16 = 256;
+/// How long to wait for the host to see a new capacity after the config interrupt.
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct NodeService {
+    plugin: Arc<Plugin>,
+}
+
+impl NodeService {
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        Self { plugin }
+    }
+}
+
+/// The VDUSE device name of a volume: its ID when that fits the 64-character device-name
+/// limit, else a stable hash of it.
+pub fn device_name(volume_id: &str) -> String {
+    if volume_id.len() <= 64 {
+        return volume_id.to_owned();
+    }
+    // FNV-1a: stable across releases, which a std hasher is not.
+    let hash = volume_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    format!("vcsi-{hash:016x}")
+}
+
+fn mode_of(cap: &VolumeCapability) -> i32 {
+    cap.access_mode.as_ref().map_or(0, |m| m.mode)
+}
+
+fn reader_only(mode: i32) -> bool {
+    mode == volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32
+}
+
+/// Starts serving a volume's image and returns the server.
+pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
+    let image = plugin.store.image_path(&meta.id)?;
+    let backend = FileBackend::open(&image, None, false).map_err(|e| Error::Internal(e.to_string()))?;
+    let opts = DeviceOptions { name: device_name(&meta.id), num_queues: meta.queues.max(1), queue_size: QUEUE_SIZE, msg_timeout: 0 };
+    Ok(DeviceServer::start(&opts, Arc::new(backend))?)
+}
+
+/// The block device of a staged volume, if its server runs.
+fn block_device(plugin: &Plugin, id: &str) -> Option<PathBuf> {
+    plugin.servers.lock().ok()?.get(id).map(|s| s.block_device().to_owned())
+}
+
+fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Result<()> {
+    let mut meta = plugin.store.existing_volume(id)?;
+    let block = matches!(cap.access_type, Some(volume_capability::AccessType::Block(_)));
+    let mount = match &cap.access_type {
+        Some(volume_capability::AccessType::Mount(m)) => Some(m.clone()),
+        _ => None,
+    };
+    if let Some(staged) = &meta.staged {
+        if staged.staging_path != path || staged.block != block {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is already staged at {} as {}",
+                staged.staging_path.display(),
+                if staged.block { "a block device" } else { "a filesystem" }
+            )));
+        }
+        if block_device(plugin, id).is_some() {
+            return Ok(());
+        }
+    }
+    if !path.is_dir() {
+        return Err(Error::NotFound(format!("staging path {} does not exist", path.display())));
+    }
+    let server = match plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id) {
+        Some(server) => server,
+        None => start_device(plugin, &meta)?,
+    };
+    let dev = server.block_device().to_owned();
+    let mut stage = StageInfo { staging_path: path.to_owned(), block, fs_type: None, mount_flags: vec![], access_mode: mode_of(cap) };
+    if let Some(m) = mount {
+        let wanted = Some(m.fs_type.clone()).filter(|f| !f.is_empty()).or_else(|| meta.fs_type.clone()).unwrap_or_else(|| "ext4".into());
+        let mounted = (|| -> Result<String> {
+            let fs_type = match host::probe_fs(&dev)? {
+                Some(existing) => {
+                    if existing != wanted {
+                        tracing::warn!(volume = id, existing, wanted, "volume already has a filesystem; mounting it as it is");
+                    }
+                    existing
+                }
+                None => {
+                    tracing::info!(volume = id, fs = wanted, device = %dev.display(), "formatting blank volume");
+                    host::mkfs(&dev, &wanted)?;
+                    wanted
+                }
+            };
+            let current = host::mount_at(path)?;
+            let ours = host::device_number(&dev)?;
+            match current {
+                Some(m) if m.dev == ours => {}
+                Some(m) => return Err(Error::AlreadyExists(format!("{} is already a mount of {}", path.display(), m.source))),
+                None => host::mount_fs(&dev, path, &fs_type, &m.mount_flags, reader_only(stage.access_mode))?,
+            }
+            Ok(fs_type)
+        })();
+        match mounted {
+            Ok(fs_type) => {
+                stage.fs_type = Some(fs_type);
+                stage.mount_flags = m.mount_flags.clone();
+            }
+            Err(e) => {
+                if let Err(stop) = server.stop() {
+                    tracing::error!(volume = id, error = %stop, "cannot stop the device after a failed stage");
+                }
+                return Err(e);
+            }
+        }
+    }
+    meta.staged = Some(stage);
+    plugin.store.save_volume(&meta)?;
+    plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
+    tracing::info!(volume = id, device = %dev.display(), path = %path.display(), "staged");
+    Ok(())
+}
+
+fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
+    let mut meta = plugin.store.existing_volume(id)?;
+    if let Some(staged) = &meta.staged {
+        if staged.staging_path != path {
+            return Err(Error::FailedPrecondition(format!("volume {id} is staged at {}, not {}", staged.staging_path.display(), path.display())));
+        }
+        host::unmount(path)?;
+    } else {
+        // Not staged by our records; still make sure nothing of ours is left mounted there.
+        host::unmount(path)?;
+    }
+    let server = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id);
+    match server {
+        Some(server) => server.stop()?,
+        None if crate::vduse::sysfs::device_exists(&device_name(id)) => crate::server::remove_stale(&device_name(id))?,
+        None => {}
+    }
+    meta.staged = None;
+    meta.published.clear();
+    plugin.store.save_volume(&meta)?;
+    tracing::info!(volume = id, "unstaged");
+    Ok(())
+}
+
+fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<()> {
+    let id = &req.volume_id;
+    let target = Path::new(&req.target_path);
+    let mut meta = plugin.store.existing_volume(id)?;
+    let staged = meta.staged.clone().ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not staged")))?;
+    if staged.staging_path != Path::new(&req.staging_target_path) {
+        return Err(Error::FailedPrecondition(format!("volume {id} is staged at {}", staged.staging_path.display())));
+    }
+    let block = matches!(cap.access_type, Some(volume_capability::AccessType::Block(_)));
+    if block != staged.block {
+        return Err(Error::InvalidArgument("access type differs from the one the volume was staged with".into()));
+    }
+    let mode = mode_of(cap);
+    let read_only = req.readonly || reader_only(mode);
+    if let Some(existing) = meta.published.get(target) {
+        if existing.read_only != read_only || existing.access_mode != mode {
+            return Err(Error::AlreadyExists(format!("{} is published with other options", target.display())));
+        }
+        if host::mount_at(target)?.is_some() {
+            return Ok(());
+        }
+    } else if mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32 && !meta.published.is_empty() {
+        return Err(Error::FailedPrecondition(format!("volume {id} is SINGLE_NODE_SINGLE_WRITER and already published")));
+    } else if meta.published.values().any(|p| p.access_mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32) {
+        return Err(Error::FailedPrecondition(format!("volume {id} is published SINGLE_NODE_SINGLE_WRITER elsewhere")));
+    }
+    let io = |op: &'static str| move |source| host::Error::Io { op, path: target.to_owned(), source };
+    if block {
+        let dev = block_device(plugin, id).ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io("create"))?;
+        }
+        fs::OpenOptions::new().create(true).truncate(false).write(true).open(target).map_err(io("create"))?;
+        if host::mount_at(target)?.is_none() {
+            host::bind_mount(&dev, target, read_only)?;
+        }
+    } else {
+        fs::create_dir_all(target).map_err(io("create"))?;
+        if host::mount_at(target)?.is_none() {
+            host::bind_mount(&staged.staging_path, target, read_only)?;
+        }
+    }
+    meta.published.insert(target.to_owned(), PublishInfo { read_only, access_mode: mode });
+    plugin.store.save_volume(&meta)?;
+    tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+    Ok(())
+}
+
+fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
+    let mut meta = plugin.store.existing_volume(id)?;
+    host::unmount(target)?;
+    let removed = if target.is_dir() { fs::remove_dir(target) } else { fs::remove_file(target) };
+    match removed {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(host::Error::Io { op: "remove", path: target.to_owned(), source }.into()),
+    }
+    if meta.published.remove(target).is_some() {
+        plugin.store.save_volume(&meta)?;
+    }
+    tracing::info!(volume = id, target = %target.display(), "unpublished");
+    Ok(())
+}
+
+fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>) -> Result<u64> {
+    let meta = plugin.store.existing_volume(id)?;
+    let staged = meta.staged.clone().ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not staged on this node")))?;
+    if path != staged.staging_path && !meta.published.contains_key(path) {
+        return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
+    }
+    let wanted = match range {
+        Some(r) => capacity_for(Some(r))?,
+        None => meta.capacity_bytes,
+    };
+    let meta = plugin.store.grow_volume(id, wanted)?;
+    let dev = {
+        let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
+        let server = servers.get(id).ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
+        server.capacity_changed()?;
+        server.block_device().to_owned()
+    };
+    let deadline = Instant::now() + RESIZE_TIMEOUT;
+    while host::block_device_size(&dev)? < meta.capacity_bytes {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!("{} did not grow to {} bytes", dev.display(), meta.capacity_bytes)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !staged.block {
+        let fs_type = host::mount_at(&staged.staging_path)?.map(|m| m.fs_type).or(staged.fs_type).unwrap_or_else(|| "ext4".into());
+        host::grow_fs(&dev, &staged.staging_path, &fs_type)?;
+    }
+    tracing::info!(volume = id, capacity = meta.capacity_bytes, "expanded");
+    Ok(meta.capacity_bytes)
+}
+
+fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse> {
+    let meta = plugin.store.existing_volume(id)?;
+    let staged = meta.staged.clone().ok_or_else(|| Error::NotFound(format!("volume {id} is not staged on this node")))?;
+    if path != staged.staging_path && !meta.published.contains_key(path) {
+        return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
+    }
+    let dev = block_device(plugin, id);
+    let condition = match &dev {
+        Some(d) if d.exists() => VolumeCondition { abnormal: false, message: format!("served as {}", d.display()) },
+        _ => VolumeCondition { abnormal: true, message: format!("the device server of volume {id} is not running") },
+    };
+    use volume_usage::Unit;
+    let usage = if staged.block {
+        let total = dev.as_deref().map(host::block_device_size).transpose()?.unwrap_or(meta.capacity_bytes);
+        vec![VolumeUsage { available: 0, total: total as i64, used: 0, unit: Unit::Bytes as i32 }]
+    } else {
+        let u = host::fs_usage(path)?;
+        vec![
+            VolumeUsage { available: u.available_bytes as i64, total: u.total_bytes as i64, used: u.used_bytes as i64, unit: Unit::Bytes as i32 },
+            VolumeUsage { available: u.free_inodes as i64, total: u.total_inodes as i64, used: u.used_inodes as i64, unit: Unit::Inodes as i32 },
+        ]
+    };
+    Ok(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+}
+
+fn capability(cap: Option<VolumeCapability>) -> Result<VolumeCapability> {
+    let cap = cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
+    check_capability(&cap)?;
+    Ok(cap)
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(&self, request: Request<NodeStageVolumeRequest>) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let cap = capability(req.volume_capability)?;
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        blocking(move || {
+            let _guard = guard;
+            stage(&plugin, &id, &path, &cap)
+        })
+        .await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(&self, request: Request<NodeUnstageVolumeRequest>) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        blocking(move || {
+            let _guard = guard;
+            unstage(&plugin, &id, &path)
+        })
+        .await?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(&self, request: Request<NodePublishVolumeRequest>) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
+        let mut req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        required("target_path", &req.target_path)?;
+        if req.staging_target_path.is_empty() {
+            return Err(Error::FailedPrecondition("staging_target_path is required: stage the volume first".into()).into());
+        }
+        let cap = capability(req.volume_capability.take())?;
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        blocking(move || {
+            let _guard = guard;
+            publish(&plugin, &req, &cap)
+        })
+        .await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(&self, request: Request<NodeUnpublishVolumeRequest>) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let target = PathBuf::from(required("target_path", &req.target_path)?);
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        blocking(move || {
+            let _guard = guard;
+            unpublish(&plugin, &id, &target)
+        })
+        .await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(&self, request: Request<NodeGetVolumeStatsRequest>) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        let plugin = Arc::clone(&self.plugin);
+        let resp = blocking(move || stats(&plugin, &id, &path)).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn node_expand_volume(&self, request: Request<NodeExpandVolumeRequest>) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = volume_id(&req.volume_id)?.to_owned();
+        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        if let Some(cap) = &req.volume_capability {
+            check_capability(cap)?;
+        }
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        let range = req.capacity_range;
+        let capacity = blocking(move || {
+            let _guard = guard;
+            expand(&plugin, &id, &path, range.as_ref())
+        })
+        .await?;
+        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: capacity as i64 }))
+    }
+
+    async fn node_get_capabilities(&self, _: Request<NodeGetCapabilitiesRequest>) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::rpc::Type as T;
+        let capabilities = [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume, T::VolumeCondition, T::SingleNodeMultiWriter]
+            .into_iter()
+            .map(|t| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) })
+            .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.plugin.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(Topology { segments: HashMap::from([(super::TOPOLOGY_KEY.to_owned(), self.plugin.node_id.clone())]) }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_name;
+
+    #[test]
+    fn device_names_fit_vduse_limits() {
+        assert_eq!(device_name("pvc-1"), "pvc-1");
+        let long = "x".repeat(100);
+        let name = device_name(&long);
+        assert!(name.len() <= 64);
+        assert_eq!(name, device_name(&long));
+        assert!(crate::vduse::validate_device_name(&name).is_ok());
+    }
+}

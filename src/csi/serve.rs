@@ -1,0 +1,158 @@
+//! `vduse-csi serve`: the CSI plugin process.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use super::controller::ControllerService;
+use super::identity::IdentityService;
+use super::node::{NodeService, start_device};
+use super::proto::controller_server::ControllerServer;
+use super::proto::identity_server::IdentityServer;
+use super::proto::node_server::NodeServer;
+use super::{Mode, Plugin};
+use crate::volume::VolumeStore;
+
+/// What `serve` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub endpoint: String,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub mode: Mode,
+    pub driver_name: String,
+}
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .ok_or_else(|| format!("endpoint {endpoint:?} must be unix:///absolute/path"))?;
+    if !path.starts_with('/') {
+        return Err(format!("endpoint {endpoint:?} must name an absolute path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Binds the socket with mode 0600. A stale socket file is replaced; a live one (a plugin
+/// answers on it) is not stolen.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("another process is serving {}; not taking it over", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    // Bind under a restrictive umask so the socket is never reachable by others, even briefly.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves again every volume the state dir says is staged, before the plugin reports ready.
+fn recover_staged(plugin: &Plugin) {
+    if !Path::new(crate::vduse::CONTROL_PATH).exists() {
+        let reason = crate::vduse::Error::ControlMissing.to_string();
+        tracing::error!("{reason}");
+        if let Ok(mut r) = plugin.not_ready_reason.lock() {
+            *r = Some(reason);
+        }
+        return;
+    }
+    let volumes = match plugin.store.volumes() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list volumes for recovery");
+            return;
+        }
+    };
+    for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
+        match start_device(plugin, &meta) {
+            Ok(server) => {
+                tracing::info!(volume = %meta.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
+                if let Ok(mut servers) = plugin.servers.lock() {
+                    servers.insert(meta.id.clone(), server);
+                }
+            }
+            Err(e) => tracing::error!(volume = %meta.id, error = %e, "cannot serve staged volume; its condition is abnormal"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping");
+}
+
+/// Runs the plugin until SIGTERM/SIGINT. Staged volumes' devices stay attached when it stops,
+/// so a restarted plugin takes them over and their I/O resumes.
+pub async fn run(opts: ServeOptions) -> Result<(), String> {
+    if opts.node_id.is_empty() || opts.node_id.len() > 256 {
+        return Err("--node-id must be 1 to 256 bytes".into());
+    }
+    let path = socket_path(&opts.endpoint)?;
+    let store = VolumeStore::open(&opts.state_dir).map_err(|e| e.to_string())?;
+    let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store);
+    let listener = bind(&path)?;
+
+    if opts.mode.node() {
+        let p = Arc::clone(&plugin);
+        tokio::task::spawn_blocking(move || recover_staged(&p)).await.map_err(|e| e.to_string())?;
+    }
+    plugin.recovered.store(true, Ordering::Release);
+    tracing::info!(endpoint = %opts.endpoint, node = %opts.node_id, mode = ?opts.mode, state = %opts.state_dir.display(), "serving CSI");
+
+    let controller = opts.mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&plugin))));
+    let node = opts.mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&plugin))));
+    let served = Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&plugin))))
+        .add_optional_service(controller)
+        .add_optional_service(node)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&path);
+    // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
+    if let Ok(mut servers) = plugin.servers.lock() {
+        let n = servers.len();
+        servers.clear();
+        if n > 0 {
+            tracing::warn!(volumes = n, "left staged volumes attached; their I/O resumes when the plugin starts again");
+        }
+    }
+    served.map_err(|e| format!("gRPC server: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::socket_path;
+
+    #[test]
+    fn endpoints_must_be_absolute_unix_paths() {
+        assert_eq!(socket_path("unix:///run/x.sock").ok(), Some("/run/x.sock".into()));
+        assert!(socket_path("tcp://1.2.3.4:5").is_err());
+        assert!(socket_path("unix://rel/x").is_err());
+    }
+}
