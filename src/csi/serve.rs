@@ -18,6 +18,9 @@ use super::proto::node_server::NodeServer;
 use super::{Mode, Plugin};
 use crate::volume::VolumeStore;
 
+/// How long running calls get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What `serve` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -127,12 +130,30 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
 
     let controller = opts.mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&plugin))));
     let node = opts.mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&plugin))));
-    let served = Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&plugin))))
         .add_optional_service(controller)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    let served = tokio::select! {
+        result = &mut server => result,
+        () = shutdown_signal() => {
+            let _ = stop_tx.send(());
+            // kubelet and the sidecars keep their connections open; give running calls a
+            // moment to finish rather than waiting for every client to hang up.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::info!("clients still connected after {SHUTDOWN_GRACE:?}; exiting");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = std::fs::remove_file(&path);
     // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
     if let Ok(mut servers) = plugin.servers.lock() {
