@@ -10,6 +10,7 @@ fn deploy_manifests_and_chart_validate() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(repo.join("tests/manifests/check.sh"))
+        .env("VDUSE_CSI_BIN", env!("CARGO_BIN_EXE_vduse-csi"))
         .output()
         .expect("run tests/manifests/check.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -68,8 +68,7 @@ impl FileBackend {
         &self.path
     }
 
-    /// Grows the image to `size` bytes (never shrinks).
-    pub fn grow(&self, size: u64) -> Result<()> {
+    fn grow_image(&self, size: u64) -> Result<()> {
         check_size(size)?;
         let current = self.capacity();
         if size < current {
@@ -98,6 +97,10 @@ impl Backend for FileBackend {
 
     fn flush(&self) -> Result<()> {
         self.file.sync_data().map_err(|source| Error::Io { op: "fdatasync the image", source })
+    }
+
+    fn grow(&self, bytes: u64) -> Result<()> {
+        self.grow_image(bytes)
     }
 }
 

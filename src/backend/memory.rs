@@ -91,4 +91,12 @@ impl Backend for MemoryBackend {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+    fn grow(&self, bytes: u64) -> Result<()> {
+        let mut data = self.data.lock().map_err(|_| super::Error::Io { op: "grow", source: io::Error::other("poisoned") })?;
+        if (bytes as usize) < data.len() {
+            return Err(super::Error::Shrink { current: data.len() as u64, requested: bytes });
+        }
+        data.resize(bytes as usize, 0);
+        Ok(())
+    }
 }

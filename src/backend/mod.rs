@@ -105,6 +105,8 @@ pub trait Backend: Send + Sync {
     fn open_queue(&self) -> Result<Box<dyn QueueIo>>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Grows the storage to `bytes` (never shrinks).
+    fn grow(&self, bytes: u64) -> Result<()>;
 }
 
 /// The buffers of `range`, or an error if the range is not inside the table.

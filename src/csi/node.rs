@@ -240,7 +240,7 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
     let dev = {
         let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
         let server = servers.get(id).ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
-        server.capacity_changed()?;
+        server.resize(meta.capacity_bytes)?;
         server.block_device().to_owned()
     };
     let deadline = Instant::now() + RESIZE_TIMEOUT;

@@ -179,12 +179,12 @@ impl DeviceServer {
         self.recovered
     }
 
-    /// Tells the driver the backend's capacity changed (after growing the image).
-    pub fn capacity_changed(&self) -> Result<()> {
-        match &self.dev {
-            Some(dev) => update_capacity(dev, self.backend.capacity()),
-            None => Err(Error::InvalidOption("device is stopped".into())),
-        }
+    /// Grows the backend to `bytes` and tells the driver, which picks up the new capacity
+    /// online (a config interrupt).
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let dev = self.dev.as_ref().ok_or_else(|| Error::InvalidOption("device is stopped".into()))?;
+        self.backend.grow(bytes)?;
+        update_capacity(dev, self.backend.capacity())
     }
 
     /// Makes every completed write durable.

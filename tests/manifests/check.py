@@ -804,7 +804,46 @@ def check_scripts() -> list[str]:
     return problems
 
 
+def check_binary_agreement() -> list[str]:
+    """The DaemonSet's plugin flags, driver name and socket paths match the binary."""
+    problems: list[str] = []
+    binary = os.environ.get("VDUSE_CSI_BIN") or os.path.join(ROOT, "target", "debug", "vduse-csi")
+    if not os.access(binary, os.X_OK):
+        return [f"no vduse-csi binary at {binary} (set VDUSE_CSI_BIN or cargo build)"]
+    r = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True)
+    if r.returncode:
+        return [f"{binary} serve --help failed: {r.stderr.strip()}"]
+    help_text = r.stdout
+    objs = load_docs(os.path.join(ROOT, "deploy", "10-node-daemonset.yaml"))
+    plugin = containers(one(objs, "DaemonSet")).get("vduse-csi", {})
+    args = plugin.get("args", [])
+    if not args or args[0] != "serve":
+        problems.append(f"plugin args must start with the serve subcommand: {args}")
+    for arg in args[1:]:
+        flag = arg.split("=", 1)[0]
+        if not re.search(rf"^\s+{re.escape(flag)}\b", help_text, re.M):
+            problems.append(f"plugin flag {flag} is not a flag of `vduse-csi serve`")
+    values = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+    if values.get("--driver-name") != DRIVER or f"[default: {DRIVER}]" not in help_text:
+        problems.append(f"driver name differs between the DaemonSet, check.py and the binary ({DRIVER})")
+    mode = values.get("--mode", "all")
+    if not re.search(rf"possible values:.*\b{mode}\b", help_text, re.S):
+        problems.append(f"--mode={mode} is not a value the binary accepts")
+    endpoint = values.get("--endpoint", "")
+    sock = endpoint.removeprefix("unix://")
+    plugin_mounts = {m["mountPath"]: m for m in plugin.get("volumeMounts", [])}
+    if not endpoint.startswith("unix:///") or os.path.dirname(sock) not in plugin_mounts:
+        problems.append(f"endpoint {endpoint} is not inside a mounted socket dir")
+    reg = [a for c in containers(one(objs, "DaemonSet")).values() for a in c.get("args", [])
+           if a.startswith("--kubelet-registration-path=")]
+    want_reg = f"{KUBELET_DIR}/plugins/{DRIVER}/{os.path.basename(sock)}"
+    if reg != [f"--kubelet-registration-path={want_reg}"]:
+        problems.append(f"registrar path {reg} != {want_reg}")
+    return problems
+
+
 R.run("shell scripts: bash -n and shellcheck", check_scripts)
+R.run("DaemonSet plugin args, driver name and socket agree with the binary", check_binary_agreement)
 
 print(f"manifests: {R.passed} passed, {R.failed} failed")
 sys.exit(1 if R.failed else 0)

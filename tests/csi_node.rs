@@ -1,0 +1,469 @@
+//! The Node service driven the way kubelet drives it, on a real kernel.
+//!
+//! On the host this binary boots the VDUSE test guest (tests/guest/run.sh) and runs itself
+//! inside it with VDUSE_CSI_IN_GUEST=1; inside, each scenario starts `vduse-csi serve`, talks
+//! to it with a tonic client over its unix socket, and checks the mounts, files and devices
+//! that kubelet would see. Paths follow kubelet's layout under a kubelet-like directory.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use common::*;
+use tonic::Code;
+use vduse_csi::csi::proto::*;
+
+const IN_GUEST: &str = "VDUSE_CSI_IN_GUEST";
+const MIB: i64 = 1 << 20;
+
+fn main() -> ExitCode {
+    if std::env::var_os(IN_GUEST).is_some() { in_guest() } else { on_host() }
+}
+
+fn on_host() -> ExitCode {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = std::env::current_exe().expect("own path");
+    let out = repo.join("target/guest/csi-node-tests");
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(repo.join("tests/guest/run.sh"))
+        .arg(&exe)
+        .arg(&out)
+        .env(IN_GUEST, "1")
+        .env("GUEST_ENV", IN_GUEST)
+        .env("GUEST_QUIET", "1")
+        .status();
+    let log = std::fs::read_to_string(out.join("output.log")).unwrap_or_default();
+    print!("{log}");
+    match status {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            if !log.contains(" passed, ") {
+                println!("0 passed, 1 failed");
+                eprintln!("the guest did not run the Node tests ({s}); see {}", out.display());
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("0 passed, 1 failed");
+            eprintln!("cannot run tests/guest/run.sh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Scenario = fn(&mut Node);
+
+fn in_guest() -> ExitCode {
+    let scenarios: [(&str, Scenario); 8] = [
+        ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
+        ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
+        ("block_volume_lifecycle", block_lifecycle),
+        ("read_only_publish_refuses_writes", read_only_publish),
+        ("single_node_single_writer_is_enforced", single_writer),
+        ("plugin_restart_keeps_staged_volumes", restart_keeps_volumes),
+        ("snapshot_of_staged_volume_is_consistent", snapshot_of_staged),
+        ("hostile_and_missing_ids_are_refused", hostile_ids),
+    ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, scenario) in scenarios {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let result = std::panic::catch_unwind(|| {
+            let mut node = Node::start(name);
+            scenario(&mut node);
+            node.finish();
+        });
+        cleanup();
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 && passed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Unmounts whatever a failed scenario left under /tmp/csi-tests and removes leftover devices.
+/// Lazy unmounts first: a filesystem whose device server is gone would block a normal unmount
+/// on its journal; removing the device then fails that I/O instead of leaving it hanging.
+fn cleanup() {
+    let _ = Command::new("pkill").args(["-KILL", "-f", "vduse-csi serve"]).status();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let mut points: Vec<&str> = text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with("/tmp/csi-tests/")).collect();
+        points.reverse();
+        for p in points {
+            let _ = Command::new("umount").args(["-l", p]).status();
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/vduse") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != "control" {
+                let _ = Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(["device", "remove", &name]).status();
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all("/tmp/csi-tests");
+}
+
+struct Node {
+    rt: tokio::runtime::Runtime,
+    root: PathBuf,
+    plugin: Option<PluginProcess>,
+    c: Clients,
+}
+
+impl Node {
+    fn start(name: &str) -> Self {
+        let root = PathBuf::from("/tmp/csi-tests").join(name);
+        std::fs::create_dir_all(root.join("kubelet")).expect("kubelet dir");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let plugin = PluginProcess::start(&root.join("csi.sock"), &root.join("state"), "all");
+        let c = rt.block_on(connect(&plugin.socket));
+        let mut node = Self { rt, root, plugin: Some(plugin), c };
+        let probe = node.rt.block_on(node.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+        assert_eq!(probe.ready, Some(true));
+        node
+    }
+
+    /// Stops the plugin with SIGTERM and starts a new one on the same state dir.
+    fn restart(&mut self) {
+        let plugin = self.plugin.take().expect("plugin");
+        let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
+        assert!(plugin.stop(), "plugin exits 0 on SIGTERM");
+        let plugin = PluginProcess::start(&socket, &state, "all");
+        self.c = self.rt.block_on(connect(&plugin.socket));
+        self.plugin = Some(plugin);
+        let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+        assert_eq!(probe.ready, Some(true), "ready only after staged volumes are served again");
+    }
+
+    fn finish(mut self) {
+        if let Some(p) = self.plugin.take() {
+            assert!(p.stop());
+        }
+        let devices: Vec<String> = std::fs::read_dir("/sys/class/vduse")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "control").collect())
+            .unwrap_or_default();
+        assert!(devices.is_empty(), "scenario left devices behind: {devices:?}");
+    }
+
+    /// kubelet's global staging path of a mount volume (the CO creates it).
+    fn staging(&self, pv: &str) -> PathBuf {
+        let p = self.root.join("kubelet/plugins/kubernetes.io/csi/vduse.csi.dev").join(pv).join("globalmount");
+        std::fs::create_dir_all(&p).expect("staging dir");
+        p
+    }
+
+    /// kubelet's staging path of a block volume.
+    fn block_staging(&self, pv: &str) -> PathBuf {
+        let p = self.root.join("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging").join(pv);
+        std::fs::create_dir_all(&p).expect("staging dir");
+        p
+    }
+
+    /// kubelet's pod mount target (the CO creates the parent; the plugin the target).
+    fn target(&self, pod: &str, pv: &str) -> PathBuf {
+        let parent = self.root.join("kubelet/pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
+        std::fs::create_dir_all(&parent).expect("target parent");
+        parent.join("mount")
+    }
+
+    /// kubelet's block publish path: a file the plugin creates.
+    fn block_target(&self, pod: &str, pv: &str) -> PathBuf {
+        let parent = self.root.join("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish").join(pv);
+        std::fs::create_dir_all(&parent).expect("target parent");
+        parent.join(pod)
+    }
+
+    fn create(&mut self, name: &str, mib: i64, cap: VolumeCapability) -> Volume {
+        let r = self.rt.block_on(self.c.controller.create_volume(create_request(name, mib * MIB, cap)));
+        r.expect("CreateVolume").into_inner().volume.expect("volume")
+    }
+
+    fn stage(&mut self, id: &str, path: &Path, cap: &VolumeCapability) -> Result<(), tonic::Status> {
+        let req = NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: path.to_string_lossy().into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        self.rt.block_on(self.c.node.node_stage_volume(req)).map(drop)
+    }
+
+    fn unstage(&mut self, id: &str, path: &Path) -> Result<(), tonic::Status> {
+        let req = NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: path.to_string_lossy().into() };
+        self.rt.block_on(self.c.node.node_unstage_volume(req)).map(drop)
+    }
+
+    fn publish(&mut self, id: &str, staging: &Path, target: &Path, cap: &VolumeCapability, readonly: bool) -> Result<(), tonic::Status> {
+        let req = NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            target_path: target.to_string_lossy().into(),
+            volume_capability: Some(cap.clone()),
+            readonly,
+            ..Default::default()
+        };
+        self.rt.block_on(self.c.node.node_publish_volume(req)).map(drop)
+    }
+
+    fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let req = NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.to_string_lossy().into() };
+        self.rt.block_on(self.c.node.node_unpublish_volume(req)).map(drop)
+    }
+
+    fn stats(&mut self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
+        let req = NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: path.to_string_lossy().into(), staging_target_path: String::new() };
+        self.rt.block_on(self.c.node.node_get_volume_stats(req)).expect("stats").into_inner()
+    }
+
+    fn expand(&mut self, id: &str, path: &Path, mib: i64) -> i64 {
+        let range = Some(CapacityRange { required_bytes: mib * MIB, limit_bytes: 0 });
+        let c = self
+            .rt
+            .block_on(self.c.controller.controller_expand_volume(ControllerExpandVolumeRequest { volume_id: id.into(), capacity_range: range, ..Default::default() }))
+            .expect("ControllerExpandVolume")
+            .into_inner();
+        assert!(c.node_expansion_required);
+        let req = NodeExpandVolumeRequest { volume_id: id.into(), volume_path: path.to_string_lossy().into(), capacity_range: range, ..Default::default() };
+        self.rt.block_on(self.c.node.node_expand_volume(req)).expect("NodeExpandVolume").into_inner().capacity_bytes
+    }
+
+    fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        let req = DeleteVolumeRequest { volume_id: id.into(), secrets: HashMap::new() };
+        self.rt.block_on(self.c.controller.delete_volume(req)).map(drop)
+    }
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or(""))))
+        .unwrap_or(false)
+}
+
+fn usage(resp: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> VolumeUsage {
+    *resp.usage.iter().find(|u| u.unit == unit as i32).expect("usage unit")
+}
+
+fn mount_lifecycle(n: &mut Node, fs: &str, mib: i64) {
+    let pv = format!("pvc-{fs}");
+    let cap = mount_cap(fs, writer());
+    n.create(&pv, mib, cap.clone());
+    let staging = n.staging(&pv);
+    n.stage(&pv, &staging, &cap).expect("stage");
+    n.stage(&pv, &staging, &cap).expect("stage again is OK");
+    assert!(is_mount_point(&staging));
+    let (t1, t2) = (n.target("pod-a", &pv), n.target("pod-b", &pv));
+    n.publish(&pv, &staging, &t1, &cap, false).expect("publish 1");
+    n.publish(&pv, &staging, &t2, &cap, false).expect("publish 2");
+    n.publish(&pv, &staging, &t1, &cap, false).expect("publish again is OK");
+    assert_eq!(n.publish(&pv, &staging, &t1, &cap, true).expect_err("readonly differs").code(), Code::AlreadyExists);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(t1.join("data.bin"), &data).expect("write via pod-a");
+    assert_eq!(std::fs::read(t2.join("data.bin")).expect("read via pod-b"), data);
+    let st = n.stats(&pv, &t1);
+    let bytes = usage(&st, volume_usage::Unit::Bytes);
+    assert!(bytes.total > 0 && bytes.used >= 3_000_000 && bytes.available > 0, "{bytes:?}");
+    assert!(usage(&st, volume_usage::Unit::Inodes).total > 0);
+    assert!(!st.volume_condition.expect("condition").abnormal);
+    assert_eq!(n.delete(&pv).expect_err("staged").code(), Code::FailedPrecondition);
+    n.unpublish(&pv, &t1).expect("unpublish 1");
+    n.unpublish(&pv, &t2).expect("unpublish 2");
+    n.unpublish(&pv, &t2).expect("unpublish again is OK");
+    assert!(!t1.exists() && !t2.exists(), "targets removed");
+    n.unstage(&pv, &staging).expect("unstage");
+    n.unstage(&pv, &staging).expect("unstage again is OK");
+    assert!(!is_mount_point(&staging));
+
+    n.stage(&pv, &staging, &cap).expect("stage again");
+    n.publish(&pv, &staging, &t1, &cap, false).expect("publish");
+    assert_eq!(std::fs::read(t1.join("data.bin")).expect("read after re-stage"), data, "never reformatted");
+    let before = usage(&n.stats(&pv, &t1), volume_usage::Unit::Bytes).total;
+    let grown = n.expand(&pv, &t1, mib * 2);
+    assert_eq!(grown, mib * 2 * MIB);
+    let after = usage(&n.stats(&pv, &t1), volume_usage::Unit::Bytes).total;
+    assert!(after > before + mib * MIB / 2, "filesystem grew online: {before} -> {after}");
+    assert_eq!(std::fs::read(t1.join("data.bin")).expect("read after expand"), data);
+    std::fs::write(t1.join("after-expand"), b"ok").expect("write after expand");
+    n.unpublish(&pv, &t1).expect("unpublish");
+    n.unstage(&pv, &staging).expect("unstage");
+    n.delete(&pv).expect("delete");
+}
+
+fn block_lifecycle(n: &mut Node) {
+    let pv = "pvc-block";
+    let cap = block_cap(writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.block_staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    assert!(!is_mount_point(&staging), "block volumes mount nothing at staging");
+    let target = n.block_target("pod-a", pv);
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
+    {
+        let mut dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open(&target).expect("open block target");
+        dev.seek(SeekFrom::Start(8 << 20)).expect("seek");
+        dev.write_all(&pattern).expect("write");
+        dev.sync_all().expect("sync");
+    }
+    let st = n.stats(pv, &target);
+    assert_eq!(usage(&st, volume_usage::Unit::Bytes).total, 64 * MIB);
+    let grown = n.expand(pv, &target, 96);
+    assert_eq!(grown, 96 * MIB);
+    assert_eq!(usage(&n.stats(pv, &target), volume_usage::Unit::Bytes).total, 96 * MIB);
+    n.unpublish(pv, &target).expect("unpublish");
+    assert!(!target.exists(), "publish file removed");
+    n.unstage(pv, &staging).expect("unstage");
+    n.stage(pv, &staging, &cap).expect("stage again");
+    n.publish(pv, &staging, &target, &cap, false).expect("publish again");
+    let mut back = vec![0u8; pattern.len()];
+    let mut dev = std::fs::File::open(&target).expect("open");
+    dev.seek(SeekFrom::Start(8 << 20)).expect("seek");
+    dev.read_exact(&mut back).expect("read");
+    assert_eq!(back, pattern, "block data intact across unstage/stage");
+    drop(dev);
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+fn read_only_publish(n: &mut Node) {
+    let pv = "pvc-ro";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let (ro, rw) = (n.target("pod-ro", pv), n.target("pod-rw", pv));
+    n.publish(pv, &staging, &rw, &cap, false).expect("publish rw");
+    std::fs::write(rw.join("f"), b"hello").expect("write rw");
+    n.publish(pv, &staging, &ro, &cap, true).expect("publish ro");
+    let err = std::fs::write(ro.join("g"), b"x").expect_err("read-only target refuses writes");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::read(ro.join("f")).expect("read ro"), b"hello");
+    std::fs::write(rw.join("h"), b"still writable").expect("rw target unaffected");
+    n.unpublish(pv, &ro).expect("unpublish");
+    n.unpublish(pv, &rw).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+fn single_writer(n: &mut Node) {
+    let pv = "pvc-rwop";
+    let cap = mount_cap("ext4", volume_capability::access_mode::Mode::SingleNodeSingleWriter);
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let (a, b) = (n.target("pod-a", pv), n.target("pod-b", pv));
+    n.publish(pv, &staging, &a, &cap, false).expect("publish a");
+    let err = n.publish(pv, &staging, &b, &cap, false).expect_err("second writer");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    n.unpublish(pv, &a).expect("unpublish");
+    n.publish(pv, &staging, &b, &cap, false).expect("publish b once a is gone");
+    n.unpublish(pv, &b).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+fn restart_keeps_volumes(n: &mut Node) {
+    let pv = "pvc-restart";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 128, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(target.join("before"), &data).expect("write");
+    let sync = std::fs::File::open(&target).expect("open dir");
+    nix::unistd::syncfs(&sync).expect("syncfs");
+    drop(sync);
+
+    n.restart();
+    // The device was never detached: the mount is the same and works through the new plugin.
+    assert!(is_mount_point(&staging) && is_mount_point(&target));
+    std::fs::write(target.join("after"), b"written after the restart").expect("write after restart");
+    let sync = std::fs::File::open(&target).expect("open dir");
+    nix::unistd::syncfs(&sync).expect("syncfs through the new plugin");
+    drop(sync);
+    assert!(!n.stats(pv, &target).volume_condition.expect("condition").abnormal);
+    n.unpublish(pv, &target).expect("unpublish after restart");
+    n.unstage(pv, &staging).expect("unstage after restart");
+    n.stage(pv, &staging, &cap).expect("stage");
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    assert_eq!(std::fs::read(target.join("before")).expect("read"), data);
+    assert_eq!(std::fs::read(target.join("after")).expect("read"), b"written after the restart");
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+fn snapshot_of_staged(n: &mut Node) {
+    let pv = "pvc-snap-src";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    // Written but not synced by the writer: the snapshot must flush it.
+    std::fs::write(target.join("file"), b"in the snapshot").expect("write");
+    let req = CreateSnapshotRequest { source_volume_id: pv.into(), name: "snap-staged".into(), ..Default::default() };
+    n.rt.block_on(n.c.controller.create_snapshot(req)).expect("snapshot");
+    std::fs::write(target.join("file"), b"after the snapshot").expect("overwrite");
+
+    let restored = "pvc-snap-restored";
+    let mut req = create_request(restored, 64 * MIB, cap.clone());
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: "snap-staged".into() })),
+    });
+    n.rt.block_on(n.c.controller.create_volume(req)).expect("restore");
+    let staging2 = n.staging(restored);
+    n.stage(restored, &staging2, &cap).expect("stage restored");
+    assert_eq!(std::fs::read(staging2.join("file")).expect("read restored"), b"in the snapshot");
+    n.unstage(restored, &staging2).expect("unstage");
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(restored).expect("delete");
+    n.delete(pv).expect("delete");
+    let req = DeleteSnapshotRequest { snapshot_id: "snap-staged".into(), secrets: HashMap::new() };
+    n.rt.block_on(n.c.controller.delete_snapshot(req)).expect("delete snapshot");
+}
+
+fn hostile_ids(n: &mut Node) {
+    let cap = mount_cap("ext4", writer());
+    let staging = n.staging("x");
+    let long = "v".repeat(200);
+    for id in ["../x", "/etc", "a/../../b", "", long.as_str()] {
+        let err = n.stage(id, &staging, &cap).expect_err("hostile stage");
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {}", err.message());
+        let err = n.publish(id, &staging, &n.target("p", "x"), &cap, false).expect_err("hostile publish");
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}");
+        let err = n.unstage(id, &staging).expect_err("hostile unstage");
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}");
+    }
+    assert_eq!(n.stage("no-such-volume", &staging, &cap).expect_err("missing").code(), Code::NotFound);
+    n.create("pvc-h", 16, cap.clone());
+    let target = n.target("p", "pvc-h");
+    assert_eq!(n.publish("pvc-h", Path::new(""), &target, &cap, false).expect_err("no staging path").code(), Code::FailedPrecondition);
+    assert_eq!(n.publish("pvc-h", &staging, &target, &cap, false).expect_err("not staged").code(), Code::FailedPrecondition);
+    let multi = mount_cap("ext4", volume_capability::access_mode::Mode::MultiNodeMultiWriter);
+    assert_eq!(n.stage("pvc-h", &staging, &multi).expect_err("multi-node").code(), Code::InvalidArgument);
+    let req = NodeGetVolumeStatsRequest { volume_id: "pvc-h".into(), volume_path: "/tmp".into(), staging_target_path: String::new() };
+    assert_eq!(n.rt.block_on(n.c.node.node_get_volume_stats(req)).expect_err("not staged").code(), Code::NotFound);
+    assert!(!Path::new("/tmp/csi-tests/hostile_and_missing_ids_are_refused/x").exists());
+    n.delete("pvc-h").expect("delete");
+}
