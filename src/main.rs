@@ -130,11 +130,8 @@ fn main() -> ExitCode {
 /// The default device name: the image file name with unusable characters replaced.
 fn default_name(image: &std::path::Path) -> String {
     let stem = image.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut name: String = stem
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
-        .take(64)
-        .collect();
+    let mut name: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).take(64).collect();
     if name.is_empty() || name.starts_with('.') {
         name.insert_str(0, "vd");
         name.truncate(64);
@@ -144,7 +141,8 @@ fn default_name(image: &std::path::Path) -> String {
 
 fn serve_device(args: ServeArgs) -> Result<(), String> {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
-    let opts = DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
+    let opts =
+        DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
     // Check everything the caller got wrong before touching the host, so a bad command line
     // creates nothing.
     opts.validate().map_err(|e| e.to_string())?;
@@ -196,7 +194,8 @@ fn list_devices() -> Result<(), String> {
         let driver = sysfs::bound_driver(&name).unwrap_or_else(|| "-".into());
         let block = sysfs::block_device_name(&name).map(|b| format!("/dev/{b}")).unwrap_or_else(|| "-".into());
         let timeout = sysfs::msg_timeout(&name).map(|t| t.to_string()).unwrap_or_else(|_| "?".into());
-        let _ = writeln!(out, "{name:<40} {:<9} {driver:<12} {block:<10} {timeout}", if attached { "yes" } else { "no" });
+        let _ =
+            writeln!(out, "{name:<40} {:<9} {driver:<12} {block:<10} {timeout}", if attached { "yes" } else { "no" });
     }
     Ok(())
 }

@@ -4,7 +4,11 @@ use std::process::Command;
 
 fn vduse_csi(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(args).output().expect("run vduse-csi");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -45,7 +49,9 @@ fn bad_sizes_and_names_are_refused() {
 
 #[test]
 fn help_explains_every_command() {
-    for args in [&["--help"][..], &["device", "--help"], &["device", "serve", "--help"], &["device", "remove", "--help"]] {
+    for args in
+        [&["--help"][..], &["device", "--help"], &["device", "serve", "--help"], &["device", "remove", "--help"]]
+    {
         let (ok, out, _) = vduse_csi(args);
         assert!(ok, "{args:?}");
         assert!(out.contains("Usage:"), "{out}");

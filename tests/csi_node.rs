@@ -102,7 +102,8 @@ fn cleanup() {
     let _ = Command::new("pkill").args(["-KILL", "-f", "vduse-csi serve"]).status();
     std::thread::sleep(std::time::Duration::from_millis(300));
     if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
-        let mut points: Vec<&str> = text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with("/tmp/csi-tests/")).collect();
+        let mut points: Vec<&str> =
+            text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with("/tmp/csi-tests/")).collect();
         points.reverse();
         for p in points {
             let _ = Command::new("umount").args(["-l", p]).status();
@@ -156,7 +157,9 @@ impl Node {
             assert!(p.stop());
         }
         let devices: Vec<String> = std::fs::read_dir("/sys/class/vduse")
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "control").collect())
+            .map(|d| {
+                d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "control").collect()
+            })
             .unwrap_or_default();
         assert!(devices.is_empty(), "scenario left devices behind: {devices:?}");
     }
@@ -209,7 +212,14 @@ impl Node {
         self.rt.block_on(self.c.node.node_unstage_volume(req)).map(drop)
     }
 
-    fn publish(&mut self, id: &str, staging: &Path, target: &Path, cap: &VolumeCapability, readonly: bool) -> Result<(), tonic::Status> {
+    fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
         let req = NodePublishVolumeRequest {
             volume_id: id.into(),
             staging_target_path: staging.to_string_lossy().into(),
@@ -227,7 +237,11 @@ impl Node {
     }
 
     fn stats(&mut self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
-        let req = NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: path.to_string_lossy().into(), staging_target_path: String::new() };
+        let req = NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.to_string_lossy().into(),
+            staging_target_path: String::new(),
+        };
         self.rt.block_on(self.c.node.node_get_volume_stats(req)).expect("stats").into_inner()
     }
 
@@ -235,11 +249,20 @@ impl Node {
         let range = Some(CapacityRange { required_bytes: mib * MIB, limit_bytes: 0 });
         let c = self
             .rt
-            .block_on(self.c.controller.controller_expand_volume(ControllerExpandVolumeRequest { volume_id: id.into(), capacity_range: range, ..Default::default() }))
+            .block_on(self.c.controller.controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: range,
+                ..Default::default()
+            }))
             .expect("ControllerExpandVolume")
             .into_inner();
         assert!(c.node_expansion_required);
-        let req = NodeExpandVolumeRequest { volume_id: id.into(), volume_path: path.to_string_lossy().into(), capacity_range: range, ..Default::default() };
+        let req = NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: path.to_string_lossy().into(),
+            capacity_range: range,
+            ..Default::default()
+        };
         self.rt.block_on(self.c.node.node_expand_volume(req)).expect("NodeExpandVolume").into_inner().capacity_bytes
     }
 
@@ -315,7 +338,12 @@ fn block_lifecycle(n: &mut Node) {
     n.publish(pv, &staging, &target, &cap, false).expect("publish");
     let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
     {
-        let mut dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open(&target).expect("open block target");
+        let mut dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(&target)
+            .expect("open block target");
         dev.seek(SeekFrom::Start(8 << 20)).expect("seek");
         dev.write_all(&pattern).expect("write");
         dev.sync_all().expect("sync");
@@ -428,7 +456,9 @@ fn snapshot_of_staged(n: &mut Node) {
     let restored = "pvc-snap-restored";
     let mut req = create_request(restored, 64 * MIB, cap.clone());
     req.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: "snap-staged".into() })),
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: "snap-staged".into(),
+        })),
     });
     n.rt.block_on(n.c.controller.create_volume(req)).expect("restore");
     let staging2 = n.staging(restored);
@@ -458,11 +488,21 @@ fn hostile_ids(n: &mut Node) {
     assert_eq!(n.stage("no-such-volume", &staging, &cap).expect_err("missing").code(), Code::NotFound);
     n.create("pvc-h", 16, cap.clone());
     let target = n.target("p", "pvc-h");
-    assert_eq!(n.publish("pvc-h", Path::new(""), &target, &cap, false).expect_err("no staging path").code(), Code::FailedPrecondition);
-    assert_eq!(n.publish("pvc-h", &staging, &target, &cap, false).expect_err("not staged").code(), Code::FailedPrecondition);
+    assert_eq!(
+        n.publish("pvc-h", Path::new(""), &target, &cap, false).expect_err("no staging path").code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        n.publish("pvc-h", &staging, &target, &cap, false).expect_err("not staged").code(),
+        Code::FailedPrecondition
+    );
     let multi = mount_cap("ext4", volume_capability::access_mode::Mode::MultiNodeMultiWriter);
     assert_eq!(n.stage("pvc-h", &staging, &multi).expect_err("multi-node").code(), Code::InvalidArgument);
-    let req = NodeGetVolumeStatsRequest { volume_id: "pvc-h".into(), volume_path: "/tmp".into(), staging_target_path: String::new() };
+    let req = NodeGetVolumeStatsRequest {
+        volume_id: "pvc-h".into(),
+        volume_path: "/tmp".into(),
+        staging_target_path: String::new(),
+    };
     assert_eq!(n.rt.block_on(n.c.node.node_get_volume_stats(req)).expect_err("not staged").code(), Code::NotFound);
     assert!(!Path::new("/tmp/csi-tests/hostile_and_missing_ids_are_refused/x").exists());
     n.delete("pvc-h").expect("delete");

@@ -174,7 +174,12 @@ mod tests {
         let table = [IoBuf { addr: GuestAddress((1 << 20) - 10), len: 512 }, IoBuf { addr: GuestAddress(0), len: 512 }];
         let (bad, good) = (BufRange { start: 0, end: 1 }, BufRange { start: 1, end: 2 });
         let mut results = Vec::new();
-        io.execute(&mem, &table, &[IoOp::Read { offset: 0, bufs: bad }, IoOp::Read { offset: 0, bufs: good }], &mut results);
+        io.execute(
+            &mem,
+            &table,
+            &[IoOp::Read { offset: 0, bufs: bad }, IoOp::Read { offset: 0, bufs: good }],
+            &mut results,
+        );
         assert_eq!(results[0].as_ref().map_err(|e| e.raw_os_error()), Err(Some(libc::EFAULT)));
         assert!(results[1].is_ok());
     }

@@ -16,11 +16,7 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     /// A zero-filled disk of `capacity` bytes.
     pub fn new(capacity: u64, read_only: bool) -> Self {
-        Self {
-            data: Arc::new(Mutex::new(vec![0; capacity as usize])),
-            read_only,
-            flushes: Arc::new(Mutex::new(0)),
-        }
+        Self { data: Arc::new(Mutex::new(vec![0; capacity as usize])), read_only, flushes: Arc::new(Mutex::new(0)) }
     }
 
     /// A copy of the disk contents.
@@ -52,7 +48,9 @@ impl MemoryBackend {
                 let mut pos = offset;
                 for buf in buffers(table, bufs)? {
                     let r = range(pos, u64::from(buf.len))?;
-                    let slice = mem.slice(buf.addr, buf.len as usize).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+                    let slice = mem
+                        .slice(buf.addr, buf.len as usize)
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
                     if matches!(op, IoOp::Read { .. }) {
                         slice.copy_from(&data[r]);
                     } else {
@@ -92,7 +90,8 @@ impl Backend for MemoryBackend {
         Ok(())
     }
     fn grow(&self, bytes: u64) -> Result<()> {
-        let mut data = self.data.lock().map_err(|_| super::Error::Io { op: "grow", source: io::Error::other("poisoned") })?;
+        let mut data =
+            self.data.lock().map_err(|_| super::Error::Io { op: "grow", source: io::Error::other("poisoned") })?;
         if (bytes as usize) < data.len() {
             return Err(super::Error::Shrink { current: data.len() as u64, requested: bytes });
         }

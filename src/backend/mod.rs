@@ -12,7 +12,9 @@ mod uring;
 use std::io;
 use std::path::PathBuf;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
+};
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;

@@ -5,10 +5,10 @@
 //! kernel reads and writes straight between the image's page cache and the buffers (the VDUSE
 //! bounce pages), so there is no copy in our process.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::fs::File;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
@@ -167,11 +167,12 @@ impl UringQueue {
             let mut queued = 0;
             for &i in chunk {
                 let sqe = self.sqe(i, &ops[i]);
-                // SAFETY: every buffer an SQE names (the iovec table and the memory its entries
-                // point to, which the caller resolved and keeps mapped) stays alive and unmoved
-                // until the loop below has reaped every completion of this chunk; the table was
-                // reserved before the first pointer into it was taken.
-                match unsafe { self.ring.submission().push(&sqe) } {
+                // The iovec table was reserved before the first pointer into it was taken, and
+                // the caller keeps the memory its entries point to mapped for the whole batch.
+                // SAFETY: every buffer the SQE names stays alive and unmoved until the loop
+                // below has reaped every completion of this chunk.
+                let pushed = unsafe { self.ring.submission().push(&sqe) };
+                match pushed {
                     Ok(()) => queued += 1,
                     Err(_) => results[i] = Err(io::Error::other("io_uring submission queue full")),
                 }

@@ -79,7 +79,13 @@ impl Parsed {
 }
 
 /// Parses one chain. Data buffers are appended to `bufs`; the returned action names them.
-pub fn parse<M, I>(chain: I, mem: &M, limits: &DeviceLimits, scratch: &mut ParseScratch, bufs: &mut Vec<IoBuf>) -> Parsed
+pub fn parse<M, I>(
+    chain: I,
+    mem: &M,
+    limits: &DeviceLimits,
+    scratch: &mut ParseScratch,
+    bufs: &mut Vec<IoBuf>,
+) -> Parsed
 where
     M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
     I: Iterator<Item = Descriptor>,
@@ -156,7 +162,9 @@ where
             let written = scatter(mem, &bufs[range.start..range.end], &limits.serial[..n]);
             bufs.truncate(range.start);
             match written {
-                Ok(()) if n > 0 => Parsed { action: Action::Complete(STATUS_OK), status_addr, used_len_ok: n as u32 + 1 },
+                Ok(()) if n > 0 => {
+                    Parsed { action: Action::Complete(STATUS_OK), status_addr, used_len_ok: n as u32 + 1 }
+                }
                 _ => fail(STATUS_IOERR),
             }
         }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::{DeviceLimits, ID_BYTES, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
@@ -314,8 +314,11 @@ fn indirect_chains_work_and_nested_indirect_is_refused() {
     // A table that points at another indirect table ends the chain early: no status, but the
     // head is still completed.
     let nested = DATA + 0x9000;
-    mem.write_obj(RawDescriptor::from(SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0)), GuestAddress(nested))
-        .expect("nested");
+    mem.write_obj(
+        RawDescriptor::from(SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0)),
+        GuestAddress(nested),
+    )
+    .expect("nested");
     let raw = RawDescriptor::from(SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT as u16, 0));
     h.mock.add_desc_chains(&[raw], 1).expect("add");
     h.process().expect("process");

@@ -143,7 +143,12 @@ impl QueueWorker {
                 }
                 Action::Complete(status) => Outcome::Status(status),
             };
-            self.pending.push(Pending { head, status_addr: parsed.status_addr, used_len_ok: parsed.used_len_ok, outcome });
+            self.pending.push(Pending {
+                head,
+                status_addr: parsed.status_addr,
+                used_len_ok: parsed.used_len_ok,
+                outcome,
+            });
         }
         drop(iter);
 

@@ -8,11 +8,15 @@ use tonic::{Request, Response, Status};
 
 use super::proto::controller_server::Controller;
 use super::proto::*;
-use super::{DEFAULT_CAPACITY, Error, MIB, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking, required, volume_id};
+use super::{
+    DEFAULT_CAPACITY, Error, MIB, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking, required,
+    volume_id,
+};
 use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
 
 /// Parameters external-provisioner adds with --extra-create-metadata; accepted and ignored.
-const METADATA_PARAMS: [&str; 3] = ["csi.storage.k8s.io/pv/name", "csi.storage.k8s.io/pvc/name", "csi.storage.k8s.io/pvc/namespace"];
+const METADATA_PARAMS: [&str; 3] =
+    ["csi.storage.k8s.io/pv/name", "csi.storage.k8s.io/pvc/name", "csi.storage.k8s.io/pvc/namespace"];
 const MAX_QUEUES: u16 = 16;
 
 pub struct ControllerService {
@@ -38,17 +42,33 @@ pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<()> {
 
 pub fn check_capability(cap: &VolumeCapability) -> Result<()> {
     use volume_capability::access_mode::Mode;
-    let mode = cap.access_mode.as_ref().map(|m| m.mode).ok_or_else(|| Error::InvalidArgument("access_mode is required".into()))?;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode)
+        .ok_or_else(|| Error::InvalidArgument("access_mode is required".into()))?;
     match Mode::try_from(mode) {
-        Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) => {}
-        Ok(m) => return Err(Error::InvalidArgument(format!("access mode {m:?} is not supported: volumes are local to one node"))),
+        Ok(
+            Mode::SingleNodeWriter
+            | Mode::SingleNodeReaderOnly
+            | Mode::SingleNodeSingleWriter
+            | Mode::SingleNodeMultiWriter,
+        ) => {}
+        Ok(m) => {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {m:?} is not supported: volumes are local to one node"
+            )));
+        }
         Err(_) => return Err(Error::InvalidArgument(format!("unknown access mode {mode}"))),
     }
     match &cap.access_type {
         Some(volume_capability::AccessType::Block(_)) => Ok(()),
         Some(volume_capability::AccessType::Mount(m)) => {
             if !m.fs_type.is_empty() && !crate::host::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
-                return Err(Error::InvalidArgument(format!("filesystem {:?} is not supported: use ext4 or xfs", m.fs_type)));
+                return Err(Error::InvalidArgument(format!(
+                    "filesystem {:?} is not supported: use ext4 or xfs",
+                    m.fs_type
+                )));
             }
             Ok(())
         }
@@ -63,8 +83,10 @@ pub fn capacity_for(range: Option<&CapacityRange>) -> Result<u64> {
         return Err(Error::OutOfRange("capacity_range bytes must not be negative".into()));
     }
     let (required, limit) = (range.required_bytes as u64, range.limit_bytes as u64);
-    let wanted = if required == 0 { if limit > 0 { limit.min(DEFAULT_CAPACITY) } else { DEFAULT_CAPACITY } } else { required };
-    let size = wanted.div_ceil(MIB).max(1).checked_mul(MIB).ok_or_else(|| Error::OutOfRange("capacity too large".into()))?;
+    let wanted =
+        if required == 0 { if limit > 0 { limit.min(DEFAULT_CAPACITY) } else { DEFAULT_CAPACITY } } else { required };
+    let size =
+        wanted.div_ceil(MIB).max(1).checked_mul(MIB).ok_or_else(|| Error::OutOfRange("capacity too large".into()))?;
     if limit > 0 && size > limit {
         return Err(Error::OutOfRange(format!(
             "no size in [{required}, {limit}] bytes is a whole number of MiB (volumes are allocated in MiB)"
@@ -97,11 +119,9 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<S
                 kept.insert(k.clone(), v.clone());
             }
             PARAM_QUEUES => {
-                queues = v
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|q| (1..=MAX_QUEUES).contains(q))
-                    .ok_or_else(|| Error::InvalidArgument(format!("parameter {PARAM_QUEUES}={v:?}: use 1 to {MAX_QUEUES}")))?;
+                queues = v.parse::<u16>().ok().filter(|q| (1..=MAX_QUEUES).contains(q)).ok_or_else(|| {
+                    Error::InvalidArgument(format!("parameter {PARAM_QUEUES}={v:?}: use 1 to {MAX_QUEUES}"))
+                })?;
                 kept.insert(k.clone(), v.clone());
             }
             k if METADATA_PARAMS.contains(&k) => {}
@@ -122,8 +142,14 @@ fn to_volume(plugin: &Plugin, meta: &VolumeMeta) -> Volume {
         volume_context: HashMap::new(),
         content_source: meta.source.as_ref().map(|s| VolumeContentSource {
             r#type: Some(match s {
-                ContentSource::Snapshot(id) => volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id.clone() }),
-                ContentSource::Volume(id) => volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.clone() }),
+                ContentSource::Snapshot(id) => {
+                    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                        snapshot_id: id.clone(),
+                    })
+                }
+                ContentSource::Volume(id) => {
+                    volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.clone() })
+                }
             }),
         }),
         accessible_topology: vec![plugin.topology()],
@@ -135,7 +161,10 @@ fn to_snapshot(meta: &SnapshotMeta) -> Snapshot {
         size_bytes: meta.size_bytes as i64,
         snapshot_id: meta.id.clone(),
         source_volume_id: meta.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp { seconds: meta.created_unix as i64, nanos: meta.created_nanos as i32 }),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: meta.created_unix as i64,
+            nanos: meta.created_nanos as i32,
+        }),
         ready_to_use: true,
         group_snapshot_id: String::new(),
     }
@@ -158,7 +187,8 @@ fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Res
     let start = if token.is_empty() {
         0
     } else {
-        validate_id("starting_token", token).map_err(|_| Error::Aborted(format!("invalid starting_token {token:?}")))?;
+        validate_id("starting_token", token)
+            .map_err(|_| Error::Aborted(format!("invalid starting_token {token:?}")))?;
         items.iter().position(|i| id(i) > token).unwrap_or(items.len())
     };
     let max = if max == 0 { usize::MAX } else { max as usize };
@@ -171,7 +201,10 @@ fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Res
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
-    async fn create_volume(&self, request: Request<CreateVolumeRequest>) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = required("name", &req.name)?.to_owned();
         validate_id("volume name", &id).map_err(Error::from)?;
@@ -180,7 +213,11 @@ impl Controller for ControllerService {
         let (queues, parameters) = check_parameters(&req.parameters)?;
         let fs_type = fs_type_of(&req.volume_capabilities, &req.parameters)?;
         if !topology_ok(&self.plugin, req.accessibility_requirements.as_ref()) {
-            return Err(Error::ResourceExhausted(format!("volumes of this plugin live on node {} only", self.plugin.node_id)).into());
+            return Err(Error::ResourceExhausted(format!(
+                "volumes of this plugin live on node {} only",
+                self.plugin.node_id
+            ))
+            .into());
         }
         let source = match req.volume_content_source.and_then(|s| s.r#type) {
             None => None,
@@ -188,7 +225,9 @@ impl Controller for ControllerService {
                 validate_id("snapshot ID", &s.snapshot_id).map_err(Error::from)?;
                 Some(ContentSource::Snapshot(s.snapshot_id))
             }
-            Some(volume_content_source::Type::Volume(v)) => Some(ContentSource::Volume(volume_id(&v.volume_id)?.to_owned())),
+            Some(volume_content_source::Type::Volume(v)) => {
+                Some(ContentSource::Volume(volume_id(&v.volume_id)?.to_owned()))
+            }
         };
         let _guard = self.plugin.guards.acquire(&id)?;
         let spec = VolumeSpec { id: id.clone(), capacity_bytes: capacity, queues, fs_type, parameters, source };
@@ -198,13 +237,20 @@ impl Controller for ControllerService {
         Ok(Response::new(CreateVolumeResponse { volume: Some(to_volume(&self.plugin, &meta)) }))
     }
 
-    async fn delete_volume(&self, request: Request<DeleteVolumeRequest>) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let _guard = self.plugin.guards.acquire(&id)?;
         if let Some(meta) = self.plugin.store.volume(&id).map_err(Error::from)? {
             if meta.staged.is_some() {
-                return Err(Error::FailedPrecondition(format!("volume {id} is staged on node {}; unstage it first", self.plugin.node_id)).into());
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is staged on node {}; unstage it first",
+                    self.plugin.node_id
+                ))
+                .into());
             }
         }
         let store = self.plugin.store.clone();
@@ -213,22 +259,33 @@ impl Controller for ControllerService {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
-    async fn controller_publish_volume(&self, _: Request<ControllerPublishVolumeRequest>) -> std::result::Result<Response<ControllerPublishVolumeResponse>, Status> {
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> std::result::Result<Response<ControllerPublishVolumeResponse>, Status> {
         Err(Status::unimplemented("volumes are node-local: no controller publish (attachRequired: false)"))
     }
 
-    async fn controller_unpublish_volume(&self, _: Request<ControllerUnpublishVolumeRequest>) -> std::result::Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> std::result::Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         Err(Status::unimplemented("volumes are node-local: no controller unpublish (attachRequired: false)"))
     }
 
-    async fn validate_volume_capabilities(&self, request: Request<ValidateVolumeCapabilitiesRequest>) -> std::result::Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> std::result::Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Error::InvalidArgument("volume_capabilities are required".into()).into());
         }
         self.plugin.store.existing_volume(id).map_err(Error::from)?;
-        let (confirmed, message) = match check_capabilities(&req.volume_capabilities).and_then(|_| check_parameters(&req.parameters).map(drop)) {
+        let (confirmed, message) = match check_capabilities(&req.volume_capabilities)
+            .and_then(|_| check_parameters(&req.parameters).map(drop))
+        {
             Ok(()) => (
                 Some(validate_volume_capabilities_response::Confirmed {
                     volume_context: req.volume_context,
@@ -243,7 +300,10 @@ impl Controller for ControllerService {
         Ok(Response::new(ValidateVolumeCapabilitiesResponse { confirmed, message }))
     }
 
-    async fn list_volumes(&self, request: Request<ListVolumesRequest>) -> std::result::Result<Response<ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> std::result::Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
         let volumes = self.plugin.store.volumes().map_err(Error::from)?;
         let (page, next_token) = page(volumes, |v| v.id.as_str(), req.max_entries, &req.starting_token)?;
@@ -260,7 +320,10 @@ impl Controller for ControllerService {
         Ok(Response::new(ListVolumesResponse { entries, next_token }))
     }
 
-    async fn get_capacity(&self, request: Request<GetCapacityRequest>) -> std::result::Result<Response<GetCapacityResponse>, Status> {
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> std::result::Result<Response<GetCapacityResponse>, Status> {
         let req = request.into_inner();
         if let Some(cap) = &req.volume_capabilities.first() {
             if check_capability(cap).is_err() {
@@ -280,7 +343,10 @@ impl Controller for ControllerService {
         }))
     }
 
-    async fn controller_get_capabilities(&self, _: Request<ControllerGetCapabilitiesRequest>) -> std::result::Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         use controller_service_capability::rpc::Type as T;
         let capabilities = [
             T::CreateDeleteVolume,
@@ -294,13 +360,18 @@ impl Controller for ControllerService {
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
-            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: t as i32,
+            })),
         })
         .collect();
         Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities }))
     }
 
-    async fn create_snapshot(&self, request: Request<CreateSnapshotRequest>) -> std::result::Result<Response<CreateSnapshotResponse>, Status> {
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> std::result::Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
         let source = volume_id(&req.source_volume_id)?.to_owned();
         let name = required("name", &req.name)?.to_owned();
@@ -308,7 +379,11 @@ impl Controller for ControllerService {
         let _guard = self.plugin.guards.acquire(&source)?;
         if let Some(existing) = self.plugin.store.snapshot(&name).map_err(Error::from)? {
             if existing.source_volume_id != source {
-                return Err(Error::AlreadyExists(format!("snapshot {name} exists for volume {}", existing.source_volume_id)).into());
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name} exists for volume {}",
+                    existing.source_volume_id
+                ))
+                .into());
             }
             return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&existing)) }));
         }
@@ -333,7 +408,10 @@ impl Controller for ControllerService {
         Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&snapshot)) }))
     }
 
-    async fn delete_snapshot(&self, request: Request<DeleteSnapshotRequest>) -> std::result::Result<Response<DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> std::result::Result<Response<DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
@@ -342,7 +420,10 @@ impl Controller for ControllerService {
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
-    async fn list_snapshots(&self, request: Request<ListSnapshotsRequest>) -> std::result::Result<Response<ListSnapshotsResponse>, Status> {
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
         let mut snapshots = self.plugin.store.snapshots().map_err(Error::from)?;
         if !req.snapshot_id.is_empty() {
@@ -356,10 +437,15 @@ impl Controller for ControllerService {
         Ok(Response::new(ListSnapshotsResponse { entries, next_token }))
     }
 
-    async fn controller_expand_volume(&self, request: Request<ControllerExpandVolumeRequest>) -> std::result::Result<Response<ControllerExpandVolumeResponse>, Status> {
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> std::result::Result<Response<ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let capacity = capacity_for(Some(&req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?))?;
+        let capacity = capacity_for(Some(
+            &req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?,
+        ))?;
         if let Some(cap) = &req.volume_capability {
             check_capability(cap)?;
         }
@@ -368,18 +454,30 @@ impl Controller for ControllerService {
         // Growing the sparse image is cheap and safe while staged: the node step tells the
         // driver and grows the filesystem.
         let meta = blocking(move || Ok(store.grow_volume(&id, capacity)?)).await?;
-        Ok(Response::new(ControllerExpandVolumeResponse { capacity_bytes: meta.capacity_bytes as i64, node_expansion_required: true }))
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: meta.capacity_bytes as i64,
+            node_expansion_required: true,
+        }))
     }
 
-    async fn controller_get_volume(&self, _: Request<ControllerGetVolumeRequest>) -> std::result::Result<Response<ControllerGetVolumeResponse>, Status> {
+    async fn controller_get_volume(
+        &self,
+        _: Request<ControllerGetVolumeRequest>,
+    ) -> std::result::Result<Response<ControllerGetVolumeResponse>, Status> {
         Err(Status::unimplemented("ControllerGetVolume is not offered"))
     }
 
-    async fn controller_modify_volume(&self, _: Request<ControllerModifyVolumeRequest>) -> std::result::Result<Response<ControllerModifyVolumeResponse>, Status> {
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> std::result::Result<Response<ControllerModifyVolumeResponse>, Status> {
         Err(Status::unimplemented("ControllerModifyVolume is not offered: no mutable parameters"))
     }
 
-    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> std::result::Result<Response<GetSnapshotResponse>, Status> {
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> std::result::Result<Response<GetSnapshotResponse>, Status> {
         Err(Status::unimplemented("GetSnapshot (alpha) is not offered"))
     }
 }

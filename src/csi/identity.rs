@@ -22,14 +22,15 @@ impl IdentityService {
 }
 
 fn service(t: plugin_capability::service::Type) -> PluginCapability {
-    PluginCapability {
-        r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
-    }
+    PluginCapability { r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })) }
 }
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
             name: self.plugin.driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -48,7 +49,9 @@ impl Identity for IdentityService {
             capabilities.insert(0, service(S::ControllerService));
         }
         capabilities.push(PluginCapability {
-            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion { r#type: E::Online as i32 })),
+            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
+                r#type: E::Online as i32,
+            })),
         });
         Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
     }

@@ -157,7 +157,9 @@ impl From<crate::volume::Error> for Error {
 impl From<crate::host::Error> for Error {
     fn from(e: crate::host::Error) -> Self {
         match e {
-            crate::host::Error::UnsupportedFs(_) | crate::host::Error::BadFlag(_) => Error::InvalidArgument(e.to_string()),
+            crate::host::Error::UnsupportedFs(_) | crate::host::Error::BadFlag(_) => {
+                Error::InvalidArgument(e.to_string())
+            }
             _ => Error::Internal(e.to_string()),
         }
     }

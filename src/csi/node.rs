@@ -40,7 +40,8 @@ pub fn device_name(volume_id: &str) -> String {
         return volume_id.to_owned();
     }
     // FNV-1a: stable across releases, which a std hasher is not.
-    let hash = volume_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let hash =
+        volume_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
     format!("vcsi-{hash:016x}")
 }
 
@@ -56,7 +57,12 @@ fn reader_only(mode: i32) -> bool {
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
     let image = plugin.store.image_path(&meta.id)?;
     let backend = FileBackend::open(&image, None, false).map_err(|e| Error::Internal(e.to_string()))?;
-    let opts = DeviceOptions { name: device_name(&meta.id), num_queues: meta.queues.max(1), queue_size: QUEUE_SIZE, msg_timeout: 0 };
+    let opts = DeviceOptions {
+        name: device_name(&meta.id),
+        num_queues: meta.queues.max(1),
+        queue_size: QUEUE_SIZE,
+        msg_timeout: 0,
+    };
     Ok(DeviceServer::start(&opts, Arc::new(backend))?)
 }
 
@@ -92,14 +98,28 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
         None => start_device(plugin, &meta)?,
     };
     let dev = server.block_device().to_owned();
-    let mut stage = StageInfo { staging_path: path.to_owned(), block, fs_type: None, mount_flags: vec![], access_mode: mode_of(cap) };
+    let mut stage = StageInfo {
+        staging_path: path.to_owned(),
+        block,
+        fs_type: None,
+        mount_flags: vec![],
+        access_mode: mode_of(cap),
+    };
     if let Some(m) = mount {
-        let wanted = Some(m.fs_type.clone()).filter(|f| !f.is_empty()).or_else(|| meta.fs_type.clone()).unwrap_or_else(|| "ext4".into());
+        let wanted = Some(m.fs_type.clone())
+            .filter(|f| !f.is_empty())
+            .or_else(|| meta.fs_type.clone())
+            .unwrap_or_else(|| "ext4".into());
         let mounted = (|| -> Result<String> {
             let fs_type = match host::probe_fs(&dev)? {
                 Some(existing) => {
                     if existing != wanted {
-                        tracing::warn!(volume = id, existing, wanted, "volume already has a filesystem; mounting it as it is");
+                        tracing::warn!(
+                            volume = id,
+                            existing,
+                            wanted,
+                            "volume already has a filesystem; mounting it as it is"
+                        );
                     }
                     existing
                 }
@@ -113,7 +133,9 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
             let ours = host::device_number(&dev)?;
             match current {
                 Some(m) if m.dev == ours => {}
-                Some(m) => return Err(Error::AlreadyExists(format!("{} is already a mount of {}", path.display(), m.source))),
+                Some(m) => {
+                    return Err(Error::AlreadyExists(format!("{} is already a mount of {}", path.display(), m.source)));
+                }
                 None => host::mount_fs(&dev, path, &fs_type, &m.mount_flags, reader_only(stage.access_mode))?,
             }
             Ok(fs_type)
@@ -142,7 +164,11 @@ fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     let mut meta = plugin.store.existing_volume(id)?;
     if let Some(staged) = &meta.staged {
         if staged.staging_path != path {
-            return Err(Error::FailedPrecondition(format!("volume {id} is staged at {}, not {}", staged.staging_path.display(), path.display())));
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is staged at {}, not {}",
+                staged.staging_path.display(),
+                path.display()
+            )));
         }
         host::unmount(path)?;
     } else {
@@ -183,14 +209,22 @@ fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapabili
         if host::mount_at(target)?.is_some() {
             return Ok(());
         }
-    } else if mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32 && !meta.published.is_empty() {
-        return Err(Error::FailedPrecondition(format!("volume {id} is SINGLE_NODE_SINGLE_WRITER and already published")));
-    } else if meta.published.values().any(|p| p.access_mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32) {
+    } else if mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32 && !meta.published.is_empty()
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published"
+        )));
+    } else if meta
+        .published
+        .values()
+        .any(|p| p.access_mode == volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32)
+    {
         return Err(Error::FailedPrecondition(format!("volume {id} is published SINGLE_NODE_SINGLE_WRITER elsewhere")));
     }
     let io = |op: &'static str| move |source| host::Error::Io { op, path: target.to_owned(), source };
     if block {
-        let dev = block_device(plugin, id).ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
+        let dev = block_device(plugin, id)
+            .ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent).map_err(io("create"))?;
         }
@@ -228,7 +262,10 @@ fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
 
 fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>) -> Result<u64> {
     let meta = plugin.store.existing_volume(id)?;
-    let staged = meta.staged.clone().ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not staged on this node")))?;
+    let staged = meta
+        .staged
+        .clone()
+        .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not staged on this node")))?;
     if path != staged.staging_path && !meta.published.contains_key(path) {
         return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
     }
@@ -239,7 +276,9 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
     let meta = plugin.store.grow_volume(id, wanted)?;
     let dev = {
         let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
-        let server = servers.get(id).ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
+        let server = servers
+            .get(id)
+            .ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
         server.resize(meta.capacity_bytes)?;
         server.block_device().to_owned()
     };
@@ -251,7 +290,10 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
         std::thread::sleep(Duration::from_millis(50));
     }
     if !staged.block {
-        let fs_type = host::mount_at(&staged.staging_path)?.map(|m| m.fs_type).or(staged.fs_type).unwrap_or_else(|| "ext4".into());
+        let fs_type = host::mount_at(&staged.staging_path)?
+            .map(|m| m.fs_type)
+            .or(staged.fs_type)
+            .unwrap_or_else(|| "ext4".into());
         host::grow_fs(&dev, &staged.staging_path, &fs_type)?;
     }
     tracing::info!(volume = id, capacity = meta.capacity_bytes, "expanded");
@@ -260,7 +302,8 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
 
 fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse> {
     let meta = plugin.store.existing_volume(id)?;
-    let staged = meta.staged.clone().ok_or_else(|| Error::NotFound(format!("volume {id} is not staged on this node")))?;
+    let staged =
+        meta.staged.clone().ok_or_else(|| Error::NotFound(format!("volume {id} is not staged on this node")))?;
     if path != staged.staging_path && !meta.published.contains_key(path) {
         return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
     }
@@ -276,8 +319,18 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
     } else {
         let u = host::fs_usage(path)?;
         vec![
-            VolumeUsage { available: u.available_bytes as i64, total: u.total_bytes as i64, used: u.used_bytes as i64, unit: Unit::Bytes as i32 },
-            VolumeUsage { available: u.free_inodes as i64, total: u.total_inodes as i64, used: u.used_inodes as i64, unit: Unit::Inodes as i32 },
+            VolumeUsage {
+                available: u.available_bytes as i64,
+                total: u.total_bytes as i64,
+                used: u.used_bytes as i64,
+                unit: Unit::Bytes as i32,
+            },
+            VolumeUsage {
+                available: u.free_inodes as i64,
+                total: u.total_inodes as i64,
+                used: u.used_inodes as i64,
+                unit: Unit::Inodes as i32,
+            },
         ]
     };
     Ok(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
@@ -291,7 +344,10 @@ fn capability(cap: Option<VolumeCapability>) -> Result<VolumeCapability> {
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn node_stage_volume(&self, request: Request<NodeStageVolumeRequest>) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
@@ -306,7 +362,10 @@ impl Node for NodeService {
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
-    async fn node_unstage_volume(&self, request: Request<NodeUnstageVolumeRequest>) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
@@ -320,12 +379,17 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
-    async fn node_publish_volume(&self, request: Request<NodePublishVolumeRequest>) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let mut req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         required("target_path", &req.target_path)?;
         if req.staging_target_path.is_empty() {
-            return Err(Error::FailedPrecondition("staging_target_path is required: stage the volume first".into()).into());
+            return Err(
+                Error::FailedPrecondition("staging_target_path is required: stage the volume first".into()).into()
+            );
         }
         let cap = capability(req.volume_capability.take())?;
         let guard = self.plugin.guards.acquire(&id)?;
@@ -338,7 +402,10 @@ impl Node for NodeService {
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
-    async fn node_unpublish_volume(&self, request: Request<NodeUnpublishVolumeRequest>) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let target = PathBuf::from(required("target_path", &req.target_path)?);
@@ -352,7 +419,10 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
-    async fn node_get_volume_stats(&self, request: Request<NodeGetVolumeStatsRequest>) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let path = PathBuf::from(required("volume_path", &req.volume_path)?);
@@ -361,7 +431,10 @@ impl Node for NodeService {
         Ok(Response::new(resp))
     }
 
-    async fn node_expand_volume(&self, request: Request<NodeExpandVolumeRequest>) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         let path = PathBuf::from(required("volume_path", &req.volume_path)?);
@@ -379,20 +452,31 @@ impl Node for NodeService {
         Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: capacity as i64 }))
     }
 
-    async fn node_get_capabilities(&self, _: Request<NodeGetCapabilitiesRequest>) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::rpc::Type as T;
-        let capabilities = [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume, T::VolumeCondition, T::SingleNodeMultiWriter]
-            .into_iter()
-            .map(|t| NodeServiceCapability { r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })) })
-            .collect();
+        let capabilities =
+            [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume, T::VolumeCondition, T::SingleNodeMultiWriter]
+                .into_iter()
+                .map(|t| NodeServiceCapability {
+                    r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: t as i32 })),
+                })
+                .collect();
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
-    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.plugin.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: Some(Topology { segments: HashMap::from([(super::TOPOLOGY_KEY.to_owned(), self.plugin.node_id.clone())]) }),
+            accessible_topology: Some(Topology {
+                segments: HashMap::from([(super::TOPOLOGY_KEY.to_owned(), self.plugin.node_id.clone())]),
+            }),
         }))
     }
 }

@@ -59,7 +59,8 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     Ok(listener)
 }
 
@@ -88,7 +89,9 @@ fn recover_staged(plugin: &Plugin) {
                     servers.insert(meta.id.clone(), server);
                 }
             }
-            Err(e) => tracing::error!(volume = %meta.id, error = %e, "cannot serve staged volume; its condition is abnormal"),
+            Err(e) => {
+                tracing::error!(volume = %meta.id, error = %e, "cannot serve staged volume; its condition is abnormal")
+            }
         }
     }
 }

@@ -54,7 +54,11 @@ pub fn probe_fs(dev: &Path) -> Result<Option<String>> {
         Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|s| !s.is_empty())),
         // 2: nothing found. blkid -p reports PTTYPE-only disks with 0 and no TYPE.
         Some(2) => Ok(None),
-        _ => Err(Error::Tool { tool: format!("blkid -p {dev}"), status: out.status.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().into() }),
+        _ => Err(Error::Tool {
+            tool: format!("blkid -p {dev}"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        }),
     }
 }
 
@@ -99,13 +103,20 @@ pub fn parse_mount_flags(flags: &[String], read_only: bool) -> Result<(MsFlags, 
 pub fn mount_fs(dev: &Path, target: &Path, fs_type: &str, flags: &[String], read_only: bool) -> Result<()> {
     let (ms, data) = parse_mount_flags(flags, read_only)?;
     let data = (!data.is_empty()).then_some(data.as_str());
-    mount(Some(dev), target, Some(fs_type), ms, data).map_err(|source| Error::Sys { op: "mount", path: target.into(), source })
+    mount(Some(dev), target, Some(fs_type), ms, data).map_err(|source| Error::Sys {
+        op: "mount",
+        path: target.into(),
+        source,
+    })
 }
 
 /// Bind-mounts `source` onto `target`, read-only if asked (which takes a remount).
 pub fn bind_mount(source: &Path, target: &Path, read_only: bool) -> Result<()> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| Error::Sys { op: "bind mount", path: target.into(), source: e })?;
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| Error::Sys {
+        op: "bind mount",
+        path: target.into(),
+        source: e,
+    })?;
     if read_only {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
@@ -119,7 +130,11 @@ pub fn bind_mount(source: &Path, target: &Path, read_only: bool) -> Result<()> {
 /// Unmounts `target` if something is mounted there.
 pub fn unmount(target: &Path) -> Result<()> {
     while mount_at(target)?.is_some() {
-        umount2(target, MntFlags::empty()).map_err(|source| Error::Sys { op: "unmount", path: target.into(), source })?;
+        umount2(target, MntFlags::empty()).map_err(|source| Error::Sys {
+            op: "unmount",
+            path: target.into(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -179,7 +194,11 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 
 /// The topmost mount at `path`, if any.
 pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io { op: "read", path: "/proc/self/mountinfo".into(), source })?;
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::Io {
+        op: "read",
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
 }
 
@@ -211,7 +230,11 @@ pub fn block_device_size(dev: &Path) -> Result<u64> {
     let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let path = PathBuf::from(format!("/sys/class/block/{name}/size"));
     let text = fs::read_to_string(&path).map_err(|source| Error::Io { op: "read", path: path.clone(), source })?;
-    text.trim().parse::<u64>().map(|s| s * 512).map_err(|e| Error::Io { op: "parse", path, source: std::io::Error::other(e) })
+    text.trim().parse::<u64>().map(|s| s * 512).map_err(|e| Error::Io {
+        op: "parse",
+        path,
+        source: std::io::Error::other(e),
+    })
 }
 
 /// Space and inode usage of the filesystem holding `path`.
@@ -226,7 +249,8 @@ pub struct FsUsage {
 }
 
 pub fn fs_usage(path: &Path) -> Result<FsUsage> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(|source| Error::Sys { op: "statvfs", path: path.into(), source })?;
+    let st =
+        nix::sys::statvfs::statvfs(path).map_err(|source| Error::Sys { op: "statvfs", path: path.into(), source })?;
     let frag = st.fragment_size() as u64;
     let total = st.blocks() as u64 * frag;
     let free = st.blocks_free() as u64 * frag;

@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+};
 
 use super::queue_thread::{self, QueueStart};
 use super::{Error, Result};
@@ -67,14 +69,18 @@ impl ControlLoop {
     /// SET_STATUS will come, so start the workers now from the rings' used indexes.
     pub fn recover(&mut self) -> Result<()> {
         self.features = self.dev.driver_features()?;
-        self.status = (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK) as u8 | 0x3;
+        self.status = (VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK) as u8;
         self.start_datapath(true)
     }
 
     /// Serves control messages until `stop` is signalled, then stops the workers.
     pub fn run(mut self, stop: &EventFd) {
         loop {
-            let mut fds = [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            let mut fds =
+                [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -115,7 +121,11 @@ impl ControlLoop {
         let failed = vduse_dev_response::new(req.request_id, VDUSE_REQ_RESULT_FAILED);
         match req.type_ {
             VDUSE_SET_STATUS => {
-                if self.set_status(req.status()) { ok } else { failed }
+                if self.set_status(req.status()) {
+                    ok
+                } else {
+                    failed
+                }
             }
             VDUSE_GET_VQ_STATE => {
                 let index = req.vq_index();
@@ -186,7 +196,8 @@ impl ControlLoop {
 
     fn start_datapath(&mut self, recover: bool) -> Result<()> {
         self.stop_datapath();
-        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let stop =
+            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let mut datapath = Datapath { stop: Arc::clone(&stop), workers: Vec::new() };
         self.progress.clear();
         for index in 0..MAX_QUEUES {

@@ -127,7 +127,8 @@ impl DeviceServer {
                 return Err(e.into());
             }
         };
-        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let stop =
+            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape);
         control_loop.setup_queues()?;
         if recovered {
@@ -305,7 +306,13 @@ pub fn remove_stale(name: &str) -> Result<()> {
 }
 
 impl DeviceServer {
-    fn from_parts(name: &str, backend: Arc<dyn Backend>, dev: Arc<VduseDevice>, stop: Arc<EventFd>, control: JoinHandle<()>) -> Self {
+    fn from_parts(
+        name: &str,
+        backend: Arc<dyn Backend>,
+        dev: Arc<VduseDevice>,
+        stop: Arc<EventFd>,
+        control: JoinHandle<()>,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             block_device: PathBuf::new(),

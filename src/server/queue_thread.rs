@@ -70,7 +70,14 @@ fn serve(s: QueueStart) -> Result<(), String> {
         queue.set_next_avail(s.info.avail_index);
         queue.set_next_used(s.info.avail_index);
     }
-    tracing::debug!(device = s.dev.name(), queue = s.index, size, next_avail = queue.next_avail(), regions = mem.num_regions(), "queue started");
+    tracing::debug!(
+        device = s.dev.name(),
+        queue = s.index,
+        size,
+        next_avail = queue.next_avail(),
+        regions = mem.num_regions(),
+        "queue started"
+    );
 
     let io = s.backend.open_queue().map_err(|e| e.to_string())?;
     let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits);

@@ -61,11 +61,7 @@ impl VduseDevice {
             // SAFETY: the buffer is a live, writable `vduse_dev_request` of exactly the size the
             // kernel writes; the fd stays open for the call.
             let n = unsafe {
-                libc::read(
-                    self.file.as_raw_fd(),
-                    (&raw mut req).cast(),
-                    std::mem::size_of::<vduse_dev_request>(),
-                )
+                libc::read(self.file.as_raw_fd(), (&raw mut req).cast(), std::mem::size_of::<vduse_dev_request>())
             };
             if n == std::mem::size_of::<vduse_dev_request>() as isize {
                 return Ok(Some(req));
@@ -85,11 +81,7 @@ impl VduseDevice {
         loop {
             // SAFETY: `resp` is a live 152-byte `vduse_dev_response` (reserved fields zero).
             let n = unsafe {
-                libc::write(
-                    self.file.as_raw_fd(),
-                    (&raw const *resp).cast(),
-                    std::mem::size_of::<vduse_dev_response>(),
-                )
+                libc::write(self.file.as_raw_fd(), (&raw const *resp).cast(), std::mem::size_of::<vduse_dev_response>())
             };
             if n == std::mem::size_of::<vduse_dev_response>() as isize {
                 return Ok(());
@@ -105,17 +97,14 @@ impl VduseDevice {
     pub fn vq_setup(&self, index: u32, max_size: u16) -> Result<()> {
         let cfg = uapi::vduse_vq_config { index, max_size, reserved: [0; 13] };
         // SAFETY: `cfg` is a live `vduse_vq_config` with zeroed reserved fields.
-        unsafe { uapi::ioc_vq_setup(self.file.as_raw_fd(), &cfg) }
-            .map(drop)
-            .map_err(ioctl_err("VDUSE_VQ_SETUP"))
+        unsafe { uapi::ioc_vq_setup(self.file.as_raw_fd(), &cfg) }.map(drop).map_err(ioctl_err("VDUSE_VQ_SETUP"))
     }
 
     /// `VDUSE_VQ_GET_INFO`: ring addresses, size and readiness of queue `index`.
     pub fn vq_info(&self, index: u32) -> Result<vduse_vq_info> {
         let mut info = vduse_vq_info { index, ..Default::default() };
         // SAFETY: `info` is a live `vduse_vq_info` the kernel reads `index` from and fills.
-        unsafe { uapi::ioc_vq_get_info(self.file.as_raw_fd(), &mut info) }
-            .map_err(ioctl_err("VDUSE_VQ_GET_INFO"))?;
+        unsafe { uapi::ioc_vq_get_info(self.file.as_raw_fd(), &mut info) }.map_err(ioctl_err("VDUSE_VQ_GET_INFO"))?;
         Ok(info)
     }
 

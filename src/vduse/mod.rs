@@ -28,7 +28,9 @@ pub const REQUIRED_MODULES: &str = "vduse vdpa virtio_vdpa virtio_blk";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/vduse/control` does not exist.
-    #[error("{CONTROL_PATH} does not exist: load the kernel modules with `modprobe -a {REQUIRED_MODULES}` (kernel >= 6.4 with CONFIG_VDPA_USER)")]
+    #[error(
+        "{CONTROL_PATH} does not exist: load the kernel modules with `modprobe -a {REQUIRED_MODULES}` (kernel >= 6.4 with CONFIG_VDPA_USER)"
+    )]
     ControlMissing,
     /// Opening a VDUSE node failed.
     #[error("cannot open {path}: {source}")]

@@ -139,12 +139,7 @@ impl Default for vduse_dev_request {
 
 impl vduse_dev_request {
     fn u32_at(&self, off: usize) -> u32 {
-        u32::from_ne_bytes([
-            self.payload[off],
-            self.payload[off + 1],
-            self.payload[off + 2],
-            self.payload[off + 3],
-        ])
+        u32::from_ne_bytes([self.payload[off], self.payload[off + 1], self.payload[off + 2], self.payload[off + 3]])
     }
     /// `s.status` of a `VDUSE_SET_STATUS` message.
     pub fn status(&self) -> u8 {

@@ -197,8 +197,11 @@ impl VolumeStore {
 
     /// Bytes available to new images on the state dir's filesystem.
     pub fn available_bytes(&self) -> Result<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.root)
-            .map_err(|e| Error::Io { op: "statvfs", path: self.root.clone(), source: e.into() })?;
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
         Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
@@ -229,14 +232,22 @@ impl VolumeStore {
             Some(ContentSource::Snapshot(s)) => {
                 let meta = self.snapshot(s)?.ok_or_else(|| Error::NotFound { what: "snapshot", id: s.clone() })?;
                 if meta.size_bytes > spec.capacity_bytes {
-                    return Err(Error::Conflict { what: "volume", id: spec.id.clone(), why: format!("smaller than snapshot {s}") });
+                    return Err(Error::Conflict {
+                        what: "volume",
+                        id: spec.id.clone(),
+                        why: format!("smaller than snapshot {s}"),
+                    });
                 }
                 Some(self.snapshot_dir(s)?.join(IMAGE))
             }
             Some(ContentSource::Volume(v)) => {
                 let meta = self.existing_volume(v)?;
                 if meta.capacity_bytes > spec.capacity_bytes {
-                    return Err(Error::Conflict { what: "volume", id: spec.id.clone(), why: format!("smaller than volume {v}") });
+                    return Err(Error::Conflict {
+                        what: "volume",
+                        id: spec.id.clone(),
+                        why: format!("smaller than volume {v}"),
+                    });
                 }
                 Some(self.image_path(v)?)
             }
@@ -296,14 +307,7 @@ impl VolumeStore {
 
     /// Deletes a volume; `false` if it did not exist.
     pub fn delete_volume(&self, id: &str) -> Result<bool> {
-        let dir = self.volume_dir(id)?;
-        if !dir.exists() {
-            return Ok(false);
-        }
-        // Remove the metadata first: a crash half-way leaves a folder `volumes()` skips.
-        let _ = fs::remove_file(dir.join(META));
-        fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
-        Ok(true)
+        remove_entry(&self.volume_dir(id)?)
     }
 
     /// Grows a volume's image and records the new capacity.
@@ -332,7 +336,11 @@ impl VolumeStore {
         let dir = self.snapshot_dir(id)?;
         if let Some(existing) = self.snapshot(id)? {
             if existing.source_volume_id != source_volume_id {
-                return Err(Error::Conflict { what: "snapshot", id: id.to_owned(), why: format!("source is {}", existing.source_volume_id) });
+                return Err(Error::Conflict {
+                    what: "snapshot",
+                    id: id.to_owned(),
+                    why: format!("source is {}", existing.source_volume_id),
+                });
             }
             return Ok((existing, false));
         }
@@ -370,14 +378,19 @@ impl VolumeStore {
 
     /// Deletes a snapshot; `false` if it did not exist.
     pub fn delete_snapshot(&self, id: &str) -> Result<bool> {
-        let dir = self.snapshot_dir(id)?;
-        if !dir.exists() {
-            return Ok(false);
-        }
-        let _ = fs::remove_file(dir.join(META));
-        fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
-        Ok(true)
+        remove_entry(&self.snapshot_dir(id)?)
     }
+}
+
+/// Removes a volume or snapshot folder; `false` if it did not exist.
+fn remove_entry(dir: &Path) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    // Remove the metadata first: a crash half-way leaves a folder that listings skip.
+    let _ = fs::remove_file(dir.join(META));
+    fs::remove_dir_all(dir).map_err(io_err("remove", dir))?;
+    Ok(true)
 }
 
 fn now() -> (u64, u32) {
@@ -387,7 +400,9 @@ fn now() -> (u64, u32) {
 
 fn read_meta<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| Error::Corrupt { path: path.to_owned(), source }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|source| Error::Corrupt { path: path.to_owned(), source })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("read", path)(e)),
     }
@@ -415,7 +430,14 @@ mod tests {
     use super::*;
 
     fn spec(id: &str, cap: u64) -> VolumeSpec {
-        VolumeSpec { id: id.into(), capacity_bytes: cap, queues: 1, fs_type: None, parameters: BTreeMap::new(), source: None }
+        VolumeSpec {
+            id: id.into(),
+            capacity_bytes: cap,
+            queues: 1,
+            fs_type: None,
+            parameters: BTreeMap::new(),
+            source: None,
+        }
     }
 
     #[test]
