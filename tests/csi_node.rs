@@ -58,7 +58,7 @@ fn on_host() -> ExitCode {
 type Scenario = fn(&mut Node);
 
 fn in_guest() -> ExitCode {
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
         ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
         ("block_volume_lifecycle", block_lifecycle),
@@ -66,6 +66,7 @@ fn in_guest() -> ExitCode {
         ("single_node_single_writer_is_enforced", single_writer),
         ("plugin_restart_keeps_staged_volumes", restart_keeps_volumes),
         ("snapshot_of_staged_volume_is_consistent", snapshot_of_staged),
+        ("lost_device_is_abnormal_and_restage_recovers", lost_device),
         ("hostile_and_missing_ids_are_refused", hostile_ids),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -142,9 +143,15 @@ impl Node {
 
     /// Stops the plugin with SIGTERM and starts a new one on the same state dir.
     fn restart(&mut self) {
+        self.restart_with(|| {});
+    }
+
+    /// Like `restart`, running `between` while no plugin runs.
+    fn restart_with(&mut self, between: impl FnOnce()) {
         let plugin = self.plugin.take().expect("plugin");
         let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
         assert!(plugin.stop(), "plugin exits 0 on SIGTERM");
+        between();
         let plugin = PluginProcess::start(&socket, &state, "all");
         self.c = self.rt.block_on(connect(&plugin.socket));
         self.plugin = Some(plugin);
@@ -435,6 +442,35 @@ fn restart_keeps_volumes(n: &mut Node) {
     assert_eq!(std::fs::read(target.join("before")).expect("read"), data);
     assert_eq!(std::fs::read(target.join("after")).expect("read"), b"written after the restart");
     n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+fn lost_device(n: &mut Node) {
+    let pv = "pvc-lost";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    std::fs::write(target.join("kept"), b"synced before the loss").expect("write");
+    nix::unistd::syncfs(std::fs::File::open(&target).expect("open dir")).expect("syncfs");
+    // While no plugin runs, an operator removes the device: its mounts are now dead.
+    n.restart_with(|| {
+        let status =
+            Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(["device", "remove", pv]).status().expect("remove");
+        assert!(status.success());
+    });
+    let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("lost"), "{}", condition.message);
+    // What kubelet does once the pod is gone: unpublish, unstage; then stage again.
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.stage(pv, &staging, &cap).expect("stage again");
+    assert!(!n.stats(pv, &staging).volume_condition.expect("condition").abnormal);
+    assert_eq!(std::fs::read(staging.join("kept")).expect("read"), b"synced before the loss");
     n.unstage(pv, &staging).expect("unstage");
     n.delete(pv).expect("delete");
 }

@@ -86,8 +86,12 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
                 if staged.block { "a block device" } else { "a filesystem" }
             )));
         }
-        if block_device(plugin, id).is_some() {
-            return Ok(());
+        // Done already, unless the device or its mount went away (a node reboot, a lost
+        // device): then fall through and bring both back.
+        if let Some(dev) = block_device(plugin, id) {
+            if block || mounted_from(path, &dev) {
+                return Ok(());
+            }
         }
     }
     if !path.is_dir() {
@@ -131,12 +135,24 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
             };
             let current = host::mount_at(path)?;
             let ours = host::device_number(&dev)?;
+            let read_only = reader_only(stage.access_mode);
             match current {
-                Some(m) if m.dev == ours => {}
-                Some(m) => {
-                    return Err(Error::AlreadyExists(format!("{} is already a mount of {}", path.display(), m.source)));
+                Some(existing) if existing.dev == ours => {}
+                Some(existing) if !host::device_present(&existing.dev) => {
+                    // A mount of a device that no longer exists (its server died and the
+                    // device was removed): nothing can use it any more; replace it.
+                    tracing::warn!(volume = id, stale = %existing.source, "replacing a mount of a vanished device");
+                    host::detach_mount(path)?;
+                    host::mount_fs(&dev, path, &fs_type, &m.mount_flags, read_only)?;
                 }
-                None => host::mount_fs(&dev, path, &fs_type, &m.mount_flags, reader_only(stage.access_mode))?,
+                Some(existing) => {
+                    return Err(Error::AlreadyExists(format!(
+                        "{} is already a mount of {}",
+                        path.display(),
+                        existing.source
+                    )));
+                }
+                None => host::mount_fs(&dev, path, &fs_type, &m.mount_flags, read_only)?,
             }
             Ok(fs_type)
         })();
@@ -309,8 +325,14 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
     }
     let dev = block_device(plugin, id);
     let condition = match &dev {
-        Some(d) if d.exists() => VolumeCondition { abnormal: false, message: format!("served as {}", d.display()) },
-        _ => VolumeCondition { abnormal: true, message: format!("the device server of volume {id} is not running") },
+        Some(d) if !d.exists() => abnormal(format!("{} of volume {id} is gone", d.display())),
+        Some(d) if !staged.block && !mounted_from(&staged.staging_path, d) => abnormal(format!(
+            "the filesystem at {} is not on {} (the device was lost); unstage and stage the volume again",
+            staged.staging_path.display(),
+            d.display()
+        )),
+        Some(d) => VolumeCondition { abnormal: false, message: format!("served as {}", d.display()) },
+        None => abnormal(format!("the device server of volume {id} is not running")),
     };
     use volume_usage::Unit;
     let usage = if staged.block {
@@ -334,6 +356,18 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
         ]
     };
     Ok(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+}
+
+fn abnormal(message: String) -> VolumeCondition {
+    VolumeCondition { abnormal: true, message }
+}
+
+/// Whether the filesystem mounted at `path` lives on `dev`.
+fn mounted_from(path: &Path, dev: &Path) -> bool {
+    match (host::mount_at(path), host::device_number(dev)) {
+        (Ok(Some(m)), Ok(number)) => m.dev == number,
+        _ => false,
+    }
 }
 
 fn capability(cap: Option<VolumeCapability>) -> Result<VolumeCapability> {

@@ -156,6 +156,21 @@ impl MountEntry {
     }
 }
 
+/// Whether a block device `major:minor` still exists.
+pub fn device_present(dev: &str) -> bool {
+    Path::new("/sys/dev/block").join(dev).exists()
+}
+
+/// Detaches whatever is mounted at `target` at once (MNT_DETACH); the kernel finishes the
+/// unmount when the last user goes. For mounts whose device is gone and cannot be flushed.
+pub fn detach_mount(target: &Path) -> Result<()> {
+    umount2(target, MntFlags::MNT_DETACH).map_err(|source| Error::Sys {
+        op: "detach mount",
+        path: target.into(),
+        source,
+    })
+}
+
 fn unescape(field: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let mut out = String::with_capacity(field.len());
