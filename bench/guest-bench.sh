@@ -13,6 +13,7 @@ OUT=${GUEST_OUT_DIR:?}
 RUNTIME=${BENCH_RUNTIME:-8}
 SIZE_MB=${BENCH_SIZE_MB:-512}
 QUEUES=${BENCH_QUEUES:-1}
+PEERS=${BENCH_PEERS:-vduse-csi qsd loop}
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 W=/tmp/bench
 mkdir -p "$W"
@@ -60,15 +61,20 @@ wait_block() { # vdpa device name -> /dev/vdX
 
 : >"$OUT/bench.raw"
 
+peer() { [[ " $PEERS " == *" $1 "* ]]; }
+
 # 1. vduse-csi
+if peer vduse-csi; then
 "$BIN" device serve --image "$img" --name bench0 --queues "$QUEUES" --log-level warn >"$W/ours.out" &
 pid=$!
 for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
 dev=$(head -n1 "$W/ours.out")
 run_jobs vduse-csi "$dev"
 kill -TERM "$pid"; wait "$pid"
+fi
 
 # 2. qemu-storage-daemon vduse-blk export
+if peer qsd; then
 qemu-storage-daemon --blockdev "file,filename=$img,node-name=d0" \
     --export "vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$QUEUES,writable=on,queue-size=256" &
 qsd=$!
@@ -78,11 +84,14 @@ dev=$(wait_block qsd0)
 run_jobs qsd "$dev"
 vdpa dev del qsd0
 kill -TERM "$qsd"; wait "$qsd" || true
+fi
 
 # 3. loop device, direct I/O
+if peer loop; then
 dev=$(losetup --direct-io=on -f --show "$img")
 run_jobs loop "$dev"
 losetup -d "$dev"
+fi
 
 # Table: per job, each peer's IOPS and MiB/s, and our ratio to each peer (IOPS).
 awk '

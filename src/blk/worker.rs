@@ -86,6 +86,17 @@ impl QueueWorker {
         &self.queue
     }
 
+    /// Whether the driver has made chains available that are not processed yet. One
+    /// acquire load of the avail index: cheap enough to poll.
+    pub fn has_pending<M>(&self, mem: &M) -> bool
+    where
+        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
+    {
+        self.queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
     /// Requests completed with an error status so far.
     pub fn error_count(&self) -> u64 {
         self.errors

@@ -343,6 +343,10 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// EXPAND_VOLUME is deliberately not advertised: csi-resizer has no per-node mode, so its
+    /// one leader would send ControllerExpandVolume for every node's volumes to its own node's
+    /// plugin, which only knows its own. Without the capability the resizer does node-only
+    /// expansion and NodeExpandVolume, on the volume's node, grows the image.
     async fn controller_get_capabilities(
         &self,
         _: Request<ControllerGetCapabilitiesRequest>,
@@ -352,7 +356,6 @@ impl Controller for ControllerService {
             T::CreateDeleteVolume,
             T::ListVolumes,
             T::GetCapacity,
-            T::ExpandVolume,
             T::CreateDeleteSnapshot,
             T::ListSnapshots,
             T::CloneVolume,
