@@ -321,6 +321,13 @@ fn snapshots_clones_and_expansion() {
             })),
         });
         assert_code(ctl.create_volume(missing).await, Code::NotFound);
+        let mut too_small = create_request("restored-small", 1 << 20, block_cap(writer()));
+        too_small.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: "snap-1".into(),
+            })),
+        });
+        assert_code(ctl.create_volume(too_small).await, Code::OutOfRange);
         let mut clone = create_request("cloned", 8 << 20, block_cap(writer()));
         clone.volume_content_source = Some(VolumeContentSource {
             r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource {

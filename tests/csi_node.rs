@@ -311,6 +311,7 @@ fn mount_lifecycle(n: &mut Node, fs: &str, mib: i64) {
     assert!(usage(&st, volume_usage::Unit::Inodes).total > 0);
     assert!(!st.volume_condition.expect("condition").abnormal);
     assert_eq!(n.delete(&pv).expect_err("staged").code(), Code::FailedPrecondition);
+    assert_eq!(n.unstage(&pv, &staging).expect_err("still published").code(), Code::FailedPrecondition);
     n.unpublish(&pv, &t1).expect("unpublish 1");
     n.unpublish(&pv, &t2).expect("unpublish 2");
     n.unpublish(&pv, &t2).expect("unpublish again is OK");
@@ -522,6 +523,18 @@ fn hostile_ids(n: &mut Node) {
         assert_eq!(err.code(), Code::InvalidArgument, "{id:?}");
     }
     assert_eq!(n.stage("no-such-volume", &staging, &cap).expect_err("missing").code(), Code::NotFound);
+    let mut bad_flags = cap.clone();
+    if let Some(volume_capability::AccessType::Mount(m)) = &mut bad_flags.access_type {
+        m.mount_flags = vec!["noatime;reboot".into()];
+    }
+    assert_eq!(n.stage("no-such-volume", &staging, &bad_flags).expect_err("bad flags").code(), Code::InvalidArgument);
+    // Unpublishing a path that is not ours leaves it alone.
+    let foreign = n.root.join("foreign");
+    std::fs::create_dir_all(&foreign).expect("dir");
+    n.create("pvc-f", 16, cap.clone());
+    n.unpublish("pvc-f", &foreign).expect("unknown target is OK");
+    assert!(foreign.is_dir());
+    n.delete("pvc-f").expect("delete");
     n.create("pvc-h", 16, cap.clone());
     let target = n.target("p", "pvc-h");
     assert_eq!(

@@ -95,6 +95,11 @@ pub trait QueueIo: Send {
     /// Runs `ops` (in any order, possibly concurrently) with the buffers of `bufs` and stores
     /// each result at the same index of `results`, which is cleared first.
     fn execute(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], ops: &[IoOp], results: &mut Vec<io::Result<()>>);
+
+    /// False once the engine cannot run I/O any more; the queue using it must stop.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// A block device's storage.

@@ -27,6 +27,8 @@ pub struct UringQueue {
     again: Vec<usize>,
     /// `(user_data, result)` of the completions reaped by one wait.
     completions: Vec<(usize, i32)>,
+    /// Set when io_uring_enter failed in a way that leaves in-flight I/O unknown.
+    broken: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,6 +57,7 @@ impl UringQueue {
             todo: Vec::new(),
             again: Vec::new(),
             completions: Vec::new(),
+            broken: false,
         })
     }
 
@@ -180,21 +183,31 @@ impl UringQueue {
             let mut reaped = 0;
             while reaped < queued {
                 if let Err(e) = self.ring.submit_and_wait(queued - reaped) {
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
+                    match e.raw_os_error() {
+                        // Interrupted, or the kernel is short of resources or completion-queue
+                        // room: reap what is there and enter again.
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
+                        _ => {
+                            // We cannot tell what is in flight: never touch this ring again.
+                            tracing::error!(error = %e, "io_uring_enter failed; the queue's I/O engine is broken");
+                            self.broken = true;
+                            for &i in chunk {
+                                results[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                            }
+                            break;
+                        }
                     }
-                    // The kernel did not take the SQEs; nothing is in flight for them.
-                    for &i in chunk {
-                        results[i] = Err(io::Error::new(e.kind(), e.to_string()));
-                    }
-                    self.ring.submission().sync();
-                    break;
                 }
                 self.completions.clear();
                 self.completions.extend(self.ring.completion().map(|c| (c.user_data() as usize, c.result())));
                 reaped += self.completions.len();
                 for n in 0..self.completions.len() {
                     let (i, res) = self.completions[n];
+                    if i >= results.len() {
+                        // Not ours: every SQE of this ring carries an index into this batch.
+                        tracing::error!(user_data = i, "completion for an unknown operation");
+                        continue;
+                    }
                     if res < 0 {
                         results[i] = Err(io::Error::from_raw_os_error(-res));
                         continue;
@@ -208,6 +221,10 @@ impl UringQueue {
                         }
                     }
                 }
+            }
+            if self.broken {
+                again.clear();
+                break;
             }
         }
         self.todo = todo;
@@ -233,8 +250,16 @@ fn resolve(mem: &dyn SliceSource, buf: &IoBuf) -> Option<libc::iovec> {
 }
 
 impl QueueIo for UringQueue {
+    fn healthy(&self) -> bool {
+        !self.broken
+    }
+
     fn execute(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], ops: &[IoOp], results: &mut Vec<io::Result<()>>) {
         results.clear();
+        if self.broken {
+            results.extend(ops.iter().map(|_| Err(io::Error::other("the queue's io_uring is broken"))));
+            return;
+        }
         results.resize_with(ops.len(), || Ok(()));
         self.build_iovecs(mem, bufs, ops, results);
         self.todo.clear();

@@ -60,7 +60,7 @@ impl<'a> Harness<'a> {
         let backend = MemoryBackend::new(CAPACITY, read_only);
         let io = backend.open_queue().expect("io");
         let shared: Arc<dyn Backend> = Arc::new(backend.clone());
-        let worker = QueueWorker::new(queue, shared, io, limits(read_only));
+        let worker = QueueWorker::new(queue, shared, io, limits(read_only), std::time::Duration::ZERO);
         Self { mem, mock, worker, backend, next_desc: 0, notifications: 0 }
     }
 

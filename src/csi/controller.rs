@@ -380,33 +380,39 @@ impl Controller for ControllerService {
         let name = required("name", &req.name)?.to_owned();
         validate_id("snapshot name", &name).map_err(Error::from)?;
         let _guard = self.plugin.guards.acquire(&source)?;
-        if let Some(existing) = self.plugin.store.snapshot(&name).map_err(Error::from)? {
-            if existing.source_volume_id != source {
-                return Err(Error::AlreadyExists(format!(
-                    "snapshot {name} exists for volume {}",
-                    existing.source_volume_id
-                ))
-                .into());
+        let _snapshot_guard = self.plugin.guards.acquire(&format!("snapshot/{name}"))?;
+        let plugin = Arc::clone(&self.plugin);
+        let snapshot = blocking(move || {
+            if let Some(existing) = plugin.store.snapshot(&name)? {
+                if existing.source_volume_id != source {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {name} exists for volume {}",
+                        existing.source_volume_id
+                    )));
+                }
+                return Ok(existing);
             }
-            return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&existing)) }));
-        }
-        let meta = self.plugin.store.existing_volume(&source).map_err(Error::from)?;
-        if meta.capacity_bytes > self.plugin.store.available_bytes().map_err(Error::from)? {
-            return Err(Error::ResourceExhausted(format!("not enough space for a snapshot of {source}")).into());
-        }
-        // A staged volume's filesystem and image are flushed first so the copy is consistent.
-        if let Some(stage) = &meta.staged {
-            if !stage.block {
-                crate::host::sync_filesystem(&stage.staging_path).map_err(Error::from)?;
+            let meta = plugin.store.existing_volume(&source)?;
+            if meta.capacity_bytes > plugin.store.available_bytes()? {
+                return Err(Error::ResourceExhausted(format!("not enough space for a snapshot of {source}")));
             }
-            if let Ok(servers) = self.plugin.servers.lock() {
+            // A staged filesystem is frozen (which flushes it and holds new writes) and the
+            // image flushed, so the copy is one point in time; a block volume is flushed.
+            let frozen = match &meta.staged {
+                Some(stage) if !stage.block => Some(crate::host::Freeze::new(&stage.staging_path)?),
+                _ => None,
+            };
+            if meta.staged.is_some() {
+                let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
                 if let Some(server) = servers.get(&source) {
-                    server.flush().map_err(Error::from)?;
+                    server.flush()?;
                 }
             }
-        }
-        let store = self.plugin.store.clone();
-        let (snapshot, _) = blocking(move || Ok(store.create_snapshot(&name, &source)?)).await?;
+            let created = plugin.store.create_snapshot(&name, &source);
+            drop(frozen);
+            Ok(created?.0)
+        })
+        .await?;
         tracing::info!(volume = %snapshot.source_volume_id, snapshot = %snapshot.id, "CreateSnapshot");
         Ok(Response::new(CreateSnapshotResponse { snapshot: Some(to_snapshot(&snapshot)) }))
     }

@@ -149,6 +149,7 @@ impl From<crate::volume::Error> for Error {
             V::NotFound { .. } => Error::NotFound(e.to_string()),
             V::Conflict { .. } => Error::AlreadyExists(e.to_string()),
             V::NoSpace { .. } => Error::ResourceExhausted(e.to_string()),
+            V::SmallerThanSource { .. } => Error::OutOfRange(e.to_string()),
             V::Io { .. } | V::Corrupt { .. } => Error::Internal(e.to_string()),
         }
     }

@@ -36,7 +36,7 @@ impl NodeService {
 /// The VDUSE device name of a volume: its ID when that fits the 64-character device-name
 /// limit, else a stable hash of it.
 pub fn device_name(volume_id: &str) -> String {
-    if volume_id.len() <= 64 {
+    if crate::vduse::validate_device_name(volume_id).is_ok() {
         return volume_id.to_owned();
     }
     // FNV-1a: stable across releases, which a std hasher is not.
@@ -186,9 +186,13 @@ fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
                 path.display()
             )));
         }
-        host::unmount(path)?;
-    } else {
-        // Not staged by our records; still make sure nothing of ours is left mounted there.
+        if !meta.published.is_empty() {
+            let targets: Vec<String> = meta.published.keys().map(|p| p.display().to_string()).collect();
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published at {}; unpublish it first",
+                targets.join(", ")
+            )));
+        }
         host::unmount(path)?;
     }
     let server = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id);
@@ -237,6 +241,29 @@ fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapabili
     {
         return Err(Error::FailedPrecondition(format!("volume {id} is published SINGLE_NODE_SINGLE_WRITER elsewhere")));
     }
+    // Record the publication before mounting: unpublish only ever touches recorded targets,
+    // so a crash between the two must leave the record, not an unknown mount.
+    meta.published.insert(target.to_owned(), PublishInfo { read_only, access_mode: mode });
+    plugin.store.save_volume(&meta)?;
+    if let Err(e) = bind_target(plugin, id, &staged, target, block, read_only) {
+        meta.published.remove(target);
+        plugin.store.save_volume(&meta)?;
+        return Err(e);
+    }
+    tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+    Ok(())
+}
+
+/// Creates `target` and bind-mounts the volume onto it (the device for block volumes, the
+/// staged filesystem otherwise).
+fn bind_target(
+    plugin: &Plugin,
+    id: &str,
+    staged: &StageInfo,
+    target: &Path,
+    block: bool,
+    read_only: bool,
+) -> Result<()> {
     let io = |op: &'static str| move |source| host::Error::Io { op, path: target.to_owned(), source };
     if block {
         let dev = block_device(plugin, id)
@@ -254,14 +281,15 @@ fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapabili
             host::bind_mount(&staged.staging_path, target, read_only)?;
         }
     }
-    meta.published.insert(target.to_owned(), PublishInfo { read_only, access_mode: mode });
-    plugin.store.save_volume(&meta)?;
-    tracing::info!(volume = %id, target = %target.display(), read_only, "published");
     Ok(())
 }
 
 fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
     let mut meta = plugin.store.existing_volume(id)?;
+    if !meta.published.contains_key(target) {
+        // Not ours (or already done): leave whatever is at that path alone.
+        return Ok(());
+    }
     host::unmount(target)?;
     let removed = if target.is_dir() { fs::remove_dir(target) } else { fs::remove_file(target) };
     match removed {
@@ -269,9 +297,8 @@ fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(host::Error::Io { op: "remove", path: target.to_owned(), source }.into()),
     }
-    if meta.published.remove(target).is_some() {
-        plugin.store.save_volume(&meta)?;
-    }
+    meta.published.remove(target);
+    plugin.store.save_volume(&meta)?;
     tracing::info!(volume = id, target = %target.display(), "unpublished");
     Ok(())
 }
@@ -386,6 +413,10 @@ impl Node for NodeService {
         let id = volume_id(&req.volume_id)?.to_owned();
         let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
         let cap = capability(req.volume_capability)?;
+        // Refuse bad mount flags before a device is started or a filesystem made.
+        if let Some(volume_capability::AccessType::Mount(m)) = &cap.access_type {
+            host::parse_mount_flags(&m.mount_flags, false).map_err(Error::from)?;
+        }
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {

@@ -234,10 +234,25 @@ pub fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
     }
 }
 
-/// Flushes the filesystem mounted at `path` (syncfs), so a copy of its device is consistent.
-pub fn sync_filesystem(path: &Path) -> Result<()> {
-    let dir = fs::File::open(path).map_err(|source| Error::Io { op: "open", path: path.into(), source })?;
-    nix::unistd::syncfs(&dir).map_err(|source| Error::Sys { op: "syncfs", path: path.into(), source })
+/// A frozen filesystem (fsfreeze): flushed, and new writes wait until it is dropped.
+#[derive(Debug)]
+pub struct Freeze {
+    mount_point: PathBuf,
+}
+
+impl Freeze {
+    pub fn new(mount_point: &Path) -> Result<Self> {
+        run_ok("fsfreeze", &["--freeze", &mount_point.to_string_lossy()])?;
+        Ok(Self { mount_point: mount_point.to_owned() })
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        if let Err(e) = run_ok("fsfreeze", &["--unfreeze", &self.mount_point.to_string_lossy()]) {
+            tracing::error!(path = %self.mount_point.display(), error = %e, "cannot thaw the filesystem");
+        }
+    }
 }
 
 /// Size of a block device in bytes, from sysfs.

@@ -35,10 +35,20 @@ pub(super) struct DeviceShape {
     pub limits: DeviceLimits,
 }
 
-/// Running queue workers of one DRIVER_OK period.
+/// Running queue workers of one DRIVER_OK period. Dropping it stops and joins them, so no
+/// error path can leave a worker touching rings the driver may reallocate.
 struct Datapath {
     stop: Arc<EventFd>,
     workers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
 }
 
 pub(super) struct ControlLoop {
@@ -107,8 +117,10 @@ impl ControlLoop {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::error!(device = %self.shape.name, error = %e, "cannot read a control message");
-                        break;
+                        // Not EAGAIN: the fd is unusable; polling it again would spin.
+                        tracing::error!(device = %self.shape.name, error = %e, "cannot read a control message; control loop exits");
+                        self.stop_datapath();
+                        return;
                     }
                 }
             }
@@ -203,8 +215,9 @@ impl ControlLoop {
         for index in 0..MAX_QUEUES {
             let info = match self.dev.vq_info(index) {
                 Ok(info) => info,
-                // Past the last queue.
-                Err(_) => break,
+                // EINVAL: past the last queue.
+                Err(crate::vduse::Error::Ioctl { source: nix::errno::Errno::EINVAL, .. }) => break,
+                Err(e) => return Err(e.into()),
             };
             let progress = Arc::new(AtomicU16::new(info.avail_index));
             self.progress.push(Arc::clone(&progress));
@@ -239,10 +252,7 @@ impl ControlLoop {
 
     fn stop_datapath(&mut self) {
         if let Some(datapath) = self.datapath.take() {
-            let _ = datapath.stop.write(1);
-            for worker in datapath.workers {
-                let _ = worker.join();
-            }
+            drop(datapath);
             tracing::info!(device = %self.shape.name, "datapath stopped");
         }
     }

@@ -114,33 +114,18 @@ impl DeviceServer {
             }
             Err(e) => return Err(e.into()),
         };
-        // Raise the message timeout before anything can send a message: a slow moment must
-        // not mark the device broken for good.
-        sysfs::set_msg_timeout(&opts.name, opts.msg_timeout)?;
-
-        let dev = match VduseDevice::open(&opts.name) {
-            Ok(dev) => Arc::new(dev),
+        let started = Self::start_serving(opts, &backend, shape, recovered);
+        let (dev, stop, control_thread) = match started {
+            Ok(parts) => parts,
             Err(e) => {
+                // Everything that held the device fd is gone by now; a device we created
+                // must not outlive the failure.
                 if !recovered {
                     let _ = control.destroy(&opts.name);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
-        let stop =
-            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape);
-        control_loop.setup_queues()?;
-        if recovered {
-            control_loop.recover()?;
-            // The image may have grown while nobody served the device.
-            update_capacity(&dev, backend.capacity())?;
-        }
-        let stop_thread = Arc::clone(&stop);
-        let control_thread = std::thread::Builder::new()
-            .name(format!("vduse-ctl-{}", opts.name))
-            .spawn(move || control_loop.run(&stop_thread))
-            .map_err(Error::Thread)?;
 
         let mut server = Self {
             name: opts.name.clone(),
@@ -168,6 +153,35 @@ impl DeviceServer {
         }
         tracing::info!(device = %server.name, block = %server.block_device.display(), recovered, "device up");
         Ok(server)
+    }
+
+    /// Opens the device and starts its control-message thread (and, for a device taken
+    /// over, its queue workers).
+    fn start_serving(
+        opts: &DeviceOptions,
+        backend: &Arc<dyn Backend>,
+        shape: DeviceShape,
+        recovered: bool,
+    ) -> Result<(Arc<VduseDevice>, Arc<EventFd>, JoinHandle<()>)> {
+        // Raise the message timeout before anything can send a message: a slow moment must
+        // not mark the device broken for good.
+        sysfs::set_msg_timeout(&opts.name, opts.msg_timeout)?;
+        let dev = Arc::new(VduseDevice::open(&opts.name)?);
+        let stop =
+            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(backend), shape);
+        control_loop.setup_queues()?;
+        if recovered {
+            control_loop.recover()?;
+            // The image may have grown while nobody served the device.
+            update_capacity(&dev, backend.capacity())?;
+        }
+        let stop_thread = Arc::clone(&stop);
+        let control_thread = std::thread::Builder::new()
+            .name(format!("vduse-ctl-{}", opts.name))
+            .spawn(move || control_loop.run(&stop_thread))
+            .map_err(Error::Thread)?;
+        Ok((dev, stop, control_thread))
     }
 
     /// The host block device (`/dev/vdX`).

@@ -3,7 +3,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
@@ -32,19 +32,6 @@ pub(super) struct QueueStart {
 
 /// How long a queue thread polls its ring for new work before it waits for a kick.
 const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
-
-fn spin_for_work(worker: &QueueWorker, mem: &IovaMemory) -> bool {
-    let deadline = Instant::now() + POLL_BEFORE_SLEEP;
-    loop {
-        if worker.has_pending(mem) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::hint::spin_loop();
-    }
-}
 
 pub(super) fn run(start: QueueStart) {
     let name = start.dev.name().to_owned();
@@ -97,7 +84,7 @@ fn serve(s: QueueStart) -> Result<(), String> {
     );
 
     let io = s.backend.open_queue().map_err(|e| e.to_string())?;
-    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits);
+    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits, POLL_BEFORE_SLEEP);
     let dev = Arc::clone(&s.dev);
     let index = s.index;
     let mut notify = || {
@@ -116,11 +103,6 @@ fn serve(s: QueueStart) -> Result<(), String> {
         worker.process(&mem, &mut notify).map_err(|e| e.to_string())?;
         s.progress.store(worker.queue().next_avail(), Ordering::Release);
 
-        // Poll the ring briefly before sleeping: a driver at low queue depth submits its next
-        // request within microseconds, and catching it here saves the kick's wake-up.
-        if spin_for_work(&worker, &mem) {
-            continue;
-        }
         let mut fds = [PollFd::new(s.kick.as_fd(), PollFlags::POLLIN), PollFd::new(s.stop.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}

@@ -45,7 +45,9 @@ pub enum Error {
     #[error("VDUSE device {0:?} already exists")]
     Exists(String),
     /// The device name cannot be used.
-    #[error("invalid device name {0:?}: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'")]
+    #[error(
+        "invalid device name {0:?}: use 1-64 characters of [A-Za-z0-9._-], not starting with '.', other than \"control\""
+    )]
     InvalidName(String),
     /// A vdpa generic-netlink request failed.
     #[error("vdpa netlink {op} for {name:?} failed: {reason}")]
@@ -69,7 +71,9 @@ pub fn validate_device_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        // The control node shares the device namespace (/dev/vduse/control).
+        && name != "control";
     if ok { Ok(()) } else { Err(Error::InvalidName(name.to_owned())) }
 }
 
@@ -82,7 +86,7 @@ mod tests {
         for good in ["vol-1", "a", "pvc-0123.x_y", &"x".repeat(64)] {
             assert!(validate_device_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "..", "../x", "a/b", "a b", "control\0", &"x".repeat(65), ".hidden"] {
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "control", "control\0", &"x".repeat(65), ".hidden"] {
             assert!(validate_device_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -69,8 +69,9 @@ pub fn block_device_name(name: &str) -> Option<String> {
         if !file_name.to_string_lossy().starts_with("virtio") {
             continue;
         }
-        let block_dir = entry.path().join("block");
-        if let Some(disk) = std::fs::read_dir(&block_dir).ok()?.filter_map(|e| e.ok()).next() {
+        // The virtio device exists a moment before its disk does; keep looking.
+        let Ok(disks) = std::fs::read_dir(entry.path().join("block")) else { continue };
+        if let Some(disk) = disks.filter_map(|e| e.ok()).next() {
             return disk.file_name().into_string().ok();
         }
     }

@@ -26,6 +26,8 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     #[error("{what} {id:?} already exists with different properties: {why}")]
     Conflict { what: &'static str, id: String, why: String },
+    #[error("volume {id} ({capacity} bytes) is smaller than its source {source_id} ({source_size} bytes)")]
+    SmallerThanSource { id: String, capacity: u64, source_id: String, source_size: u64 },
     #[error("not enough space in {dir}: {needed} bytes needed, {available} available")]
     NoSpace { dir: PathBuf, needed: u64, available: u64 },
     #[error("{op} {path}: {source}")]
@@ -232,10 +234,11 @@ impl VolumeStore {
             Some(ContentSource::Snapshot(s)) => {
                 let meta = self.snapshot(s)?.ok_or_else(|| Error::NotFound { what: "snapshot", id: s.clone() })?;
                 if meta.size_bytes > spec.capacity_bytes {
-                    return Err(Error::Conflict {
-                        what: "volume",
+                    return Err(Error::SmallerThanSource {
                         id: spec.id.clone(),
-                        why: format!("smaller than snapshot {s}"),
+                        capacity: spec.capacity_bytes,
+                        source_id: s.clone(),
+                        source_size: meta.size_bytes,
                     });
                 }
                 Some(self.snapshot_dir(s)?.join(IMAGE))
@@ -243,10 +246,11 @@ impl VolumeStore {
             Some(ContentSource::Volume(v)) => {
                 let meta = self.existing_volume(v)?;
                 if meta.capacity_bytes > spec.capacity_bytes {
-                    return Err(Error::Conflict {
-                        what: "volume",
+                    return Err(Error::SmallerThanSource {
                         id: spec.id.clone(),
-                        why: format!("smaller than volume {v}"),
+                        capacity: spec.capacity_bytes,
+                        source_id: v.clone(),
+                        source_size: meta.capacity_bytes,
                     });
                 }
                 Some(self.image_path(v)?)
