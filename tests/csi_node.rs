@@ -296,6 +296,8 @@ fn mount_lifecycle(n: &mut Node, fs: &str, mib: i64) {
     let staging = n.staging(&pv);
     n.stage(&pv, &staging, &cap).expect("stage");
     n.stage(&pv, &staging, &cap).expect("stage again is OK");
+    let reader = mount_cap(fs, volume_capability::access_mode::Mode::SingleNodeReaderOnly);
+    assert_eq!(n.stage(&pv, &staging, &reader).expect_err("other capability").code(), Code::AlreadyExists);
     assert!(is_mount_point(&staging));
     let (t1, t2) = (n.target("pod-a", &pv), n.target("pod-b", &pv));
     n.publish(&pv, &staging, &t1, &cap, false).expect("publish 1");

@@ -86,6 +86,19 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
                 if staged.block { "a block device" } else { "a filesystem" }
             )));
         }
+        let same_mount = match &mount {
+            Some(m) => {
+                staged.mount_flags == m.mount_flags
+                    && (m.fs_type.is_empty() || staged.fs_type.as_deref() == Some(m.fs_type.as_str()))
+            }
+            None => true,
+        };
+        if staged.access_mode != mode_of(cap) || !same_mount {
+            return Err(Error::AlreadyExists(format!(
+                "volume {id} is staged at {} with another capability",
+                path.display()
+            )));
+        }
         // Done already, unless the device or its mount went away (a node reboot, a lost
         // device): then fall through and bring both back.
         if let Some(dev) = block_device(plugin, id) {

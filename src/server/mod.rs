@@ -97,7 +97,7 @@ impl DeviceServer {
             device_id: config::VIRTIO_ID_BLOCK,
             features: shape.offered_features,
             num_queues: u32::from(opts.num_queues),
-            config: config::config_space(backend.capacity(), opts.num_queues, opts.queue_size),
+            config: config::config_space(backend.capacity(), opts.num_queues, opts.queue_size).to_vec(),
         };
 
         let recovered = match control.create(&cfg) {

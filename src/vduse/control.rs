@@ -7,7 +7,7 @@ use std::path::Path;
 
 use nix::errno::Errno;
 
-use super::uapi::{self, vduse_dev_config, vduse_dev_config_blk};
+use super::uapi::{self, vduse_dev_config, vduse_dev_config_with_space};
 use super::{CONTROL_PATH, Error, Result, validate_device_name};
 
 /// What a new VDUSE device looks like to the kernel.
@@ -19,8 +19,8 @@ pub struct DeviceConfig {
     /// Feature bits the device offers.
     pub features: u64,
     pub num_queues: u32,
-    /// The virtio config space.
-    pub config: [u8; uapi::BLK_CONFIG_SIZE],
+    /// The virtio config space (at most 4096 bytes).
+    pub config: Vec<u8>,
 }
 
 /// An open control node, with API version 0 negotiated.
@@ -53,7 +53,12 @@ impl VduseControl {
         validate_device_name(&cfg.name)?;
         let mut name = [0u8; uapi::VDUSE_NAME_MAX];
         name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
-        let arg = vduse_dev_config_blk {
+        if cfg.config.is_empty() || cfg.config.len() > uapi::MAX_CONFIG_SIZE {
+            return Err(Error::Ioctl { op: "VDUSE_CREATE_DEV", source: Errno::EINVAL });
+        }
+        let mut space = [0u8; uapi::MAX_CONFIG_SIZE];
+        space[..cfg.config.len()].copy_from_slice(&cfg.config);
+        let arg = vduse_dev_config_with_space {
             hdr: vduse_dev_config {
                 name,
                 vendor_id: 0,
@@ -63,9 +68,9 @@ impl VduseControl {
                 // The split-ring alignment the kernel allocates with; QEMU uses the page size.
                 vq_align: 4096,
                 reserved: [0; 13],
-                config_size: uapi::BLK_CONFIG_SIZE as u32,
+                config_size: cfg.config.len() as u32,
             },
-            config: cfg.config,
+            config: space,
         };
         // SAFETY: `arg` is the 336-byte header immediately followed by `config_size` bytes,
         // exactly what the kernel copies; it outlives the call.

@@ -136,9 +136,9 @@ impl VduseDevice {
 
     /// `VDUSE_DEV_SET_CONFIG`: rewrites `bytes` at `offset` of the config space.
     pub fn set_config(&self, offset: u32, bytes: &[u8]) -> Result<()> {
-        let mut arg = uapi::vduse_config_data_blk {
+        let mut arg = uapi::vduse_config_data_with_space {
             hdr: uapi::vduse_config_data { offset, length: bytes.len() as u32 },
-            buffer: [0; uapi::BLK_CONFIG_SIZE],
+            buffer: [0; uapi::MAX_CONFIG_SIZE],
         };
         if bytes.is_empty() || bytes.len() > arg.buffer.len() {
             return Err(Error::Ioctl { op: "VDUSE_DEV_SET_CONFIG", source: Errno::EINVAL });

@@ -52,16 +52,15 @@ pub struct vduse_dev_config {
     pub config_size: u32,
 }
 
-/// Size of the virtio-blk config space we expose (`struct virtio_blk_config` up to the secure
-/// erase fields, VDUSE.md §11).
-pub const BLK_CONFIG_SIZE: usize = 72;
+/// Largest config space the kernel accepts (`config_size <= PAGE_SIZE`).
+pub const MAX_CONFIG_SIZE: usize = 4096;
 
 /// `VDUSE_CREATE_DEV` argument: the kernel reads `config_size` bytes right after the header.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct vduse_dev_config_blk {
+pub struct vduse_dev_config_with_space {
     pub hdr: vduse_dev_config,
-    pub config: [u8; BLK_CONFIG_SIZE],
+    pub config: [u8; MAX_CONFIG_SIZE],
 }
 
 #[repr(C)]
@@ -112,12 +111,12 @@ pub struct vduse_config_data {
     pub length: u32,
 }
 
-/// `VDUSE_DEV_SET_CONFIG` argument with room for the whole blk config space.
+/// `VDUSE_DEV_SET_CONFIG` argument with room for any config space.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct vduse_config_data_blk {
+pub struct vduse_config_data_with_space {
     pub hdr: vduse_config_data,
-    pub buffer: [u8; BLK_CONFIG_SIZE],
+    pub buffer: [u8; MAX_CONFIG_SIZE],
 }
 
 /// `struct vduse_dev_request` (152 bytes).
@@ -179,11 +178,11 @@ impl vduse_dev_response {
 }
 
 ioctl_write_ptr_bad!(ioc_set_api_version, VDUSE_SET_API_VERSION, u64);
-ioctl_write_ptr_bad!(ioc_create_dev, VDUSE_CREATE_DEV, vduse_dev_config_blk);
+ioctl_write_ptr_bad!(ioc_create_dev, VDUSE_CREATE_DEV, vduse_dev_config_with_space);
 ioctl_write_ptr_bad!(ioc_destroy_dev, VDUSE_DESTROY_DEV, [u8; VDUSE_NAME_MAX]);
 ioctl_readwrite_bad!(ioc_iotlb_get_fd, VDUSE_IOTLB_GET_FD, vduse_iotlb_entry);
 ioctl_read_bad!(ioc_get_features, VDUSE_DEV_GET_FEATURES, u64);
-ioctl_write_ptr_bad!(ioc_set_config, VDUSE_DEV_SET_CONFIG, vduse_config_data_blk);
+ioctl_write_ptr_bad!(ioc_set_config, VDUSE_DEV_SET_CONFIG, vduse_config_data_with_space);
 ioctl_none_bad!(ioc_inject_config_irq, VDUSE_DEV_INJECT_CONFIG_IRQ);
 ioctl_write_ptr_bad!(ioc_vq_setup, VDUSE_VQ_SETUP, vduse_vq_config);
 ioctl_readwrite_bad!(ioc_vq_get_info, VDUSE_VQ_GET_INFO, vduse_vq_info);
@@ -204,7 +203,7 @@ mod tests {
         assert_eq!(offset_of!(vduse_dev_config, vq_num), 272);
         assert_eq!(offset_of!(vduse_dev_config, reserved), 280);
         assert_eq!(offset_of!(vduse_dev_config, config_size), 332);
-        assert_eq!(offset_of!(vduse_dev_config_blk, config), 336);
+        assert_eq!(offset_of!(vduse_dev_config_with_space, config), 336);
         assert_eq!(size_of::<vduse_iotlb_entry>(), 32);
         assert_eq!(offset_of!(vduse_iotlb_entry, perm), 24);
         assert_eq!(size_of::<vduse_vq_config>(), 32);
@@ -213,7 +212,7 @@ mod tests {
         assert_eq!(offset_of!(vduse_vq_info, ready), 40);
         assert_eq!(size_of::<vduse_vq_eventfd>(), 8);
         assert_eq!(size_of::<vduse_config_data>(), 8);
-        assert_eq!(offset_of!(vduse_config_data_blk, buffer), 8);
+        assert_eq!(offset_of!(vduse_config_data_with_space, buffer), 8);
         assert_eq!(size_of::<vduse_dev_request>(), 152);
         assert_eq!(offset_of!(vduse_dev_request, payload), 24);
         assert_eq!(size_of::<vduse_dev_response>(), 152);
