@@ -1,4 +1,5 @@
-//! An in-memory backend for unit tests of the device model.
+//! An in-memory backend: the disk of the device-model unit tests, and (empty and read-only)
+//! the stand-in that fails every I/O while `device remove` tears down an orphaned device.
 
 use std::io;
 use std::sync::{Arc, Mutex};

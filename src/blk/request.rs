@@ -1,5 +1,6 @@
-//! virtio-blk request parsing: turns a descriptor chain into a validated operation, with no
-//! I/O (VDUSE.md §9 is the checklist).
+//! virtio-blk request parsing: turns a descriptor chain into a validated operation without
+//! touching the backend (VDUSE.md §9 is the checklist). The one request answered here is
+//! GET_ID, whose few bytes are copied into the driver's buffer directly.
 //!
 //! The layout is not assumed: the header is the first 16 readable bytes wherever they lie, the
 //! status is the last writable byte, and data is whatever is between. Every descriptor must lie

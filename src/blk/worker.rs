@@ -198,20 +198,22 @@ impl QueueWorker {
         }
         drop(iter);
 
+        self.results.clear();
         if !self.ops.is_empty() {
             self.io.execute(mem, &self.bufs, &self.ops, &mut self.results);
         }
 
+        // One log line per batch, not per request: a failing disk must not flood the logs.
+        if let Some((i, e)) = self.results.iter().enumerate().find_map(|(i, r)| r.as_ref().err().map(|e| (i, e))) {
+            let failed = self.results.iter().filter(|r| r.is_err()).count();
+            tracing::warn!(error = %e, op = ?self.ops[i], failed, "backend I/O failed");
+        }
         for p in &self.pending {
             let status = match p.outcome {
                 Outcome::Status(s) => s,
                 Outcome::Op(i) => match self.results.get(i) {
                     Some(Ok(())) => STATUS_OK,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, op = ?self.ops[i], "backend I/O failed");
-                        STATUS_IOERR
-                    }
-                    None => STATUS_IOERR,
+                    Some(Err(_)) | None => STATUS_IOERR,
                 },
             };
             if status != STATUS_OK {

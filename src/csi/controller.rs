@@ -425,7 +425,8 @@ impl Controller for ControllerService {
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
         let _guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
-        self.plugin.store.delete_snapshot(id).map_err(Error::from)?;
+        let (store, id) = (self.plugin.store.clone(), id.to_owned());
+        blocking(move || Ok(store.delete_snapshot(&id)?)).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 

@@ -170,6 +170,7 @@ impl From<crate::server::Error> for Error {
     fn from(e: crate::server::Error) -> Self {
         match e {
             crate::server::Error::Vduse(crate::vduse::Error::ControlMissing) => Error::Unavailable(e.to_string()),
+            crate::server::Error::NoDevice(_) => Error::NotFound(e.to_string()),
             _ => Error::Internal(e.to_string()),
         }
     }

@@ -23,14 +23,25 @@ const BLOCK_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors of the device server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The kernel interface failed.
     #[error(transparent)]
     Vduse(#[from] vduse::Error),
+    /// The backend failed.
     #[error(transparent)]
     Backend(#[from] crate::backend::Error),
+    /// A device option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// No VDUSE device of that name exists.
+    #[error("no VDUSE device named {0:?}")]
+    NoDevice(String),
+    /// The server was already stopped.
+    #[error("device {0:?} is not being served")]
+    Stopped(String),
+    /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(nix::Error),
 }
@@ -197,7 +208,7 @@ impl DeviceServer {
     /// Grows the backend to `bytes` and tells the driver, which picks up the new capacity
     /// online (a config interrupt).
     pub fn resize(&self, bytes: u64) -> Result<()> {
-        let dev = self.dev.as_ref().ok_or_else(|| Error::InvalidOption("device is stopped".into()))?;
+        let dev = self.dev.as_ref().ok_or_else(|| Error::Stopped(self.name.clone()))?;
         self.backend.grow(bytes)?;
         update_capacity(dev, self.backend.capacity())
     }
@@ -291,7 +302,7 @@ fn update_capacity(dev: &VduseDevice, capacity: u64) -> Result<()> {
 pub fn remove_stale(name: &str) -> Result<()> {
     vduse::validate_device_name(name)?;
     if !sysfs::device_exists(name) {
-        return Err(Error::InvalidOption(format!("no VDUSE device named {name:?}")));
+        return Err(Error::NoDevice(name.to_owned()));
     }
     let control = VduseControl::open()?;
     if !sysfs::is_attached(name) {
