@@ -210,7 +210,14 @@ fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     }
     let server = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id);
     match server {
-        Some(server) => server.stop()?,
+        Some(mut server) => {
+            // If the host will not let go of the device, keep serving it: kubelet retries.
+            if let Err(e) = server.detach() {
+                plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
+                return Err(e.into());
+            }
+            server.stop()?
+        }
         None if crate::vduse::sysfs::device_exists(&device_name(id)) => crate::server::remove_stale(&device_name(id))?,
         None => {}
     }

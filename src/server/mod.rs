@@ -87,6 +87,8 @@ pub struct DeviceServer {
     stop: Arc<EventFd>,
     control: Option<JoinHandle<()>>,
     recovered: bool,
+    /// Set once the vdpa device is deleted.
+    detached: bool,
 }
 
 impl DeviceServer {
@@ -146,6 +148,7 @@ impl DeviceServer {
             stop,
             control: Some(control_thread),
             recovered,
+            detached: false,
         };
         if !recovered {
             if let Err(e) = netlink::dev_add(&opts.name) {
@@ -224,8 +227,19 @@ impl DeviceServer {
         self.teardown()
     }
 
+    /// Detaches the device from the host (the kernel drains outstanding I/O through us
+    /// first). On failure the device stays attached and this server keeps serving it, so the
+    /// caller can keep it and try again rather than strand the host's I/O.
+    pub fn detach(&mut self) -> Result<()> {
+        if !self.detached {
+            netlink::dev_del(&self.name)?;
+            self.detached = true;
+        }
+        Ok(())
+    }
+
     fn teardown(&mut self) -> Result<()> {
-        let detach = netlink::dev_del(&self.name);
+        let detach = self.detach();
         if let Err(e) = &detach {
             tracing::error!(device = %self.name, error = %e, "detach failed");
         }
@@ -346,6 +360,7 @@ impl DeviceServer {
             stop,
             control: Some(control),
             recovered: true,
+            detached: false,
         }
     }
 }
