@@ -279,6 +279,12 @@ impl Node {
     }
 }
 
+/// Flushes the filesystem holding `path` (through the plugin serving its device).
+fn syncfs(path: &Path) {
+    let dir = std::fs::File::open(path).expect("open dir");
+    nix::unistd::syncfs(&dir).expect("syncfs");
+}
+
 fn is_mount_point(p: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or(""))))
@@ -426,17 +432,13 @@ fn restart_keeps_volumes(n: &mut Node) {
     n.publish(pv, &staging, &target, &cap, false).expect("publish");
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     std::fs::write(target.join("before"), &data).expect("write");
-    let sync = std::fs::File::open(&target).expect("open dir");
-    nix::unistd::syncfs(&sync).expect("syncfs");
-    drop(sync);
+    syncfs(&target);
 
     n.restart();
     // The device was never detached: the mount is the same and works through the new plugin.
     assert!(is_mount_point(&staging) && is_mount_point(&target));
     std::fs::write(target.join("after"), b"written after the restart").expect("write after restart");
-    let sync = std::fs::File::open(&target).expect("open dir");
-    nix::unistd::syncfs(&sync).expect("syncfs through the new plugin");
-    drop(sync);
+    syncfs(&target);
     assert!(!n.stats(pv, &target).volume_condition.expect("condition").abnormal);
     n.unpublish(pv, &target).expect("unpublish after restart");
     n.unstage(pv, &staging).expect("unstage after restart");
@@ -458,7 +460,7 @@ fn lost_device(n: &mut Node) {
     let target = n.target("pod-a", pv);
     n.publish(pv, &staging, &target, &cap, false).expect("publish");
     std::fs::write(target.join("kept"), b"synced before the loss").expect("write");
-    nix::unistd::syncfs(std::fs::File::open(&target).expect("open dir")).expect("syncfs");
+    syncfs(&target);
     // While no plugin runs, an operator removes the device: its mounts are now dead.
     n.restart_with(|| {
         let status =

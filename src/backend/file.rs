@@ -1,7 +1,7 @@
 //! A sparse raw image file.
 
 use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,7 +16,6 @@ const RING_ENTRIES: u32 = 256;
 #[derive(Debug)]
 pub struct FileBackend {
     file: Arc<File>,
-    path: PathBuf,
     capacity: AtomicU64,
     read_only: bool,
 }
@@ -60,12 +59,7 @@ impl FileBackend {
         };
         let size = file.metadata().map_err(open_err)?.len();
         check_size(size)?;
-        Ok(Self { file: Arc::new(file), path: path.to_owned(), capacity: AtomicU64::new(size), read_only })
-    }
-
-    /// The image path.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { file: Arc::new(file), capacity: AtomicU64::new(size), read_only })
     }
 
     fn grow_image(&self, size: u64) -> Result<()> {

@@ -137,10 +137,10 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<S
 
 fn to_volume(plugin: &Plugin, meta: &VolumeMeta) -> Volume {
     Volume {
-        capacity_bytes: meta.capacity_bytes as i64,
-        volume_id: meta.id.clone(),
+        capacity_bytes: meta.spec.capacity_bytes as i64,
+        volume_id: meta.spec.id.clone(),
         volume_context: HashMap::new(),
-        content_source: meta.source.as_ref().map(|s| VolumeContentSource {
+        content_source: meta.spec.source.as_ref().map(|s| VolumeContentSource {
             r#type: Some(match s {
                 ContentSource::Snapshot(id) => {
                     volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
@@ -306,7 +306,7 @@ impl Controller for ControllerService {
     ) -> std::result::Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
         let volumes = self.plugin.store.volumes().map_err(Error::from)?;
-        let (page, next_token) = page(volumes, |v| v.id.as_str(), req.max_entries, &req.starting_token)?;
+        let (page, next_token) = page(volumes, |v| v.spec.id.as_str(), req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
             .map(|m| list_volumes_response::Entry {
@@ -393,7 +393,7 @@ impl Controller for ControllerService {
                 return Ok(existing);
             }
             let meta = plugin.store.existing_volume(&source)?;
-            if meta.capacity_bytes > plugin.store.available_bytes()? {
+            if meta.spec.capacity_bytes > plugin.store.available_bytes()? {
                 return Err(Error::ResourceExhausted(format!("not enough space for a snapshot of {source}")));
             }
             // A staged filesystem is frozen (which flushes it and holds new writes) and the
@@ -465,7 +465,7 @@ impl Controller for ControllerService {
         // driver and grows the filesystem.
         let meta = blocking(move || Ok(store.grow_volume(&id, capacity)?)).await?;
         Ok(Response::new(ControllerExpandVolumeResponse {
-            capacity_bytes: meta.capacity_bytes as i64,
+            capacity_bytes: meta.spec.capacity_bytes as i64,
             node_expansion_required: true,
         }))
     }

@@ -55,11 +55,11 @@ fn reader_only(mode: i32) -> bool {
 
 /// Starts serving a volume's image and returns the server.
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
-    let image = plugin.store.image_path(&meta.id)?;
+    let image = plugin.store.image_path(&meta.spec.id)?;
     let backend = FileBackend::open(&image, None, false).map_err(|e| Error::Internal(e.to_string()))?;
     let opts = DeviceOptions {
-        name: device_name(&meta.id),
-        num_queues: meta.queues.max(1),
+        name: device_name(&meta.spec.id),
+        num_queues: meta.spec.queues.max(1),
         queue_size: QUEUE_SIZE,
         msg_timeout: 0,
     };
@@ -125,7 +125,7 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
     if let Some(m) = mount {
         let wanted = Some(m.fs_type.clone())
             .filter(|f| !f.is_empty())
-            .or_else(|| meta.fs_type.clone())
+            .or_else(|| meta.spec.fs_type.clone())
             .unwrap_or_else(|| "ext4".into());
         let mounted = (|| -> Result<String> {
             let fs_type = match host::probe_fs(&dev)? {
@@ -334,7 +334,7 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
     }
     let wanted = match range {
         Some(r) => capacity_for(Some(r))?,
-        None => meta.capacity_bytes,
+        None => meta.spec.capacity_bytes,
     };
     let meta = plugin.store.grow_volume(id, wanted)?;
     let dev = {
@@ -342,13 +342,17 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
         let server = servers
             .get(id)
             .ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
-        server.resize(meta.capacity_bytes)?;
+        server.resize(meta.spec.capacity_bytes)?;
         server.block_device().to_owned()
     };
     let deadline = Instant::now() + RESIZE_TIMEOUT;
-    while host::block_device_size(&dev)? < meta.capacity_bytes {
+    while host::block_device_size(&dev)? < meta.spec.capacity_bytes {
         if Instant::now() > deadline {
-            return Err(Error::Internal(format!("{} did not grow to {} bytes", dev.display(), meta.capacity_bytes)));
+            return Err(Error::Internal(format!(
+                "{} did not grow to {} bytes",
+                dev.display(),
+                meta.spec.capacity_bytes
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -359,8 +363,8 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
             .unwrap_or_else(|| "ext4".into());
         host::grow_fs(&dev, &staged.staging_path, &fs_type)?;
     }
-    tracing::info!(volume = id, capacity = meta.capacity_bytes, "expanded");
-    Ok(meta.capacity_bytes)
+    tracing::info!(volume = id, capacity = meta.spec.capacity_bytes, "expanded");
+    Ok(meta.spec.capacity_bytes)
 }
 
 fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse> {
@@ -383,7 +387,7 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
     };
     use volume_usage::Unit;
     let usage = if staged.block {
-        let total = dev.as_deref().map(host::block_device_size).transpose()?.unwrap_or(meta.capacity_bytes);
+        let total = dev.as_deref().map(host::block_device_size).transpose()?.unwrap_or(meta.spec.capacity_bytes);
         vec![VolumeUsage { available: 0, total: total as i64, used: 0, unit: Unit::Bytes as i32 }]
     } else {
         let u = host::fs_usage(path)?;

@@ -84,13 +84,13 @@ fn recover_staged(plugin: &Plugin) {
     for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
         match start_device(plugin, &meta) {
             Ok(server) => {
-                tracing::info!(volume = %meta.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
+                tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
                 if let Ok(mut servers) = plugin.servers.lock() {
-                    servers.insert(meta.id.clone(), server);
+                    servers.insert(meta.spec.id.clone(), server);
                 }
             }
             Err(e) => {
-                tracing::error!(volume = %meta.id, error = %e, "cannot serve staged volume; its condition is abnormal")
+                tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
             }
         }
     }

@@ -79,11 +79,6 @@ impl IovaMemory {
             }
         }
     }
-
-    /// Size of the mapped bounce range, 0 before it is mapped.
-    pub fn bounce_len(&self) -> u64 {
-        self.bounce.as_ref().map_or(0, |r| r.len())
-    }
 }
 
 impl GuestMemoryBackend for IovaMemory {

@@ -78,16 +78,12 @@ pub struct PublishInfo {
     pub access_mode: i32,
 }
 
-/// A volume's persisted metadata.
+/// A volume's persisted metadata: what it was created as, plus its state on this node.
+/// The spec is flattened, so `meta.json` stays one flat object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMeta {
-    pub id: String,
-    pub capacity_bytes: u64,
-    pub queues: u16,
-    /// Filesystem requested at creation, if any.
-    pub fs_type: Option<String>,
-    pub parameters: BTreeMap<String, String>,
-    pub source: Option<ContentSource>,
+    #[serde(flatten)]
+    pub spec: VolumeSpec,
     pub created_unix: u64,
     pub staged: Option<StageInfo>,
     #[serde(default)]
@@ -105,12 +101,13 @@ pub struct SnapshotMeta {
     pub created_nanos: u32,
 }
 
-/// What a new volume should be.
-#[derive(Debug, Clone)]
+/// What a volume is created as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
     pub id: String,
     pub capacity_bytes: u64,
     pub queues: u16,
+    /// Filesystem requested at creation, if any.
     pub fs_type: Option<String>,
     pub parameters: BTreeMap<String, String>,
     pub source: Option<ContentSource>,
@@ -130,11 +127,6 @@ impl VolumeStore {
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         }
         Ok(Self { root: root.to_owned() })
-    }
-
-    /// The state dir.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     fn volume_dir(&self, id: &str) -> Result<PathBuf> {
@@ -213,21 +205,20 @@ impl VolumeStore {
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<(VolumeMeta, bool)> {
         let dir = self.volume_dir(&spec.id)?;
         if let Some(existing) = self.volume(&spec.id)? {
-            let why = if existing.capacity_bytes != spec.capacity_bytes {
-                Some(format!("capacity {} != {}", existing.capacity_bytes, spec.capacity_bytes))
-            } else if existing.parameters != spec.parameters || existing.queues != spec.queues {
-                Some("parameters differ".to_owned())
-            } else if existing.source != spec.source {
-                Some("content source differs".to_owned())
-            } else if existing.fs_type != spec.fs_type {
-                Some("filesystem type differs".to_owned())
+            if existing.spec == *spec {
+                return Ok((existing, false));
+            }
+            let old = &existing.spec;
+            let why = if old.capacity_bytes != spec.capacity_bytes {
+                format!("capacity {} != {}", old.capacity_bytes, spec.capacity_bytes)
+            } else if old.source != spec.source {
+                "content source differs".to_owned()
+            } else if old.fs_type != spec.fs_type {
+                "filesystem type differs".to_owned()
             } else {
-                None
+                "parameters differ".to_owned()
             };
-            return match why {
-                Some(why) => Err(Error::Conflict { what: "volume", id: spec.id.clone(), why }),
-                None => Ok((existing, false)),
-            };
+            return Err(Error::Conflict { what: "volume", id: spec.id.clone(), why });
         }
         let source_image = match &spec.source {
             None => None,
@@ -245,12 +236,12 @@ impl VolumeStore {
             }
             Some(ContentSource::Volume(v)) => {
                 let meta = self.existing_volume(v)?;
-                if meta.capacity_bytes > spec.capacity_bytes {
+                if meta.spec.capacity_bytes > spec.capacity_bytes {
                     return Err(Error::SmallerThanSource {
                         id: spec.id.clone(),
                         capacity: spec.capacity_bytes,
                         source_id: v.clone(),
-                        source_size: meta.capacity_bytes,
+                        source_size: meta.spec.capacity_bytes,
                     });
                 }
                 Some(self.image_path(v)?)
@@ -280,17 +271,8 @@ impl VolumeStore {
             let f = OpenOptions::new().write(true).open(&image).map_err(io_err("open", &image))?;
             f.set_len(spec.capacity_bytes).map_err(io_err("size", &image))?;
             f.sync_all().map_err(io_err("fsync", &image))?;
-            let meta = VolumeMeta {
-                id: spec.id.clone(),
-                capacity_bytes: spec.capacity_bytes,
-                queues: spec.queues,
-                fs_type: spec.fs_type.clone(),
-                parameters: spec.parameters.clone(),
-                source: spec.source.clone(),
-                created_unix: now().0,
-                staged: None,
-                published: BTreeMap::new(),
-            };
+            let meta =
+                VolumeMeta { spec: spec.clone(), created_unix: now().0, staged: None, published: BTreeMap::new() };
             write_meta(&tmp.join(META), &meta)?;
             Ok(())
         })();
@@ -305,7 +287,7 @@ impl VolumeStore {
 
     /// Saves changed metadata of an existing volume.
     pub fn save_volume(&self, meta: &VolumeMeta) -> Result<()> {
-        let dir = self.volume_dir(&meta.id)?;
+        let dir = self.volume_dir(&meta.spec.id)?;
         write_meta(&dir.join(META), meta)
     }
 
@@ -317,10 +299,10 @@ impl VolumeStore {
     /// Grows a volume's image and records the new capacity.
     pub fn grow_volume(&self, id: &str, capacity_bytes: u64) -> Result<VolumeMeta> {
         let mut meta = self.existing_volume(id)?;
-        if capacity_bytes <= meta.capacity_bytes {
+        if capacity_bytes <= meta.spec.capacity_bytes {
             return Ok(meta);
         }
-        let extra = capacity_bytes - meta.capacity_bytes;
+        let extra = capacity_bytes - meta.spec.capacity_bytes;
         let available = self.available_bytes()?;
         if available < extra {
             return Err(Error::NoSpace { dir: self.root.clone(), needed: extra, available });
@@ -329,7 +311,7 @@ impl VolumeStore {
         let f = OpenOptions::new().write(true).open(&image).map_err(io_err("open", &image))?;
         f.set_len(capacity_bytes).map_err(io_err("grow", &image))?;
         f.sync_all().map_err(io_err("fsync", &image))?;
-        meta.capacity_bytes = capacity_bytes;
+        meta.spec.capacity_bytes = capacity_bytes;
         self.save_volume(&meta)?;
         Ok(meta)
     }
@@ -361,7 +343,7 @@ impl VolumeStore {
             let meta = SnapshotMeta {
                 id: id.to_owned(),
                 source_volume_id: source_volume_id.to_owned(),
-                size_bytes: source.capacity_bytes,
+                size_bytes: source.spec.capacity_bytes,
                 created_unix: secs,
                 created_nanos: nanos,
             };
