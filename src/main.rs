@@ -5,12 +5,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
+use std::os::fd::AsFd;
+use std::time::Duration;
 
-use vduse_csi::backend::FileBackend;
+use clap::{Args, Parser, Subcommand};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use vduse_csi::backend::{CacheMode, FileBackend};
 use vduse_csi::csi;
-use vduse_csi::server::{self, DeviceOptions, DeviceServer};
+use vduse_csi::server::{self, DeviceOptions, DeviceServer, HealthState};
 use vduse_csi::units::parse_size;
 use vduse_csi::vduse::{self, sysfs};
 
@@ -90,9 +95,10 @@ struct ServeArgs {
     /// Device name (VDUSE, vdpa and virtio-blk serial); default: the image file name.
     #[arg(long)]
     name: Option<String>,
-    /// Number of virtqueues (the host uses at most one per CPU).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    queues: u16,
+    /// Number of virtqueues (the host uses at most one per CPU). Default: one per CPU, at
+    /// most 4.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
     /// Entries per virtqueue: a power of two from 4 to 1024.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -103,6 +109,16 @@ struct ServeArgs {
     /// broken for good; 0 waits forever, so a restarted server can still answer.
     #[arg(long, default_value_t = 0)]
     msg_timeout: u32,
+    /// How image I/O uses this host's page cache: `none` reads and writes aligned requests
+    /// with O_DIRECT (the page cache only for misaligned ones, and for everything if the
+    /// image's filesystem refuses O_DIRECT); `writeback` caches everything.
+    #[arg(long, value_enum, default_value_t = CacheMode::None)]
+    cache: CacheMode,
+    /// Microseconds a queue thread keeps polling its ring after the last request before it
+    /// sleeps until a kick (at most 10000). It polls only while requests keep arriving, never
+    /// while idle; 0 turns polling off.
+    #[arg(long, default_value_t = server::DEFAULT_POLL.as_micros() as u64)]
+    poll_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -143,8 +159,13 @@ fn default_name(image: &std::path::Path) -> String {
 
 fn serve_device(args: ServeArgs) -> Result<(), String> {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
-    let opts =
-        DeviceOptions { name, num_queues: args.queues, queue_size: args.queue_size, msg_timeout: args.msg_timeout };
+    let opts = DeviceOptions {
+        name,
+        num_queues: args.queues.unwrap_or_else(server::default_queues),
+        queue_size: args.queue_size,
+        msg_timeout: args.msg_timeout,
+        poll: Duration::from_micros(args.poll_us),
+    };
     // Check everything the caller got wrong before touching the host, so a bad command line
     // creates nothing.
     opts.validate().map_err(|e| e.to_string())?;
@@ -155,23 +176,47 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
         return Err(vduse::Error::ControlMissing.to_string());
     }
     // Block the stop signals before any thread exists so every thread inherits the mask and
-    // only sigwait below sees them.
+    // only the signalfd below sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
 
-    let backend = Arc::new(FileBackend::open(&args.image, args.size, args.read_only).map_err(|e| e.to_string())?);
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("signalfd: {e}"))?;
+    let backend =
+        Arc::new(FileBackend::open(&args.image, args.size, args.read_only, args.cache).map_err(|e| e.to_string())?);
     let server = DeviceServer::start(&opts, backend).map_err(|e| e.to_string())?;
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", server.block_device().display());
         let _ = out.flush();
     }
-    let signal = signals.wait().map_err(|e| format!("sigwait: {e}"))?;
-    tracing::info!(?signal, "stopping");
-    server.stop().map_err(|e| e.to_string())
+    // Serve until a stop signal, or until the server stops serving part of the device: then
+    // exit non-zero with the reason instead of leaving the host's I/O waiting unseen. The
+    // device stays attached for a new server to take over.
+    loop {
+        let mut fds = [PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(HEALTH_CHECK_MS)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        if let Ok(Some(info)) = signal_fd.read_signal() {
+            tracing::info!(signal = info.ssi_signo, "stopping");
+            return server.stop().map_err(|e| e.to_string());
+        }
+        if let HealthState::Degraded(reason) = server.health() {
+            // Dropping the server leaves the device attached, exactly like a crash.
+            drop(server);
+            return Err(format!(
+                "the device is no longer fully served: {reason}; start `device serve` again to take it over"
+            ));
+        }
+    }
 }
+
+/// How often `device serve` checks its server's health, in milliseconds.
+const HEALTH_CHECK_MS: u16 = 200;
 
 fn serve_plugin(args: PluginArgs) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,22 +1,23 @@
 //! Where the bytes live: the backend contract, a sparse raw image file, and an in-memory
 //! backend for tests.
 //!
-//! A backend knows nothing about virtio. A queue worker hands it a batch of [`IoOp`]s whose
-//! buffers are addresses in the worker's memory ([`SliceSource`]); the backend moves bytes
-//! between those buffers and its storage without an intermediate copy.
+//! A backend knows nothing about virtio. A queue worker submits [`IoOp`]s whose buffers are
+//! addresses in the worker's memory ([`SliceSource`]) and reaps them as they finish; the
+//! backend moves bytes between those buffers and its storage without an intermediate copy.
 
 pub mod file;
 pub mod memory;
 mod uring;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
 };
 
-pub use file::FileBackend;
+pub use file::{CacheMode, FileBackend};
 pub use memory::MemoryBackend;
 
 /// Sector size of the block device model; capacities are multiples of it.
@@ -59,8 +60,8 @@ pub struct BufRange {
     pub end: usize,
 }
 
-/// One operation of a batch. Buffers are named by index so that a worker can keep its buffer
-/// and operation tables across batches without reallocating.
+/// One operation. Buffers are named by index into a table the worker passes along, so that
+/// parsing can append to one reused table without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoOp {
     /// Fill the buffers, in order, from the image starting at byte `offset`.
@@ -90,11 +91,52 @@ impl<M: GuestMemoryBackend<R = GuestRegionMmap<()>>> SliceSource for M {
     }
 }
 
-/// The I/O engine of one queue worker. Not shared between queues, so it needs no lock.
+/// A finished operation: the tag it was submitted under and how it ended.
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u16,
+    pub result: io::Result<()>,
+}
+
+/// The I/O engine of one queue worker, shaped like cloud-hypervisor's `AsyncIo`: operations
+/// are submitted under a tag, a notifier fd becomes readable when some have finished, and the
+/// worker reaps whatever has finished, in any order. Not shared between queues, so it needs
+/// no lock.
+///
+/// The buffers of a submitted operation must stay mapped until its completion is reaped: the
+/// engine keeps raw pointers into them. Workers therefore reap every operation before they
+/// unmap anything ([`QueueIo::in_flight`] reaches zero).
 pub trait QueueIo: Send {
-    /// Runs `ops` (in any order, possibly concurrently) with the buffers of `bufs` and stores
-    /// each result at the same index of `results`, which is cleared first.
-    fn execute(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], ops: &[IoOp], results: &mut Vec<io::Result<()>>);
+    /// Operations that may be in flight at once; tags must be below this.
+    fn capacity(&self) -> usize;
+
+    /// Queues `op` under `tag`, which no operation in flight may carry. An operation that
+    /// cannot start (a buffer outside `mem`, a tag out of range) still completes, with an
+    /// error, at the next reap.
+    fn submit(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], op: IoOp, tag: u16);
+
+    /// Hands every queued operation to the kernel without waiting for any.
+    fn commit(&mut self);
+
+    /// Moves the operations that have finished into `out`, without blocking.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// Submitted operations not reaped yet.
+    fn in_flight(&self) -> usize;
+
+    /// Whether a reap would find something (cheap enough to poll).
+    fn has_completions(&self) -> bool;
+
+    /// Blocks until at least one operation can be reaped (or none is in flight).
+    fn wait(&mut self);
+
+    /// Readable when completions may be ready; `None` for an engine whose operations finish
+    /// inside `submit`.
+    fn notifier(&self) -> Option<BorrowedFd<'_>>;
+
+    /// Clears the notifier's readiness; call before reaping, so a completion that lands
+    /// after the reap makes it readable again.
+    fn clear_notifier(&mut self) {}
 
     /// False once the engine cannot run I/O any more; the queue using it must stop.
     fn healthy(&self) -> bool {
@@ -108,8 +150,8 @@ pub trait Backend: Send + Sync {
     fn capacity(&self) -> u64;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
-    /// An I/O engine for one queue worker.
-    fn open_queue(&self) -> Result<Box<dyn QueueIo>>;
+    /// An I/O engine for one queue worker, with room for `depth` operations in flight.
+    fn open_queue(&self, depth: u16) -> Result<Box<dyn QueueIo>>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Grows the storage to `bytes` (never shrinks).

@@ -15,6 +15,18 @@ pub const BLOCK_SIZE: u32 = 512;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Segments per discard / write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 1;
+/// Largest request the host's block layer sends by default: Linux caps `max_sectors_kb` at
+/// 1280 KiB (`BLK_DEF_MAX_SECTORS_CAP`) when the device names no limit of its own.
+pub const MAX_REQUEST_BYTES: u64 = 1280 << 10;
+
+/// Segments per request we advertise: enough for a [`MAX_REQUEST_BYTES`] request made of
+/// 4 KiB pages that do not start on a page boundary, so a 1 MiB request is never split.
+/// Indirect descriptors let a request have more segments than the ring has slots.
+pub fn seg_max(queue_size: u16) -> u32 {
+    let for_largest_request = (MAX_REQUEST_BYTES / 4096) as u32 + 1;
+    u32::from(queue_size.saturating_sub(2)).max(for_largest_request)
+}
+
 /// Byte offset of `capacity` in the config space.
 pub const CAPACITY_OFFSET: u32 = 0;
 
@@ -60,8 +72,7 @@ pub fn config_space(capacity_bytes: u64, num_queues: u16, queue_size: u16) -> [u
     let mut c = [0u8; CONFIG_SIZE];
     let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
     put(0, &(capacity_bytes / 512).to_le_bytes());
-    // seg_max: a request never needs more than the ring minus the header and status slots.
-    put(12, &u32::from(queue_size.saturating_sub(2).max(1)).to_le_bytes());
+    put(12, &seg_max(queue_size).to_le_bytes());
     put(20, &BLOCK_SIZE.to_le_bytes());
     put(34, &num_queues.to_le_bytes());
     put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
@@ -81,7 +92,8 @@ mod tests {
     fn config_space_layout() {
         let c = config_space(1 << 30, 4, 256);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 30) / 512);
-        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 321, "a 1 MiB request fits in one");
+        assert_eq!(seg_max(1024), 1022);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
         assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), 1);

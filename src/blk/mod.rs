@@ -7,7 +7,7 @@ pub mod request;
 pub mod worker;
 
 pub use request::DeviceLimits;
-pub use worker::{QueueError, QueueWorker};
+pub use worker::{Pass, QueueError, QueueMemory, QueueWorker};
 
 #[cfg(test)]
 mod tests;

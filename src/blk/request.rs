@@ -10,9 +10,22 @@
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice};
 
 use crate::backend::{BufRange, IoBuf, IoOp, SliceSource};
+
+/// The one region where request buffers may lie: headers, data, status bytes and indirect
+/// tables (with VDUSE, the bounce range). A descriptor that points anywhere else, a vring
+/// included, is refused. Lookups are one subtraction and one bounds check.
+#[derive(Debug, Clone, Copy)]
+pub struct DataWindow<'a>(pub &'a GuestRegionMmap<()>);
+
+impl SliceSource for DataWindow<'_> {
+    fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
+        let offset = addr.0.checked_sub(self.0.start_addr().0)?;
+        self.0.get_slice(MemoryRegionAddress(offset), len).ok()
+    }
+}
 
 /// Size of `struct virtio_blk_outhdr`.
 pub const HEADER_SIZE: usize = 16;
@@ -79,16 +92,16 @@ impl Parsed {
     }
 }
 
-/// Parses one chain. Data buffers are appended to `bufs`; the returned action names them.
-pub fn parse<M, I>(
+/// Parses one chain whose buffers must lie in `mem`. Data buffers are appended to `bufs`;
+/// the returned action names them.
+pub fn parse<I>(
     chain: I,
-    mem: &M,
+    mem: &DataWindow<'_>,
     limits: &DeviceLimits,
     scratch: &mut ParseScratch,
     bufs: &mut Vec<IoBuf>,
 ) -> Parsed
 where
-    M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
     I: Iterator<Item = Descriptor>,
 {
     let descs = &mut scratch.descs;
@@ -247,8 +260,8 @@ fn data_in(descs: &[ChainDesc], bufs: &mut Vec<IoBuf>) -> (BufRange, u64) {
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into the concatenation of `descs`.
-fn gather<'a, M: Bytes<GuestAddress>>(
-    mem: &M,
+fn gather<'a>(
+    mem: &DataWindow<'_>,
     descs: impl Iterator<Item = &'a ChainDesc>,
     mut skip: u64,
     out: &mut [u8],
@@ -264,7 +277,10 @@ fn gather<'a, M: Bytes<GuestAddress>>(
             continue;
         }
         let n = ((dl - skip) as usize).min(out.len() - filled);
-        mem.read_slice(&mut out[filled..filled + n], GuestAddress(d.addr.0 + skip)).map_err(drop)?;
+        let src = mem.slice(GuestAddress(d.addr.0 + skip), n).ok_or(())?;
+        if src.copy_to(&mut out[filled..filled + n]) != n {
+            return Err(());
+        }
         filled += n;
         skip = 0;
     }
@@ -272,13 +288,13 @@ fn gather<'a, M: Bytes<GuestAddress>>(
 }
 
 /// Copies `data` into the buffers, in order.
-fn scatter<M: Bytes<GuestAddress>>(mem: &M, bufs: &[IoBuf], mut data: &[u8]) -> Result<(), ()> {
+fn scatter(mem: &DataWindow<'_>, bufs: &[IoBuf], mut data: &[u8]) -> Result<(), ()> {
     for b in bufs {
         if data.is_empty() {
             break;
         }
         let n = (b.len as usize).min(data.len());
-        mem.write_slice(&data[..n], b.addr).map_err(drop)?;
+        mem.slice(b.addr, n).ok_or(())?.copy_from(&data[..n]);
         data = &data[n..];
     }
     if data.is_empty() { Ok(()) } else { Err(()) }

@@ -1,20 +1,21 @@
 //! Queue-loop tests with virtio-queue's mock driver: good chains in every framing, and hostile
 //! ones. The worker must answer each bad request with a status and keep serving, and stop the
-//! queue (never the process) when the ring itself is corrupt.
+//! queue (never the process) when the ring itself is corrupt or a chain leaves nowhere to put
+//! a status.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::request::{DeviceLimits, ID_BYTES, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
-use super::{QueueError, QueueWorker};
-use crate::backend::{Backend, MemoryBackend};
+use super::{QueueError, QueueMemory, QueueWorker};
+use crate::backend::{Backend, Completion, IoBuf, IoOp, MemoryBackend, QueueIo, SliceSource};
 
 const QUEUE_SIZE: u16 = 32;
 const DATA: u64 = 0x10_0000;
@@ -40,13 +41,106 @@ fn limits(read_only: bool) -> DeviceLimits {
     }
 }
 
+/// The mock driver's memory as a worker sees it: rings in the first MiB, the data window
+/// (where every request buffer must lie) in the second. With `data_mapped` false the window
+/// is hidden, like a VDUSE bounce range not mapped yet; `can_map` says whether asking for it
+/// maps it.
+struct TestMemory {
+    mem: Mem,
+    data_mapped: bool,
+    can_map: bool,
+    map_calls: usize,
+}
+
+impl TestMemory {
+    fn new(mem: &Mem) -> Self {
+        Self { mem: mem.clone(), data_mapped: true, can_map: true, map_calls: 0 }
+    }
+}
+
+impl GuestMemoryBackend for TestMemory {
+    type R = GuestRegionMmap<()>;
+
+    fn num_regions(&self) -> usize {
+        self.mem.num_regions()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&Self::R> {
+        self.mem.find_region(addr).filter(|r| self.data_mapped || r.start_addr() != GuestAddress(DATA))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Self::R> {
+        self.mem.iter()
+    }
+}
+
+impl QueueMemory for TestMemory {
+    fn data_region(&self) -> Option<&GuestRegionMmap<()>> {
+        if self.data_mapped { self.mem.find_region(GuestAddress(DATA)) } else { None }
+    }
+
+    fn map_data_region(&mut self) -> bool {
+        if !self.data_mapped {
+            self.map_calls += 1;
+            self.data_mapped = self.can_map;
+        }
+        self.data_mapped
+    }
+}
+
+/// An engine that runs each operation on a RAM disk at once but hands its completion out only
+/// when the test releases its tag: completions in any order the test likes.
+struct ScriptedIo {
+    inner: Box<dyn QueueIo>,
+    held: Vec<Completion>,
+    release: Arc<Mutex<Vec<u16>>>,
+}
+
+impl QueueIo for ScriptedIo {
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn submit(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], op: IoOp, tag: u16) {
+        self.inner.submit(mem, bufs, op, tag);
+        self.inner.reap(&mut self.held);
+    }
+    fn commit(&mut self) {}
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut release = self.release.lock().expect("release list");
+        let mut i = 0;
+        while i < self.held.len() {
+            if let Some(r) = release.iter().position(|t| *t == self.held[i].tag) {
+                release.remove(r);
+                out.push(self.held.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.held.len()
+    }
+    fn has_completions(&self) -> bool {
+        let release = self.release.lock().expect("release list");
+        self.held.iter().any(|c| release.contains(&c.tag))
+    }
+    fn wait(&mut self) {
+        // Nothing completes on its own: release everything so a drain can finish.
+        let mut release = self.release.lock().expect("release list");
+        release.extend(self.held.iter().map(|c| c.tag));
+    }
+    fn notifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
 /// A descriptor as the test writes it: address, length, device-writable.
 #[derive(Clone, Copy)]
 struct D(u64, u32, bool);
 
 struct Harness<'a> {
-    mem: &'a Mem,
     mock: MockSplitQueue<'a, Mem>,
+    qmem: TestMemory,
     worker: QueueWorker,
     backend: MemoryBackend,
     next_desc: u16,
@@ -55,13 +149,18 @@ struct Harness<'a> {
 
 impl<'a> Harness<'a> {
     fn new(mem: &'a Mem, read_only: bool) -> Self {
+        let backend = MemoryBackend::new(CAPACITY, read_only);
+        let io = backend.open_queue(QUEUE_SIZE).expect("io");
+        Self::with_io(mem, backend, io)
+    }
+
+    fn with_io(mem: &'a Mem, backend: MemoryBackend, io: Box<dyn QueueIo>) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
         let queue: Queue = mock.create_queue().expect("queue");
-        let backend = MemoryBackend::new(CAPACITY, read_only);
-        let io = backend.open_queue().expect("io");
         let shared: Arc<dyn Backend> = Arc::new(backend.clone());
-        let worker = QueueWorker::new(queue, shared, io, limits(read_only), std::time::Duration::ZERO);
-        Self { mem, mock, worker, backend, next_desc: 0, notifications: 0 }
+        let read_only = backend.read_only();
+        let worker = QueueWorker::new(queue, shared, io, limits(read_only));
+        Self { mock, qmem: TestMemory::new(mem), worker, backend, next_desc: 0, notifications: 0 }
     }
 
     /// Makes a chain of `descs` available; returns its head.
@@ -87,9 +186,16 @@ impl<'a> Harness<'a> {
         head
     }
 
+    /// Runs passes until one does nothing, as the queue thread does before it sleeps.
     fn process(&mut self) -> Result<(), QueueError> {
         let mut count = 0;
-        let result = self.worker.process(self.mem, &mut || count += 1);
+        let result = loop {
+            match self.worker.run(&mut self.qmem, &mut || count += 1) {
+                Ok(pass) if pass.busy() => continue,
+                Ok(_) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
         self.notifications += count;
         result
     }
@@ -190,6 +296,8 @@ fn bad_requests_get_an_error_status_and_the_queue_keeps_serving() {
         ("not a sector multiple", VIRTIO_BLK_T_IN, 0, &[D(BUF, 100, true)], STATUS_IOERR),
         ("buffer outside memory", VIRTIO_BLK_T_IN, 0, &[D(0x40_0000, 512, true)], STATUS_IOERR),
         ("buffer crossing regions", VIRTIO_BLK_T_IN, 0, &[D(DATA - 256, 512, true)], STATUS_IOERR),
+        ("buffer in the vring memory", VIRTIO_BLK_T_IN, 0, &[D(0x8000, 512, true)], STATUS_IOERR),
+        ("buffer past the data window", VIRTIO_BLK_T_IN, 0, &[D(DATA + 0x10_0000 - 256, 512, true)], STATUS_IOERR),
         ("zero-length buffer", VIRTIO_BLK_T_IN, 0, &[D(BUF, 0, true)], STATUS_IOERR),
         ("writable before readable", VIRTIO_BLK_T_OUT, 0, &[D(BUF, 512, true), D(BUF + 512, 512, false)], STATUS_IOERR),
         ("unknown type", 0x55, 0, &[], STATUS_UNSUPP),
@@ -219,21 +327,130 @@ fn bad_requests_get_an_error_status_and_the_queue_keeps_serving() {
 }
 
 #[test]
-fn short_or_missing_parts_never_hang_the_driver() {
+fn short_header_gets_an_error_status() {
     let mem = memory();
     let mut h = Harness::new(&mem, false);
-    // Header shorter than 16 bytes: IOERR.
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     h.add(&[D(HDR, 8, false), D(STATUS, 1, true)]);
-    // No writable byte at all: completed with used.len 0 (there is nowhere to put a status).
-    h.add(&[D(HDR, 16, false)]);
-    // Status descriptor outside memory: completed, nothing written.
-    h.add(&[D(HDR, 16, false), D(0x50_0000, 1, true)]);
     h.process().expect("process");
     assert_eq!(status(&mem, STATUS), STATUS_IOERR);
+    assert_eq!(h.used(0).1, 1);
+}
+
+/// A chain whose status byte cannot be written (none at all, or outside the data window) has
+/// no answer the driver could read: completing it would hand the driver whatever byte was
+/// there as a status, a lost write reported as done. The chains before it are completed, and
+/// the queue stops with the reason.
+#[test]
+fn a_chain_without_a_status_byte_stops_the_queue_after_completing_the_others() {
+    for (what, last) in [
+        ("no writable byte", vec![D(HDR + 0x100, 16, false)]),
+        ("status outside memory", vec![D(HDR + 0x100, 16, false), D(0x50_0000, 1, true)]),
+        ("status in the vring memory", vec![D(HDR + 0x100, 16, false), D(0x8000, 1, true)]),
+    ] {
+        let mem = memory();
+        let mut h = Harness::new(&mem, false);
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+        header(&mem, HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+        h.add(&[D(HDR, 16, false), D(BUF, 512, true), D(STATUS, 1, true)]);
+        h.add(&last);
+        assert!(matches!(h.process(), Err(QueueError::NoStatus(_))), "{what}");
+        assert_eq!(h.used_idx(), 1, "{what}: the good chain before it is completed");
+        assert_eq!(status(&mem, STATUS), STATUS_OK, "{what}");
+        assert_eq!(h.worker.outstanding(), 0, "{what}");
+    }
+}
+
+/// The bounce range appears only with the driver's first DMA mapping, possibly after the
+/// worker started. A chain that arrives then must wait for the mapping, not be completed
+/// without a status.
+#[test]
+fn a_chain_that_arrives_before_the_data_window_is_mapped_waits_for_it() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    h.qmem.data_mapped = false;
+    header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    mem.write_slice(&[0x5a; 512], GuestAddress(BUF)).expect("data");
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    h.add(&[D(HDR, 16, false), D(BUF, 512, false), D(STATUS, 1, true)]);
+    // The mapping is missing and cannot be made yet: nothing is popped, nothing completed.
+    h.qmem.can_map = false;
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 0);
+    assert_eq!(h.worker.queue().next_avail(), 0, "not popped");
+    assert_eq!(status(&mem, STATUS), 0xff);
+    // Now the kernel has it: the worker maps it on its own and answers properly.
+    h.qmem.can_map = true;
+    h.process().expect("process");
+    assert!(h.qmem.map_calls >= 2);
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(status(&mem, STATUS), STATUS_OK);
+    assert_eq!(&h.backend.contents()[..512], &[0x5a; 512]);
+}
+
+/// Requests finish out of order; the used ring still lists them in pop order, each published
+/// only once every earlier one is, so `used.idx` counts the chains fully handled.
+#[test]
+fn completions_out_of_order_are_published_in_pop_order() {
+    let mem = memory();
+    let backend = MemoryBackend::new(CAPACITY, false);
+    let release = Arc::new(Mutex::new(Vec::new()));
+    let io = Box::new(ScriptedIo {
+        inner: backend.open_queue(QUEUE_SIZE).expect("io"),
+        held: Vec::new(),
+        release: Arc::clone(&release),
+    });
+    let mut h = Harness::with_io(&mem, backend, io);
+    let mut heads = Vec::new();
+    for i in 0..3u64 {
+        header(&mem, HDR + 0x100 * i, VIRTIO_BLK_T_IN, i);
+        heads.push(h.add(&[D(HDR + 0x100 * i, 16, false), D(BUF + 0x1000 * i, 512, true), D(STATUS + i, 1, true)]));
+    }
+    h.process().expect("process");
+    assert_eq!(h.worker.outstanding(), 3, "all three in flight at once");
+    assert_eq!(h.used_idx(), 0);
+
+    release.lock().expect("release").push(heads[2]);
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 0, "the last one finished first but must wait");
+    release.lock().expect("release").push(heads[0]);
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.notifications, 1);
+    release.lock().expect("release").push(heads[1]);
+    h.process().expect("process");
     assert_eq!(h.used_idx(), 3);
-    assert_eq!(h.used(1).1, 0);
-    assert_eq!(h.used(2).1, 0);
+    assert_eq!(h.notifications, 2, "one interrupt per publishing pass");
+    let order: Vec<u32> = (0..3).map(|n| h.used(n).0).collect();
+    assert_eq!(order, heads.iter().map(|h| u32::from(*h)).collect::<Vec<_>>());
+    for i in 0..3 {
+        assert_eq!(status(&mem, STATUS + i), STATUS_OK);
+    }
+}
+
+/// The worker never pops more chains than the engine can hold.
+#[test]
+fn popping_stops_when_the_engine_is_full() {
+    let mem = memory();
+    let backend = MemoryBackend::new(CAPACITY, false);
+    let release = Arc::new(Mutex::new(Vec::new()));
+    let io = Box::new(ScriptedIo {
+        inner: backend.open_queue(2).expect("io"),
+        held: Vec::new(),
+        release: Arc::clone(&release),
+    });
+    let mut h = Harness::with_io(&mem, backend, io);
+    for i in 0..4u64 {
+        header(&mem, HDR + 0x100 * i, VIRTIO_BLK_T_FLUSH, 0);
+        h.add(&[D(HDR + 0x100 * i, 16, false), D(STATUS + i, 1, true)]);
+    }
+    h.process().expect("process");
+    assert_eq!(h.worker.queue().next_avail(), 2);
+    release.lock().expect("release").extend([0u16, 2]);
+    h.process().expect("process");
+    assert_eq!(h.used_idx(), 2);
+    assert_eq!(h.worker.queue().next_avail(), 4);
 }
 
 #[test]
@@ -311,8 +528,8 @@ fn indirect_chains_work_and_nested_indirect_is_refused() {
     assert_eq!(status(&mem, STATUS), STATUS_OK);
     assert_eq!(h.used(0).1, 513);
 
-    // A table that points at another indirect table ends the chain early: no status, but the
-    // head is still completed.
+    // A table that points at another indirect table ends the chain early, leaving no status
+    // byte: the queue stops.
     let nested = DATA + 0x9000;
     mem.write_obj(
         RawDescriptor::from(SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0)),
@@ -321,9 +538,8 @@ fn indirect_chains_work_and_nested_indirect_is_refused() {
     .expect("nested");
     let raw = RawDescriptor::from(SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT as u16, 0));
     h.mock.add_desc_chains(&[raw], 1).expect("add");
-    h.process().expect("process");
-    assert_eq!(h.used_idx(), 2);
-    assert_eq!(h.used(1).1, 0);
+    assert!(matches!(h.process(), Err(QueueError::NoStatus(1))));
+    assert_eq!(h.used_idx(), 1);
 }
 
 #[test]
@@ -334,8 +550,9 @@ fn a_descriptor_loop_is_bounded() {
     // Descriptor 0 points at itself forever.
     let raw = RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 0));
     h.mock.add_desc_chains(&[raw], 0).expect("add");
-    h.process().expect("process");
-    assert_eq!(h.used_idx(), 1);
+    // The chain is cut at the ring size; it has no writable byte, so the queue stops rather
+    // than loop or hang.
+    assert!(matches!(h.process(), Err(QueueError::NoStatus(0))));
 }
 
 #[test]

@@ -1,19 +1,21 @@
-//! The queue worker: drain available chains, validate, run them on the backend as one batch,
-//! complete them in order, and ask for one interrupt per batch.
+//! The queue worker: a pipelined engine. It pops chains whenever the backend has room,
+//! submits them under their head index, reaps completions in whatever order the backend
+//! finishes them, and publishes used entries strictly in pop order through a reorder window.
 //!
-//! Completion is strictly in the order chains were popped. That keeps `used.idx` equal to the
-//! number of chains fully handled, which is what lets a restarted server resume at
-//! `used.idx` without an in-flight log (VDUSE.md §6).
+//! Publishing in pop order keeps `used.idx` equal to the number of chains fully handled, and
+//! everything past it still owned by the device. That is what lets a server that takes a
+//! device over resume at `used.idx` without an in-flight log (VDUSE.md §6), while requests
+//! still run concurrently: a slow request delays the publication of later ones, never their
+//! execution.
 
-use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
-use super::request::{self, Action, DeviceLimits, ParseScratch, STATUS_IOERR, STATUS_OK};
-use crate::backend::{Backend, IoBuf, IoOp, QueueIo};
+use super::request::{self, Action, DataWindow, DeviceLimits, ParseScratch, STATUS_IOERR, STATUS_OK};
+use crate::backend::{Backend, Completion, IoBuf, QueueIo, SliceSource};
 
 /// A ring-level fault: the queue cannot be trusted any more and must stop.
 #[derive(Debug, thiserror::Error)]
@@ -27,25 +29,49 @@ pub enum QueueError {
     /// The same head was made available twice while in flight.
     #[error("descriptor head {0} is already in flight")]
     DuplicateHead(u16),
+    /// A chain without a writable byte inside the data window: no status could reach the
+    /// driver, which would read whatever byte was there as the answer.
+    #[error("chain {0} has no writable status byte in the mapped buffers")]
+    NoStatus(u16),
     /// The backend's I/O engine failed for good.
     #[error("the backend cannot run I/O any more")]
     Backend,
 }
 
-/// One popped chain waiting for completion.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    head: u16,
-    status_addr: Option<GuestAddress>,
-    used_len_ok: u32,
-    /// Index into the batch's ops, or the final status.
-    outcome: Outcome,
+/// The memory a worker runs on: the vrings, and the data window its requests' buffers must
+/// lie in. The window may appear only after the rings (VDUSE creates the bounce range at the
+/// driver's first DMA mapping), so the worker asks for it before it pops.
+pub trait QueueMemory: GuestMemoryBackend<R = GuestRegionMmap<()>> {
+    /// The data window, if it is mapped.
+    fn data_region(&self) -> Option<&GuestRegionMmap<()>>;
+    /// Maps the data window if it is not mapped yet; returns whether it is mapped now.
+    fn map_data_region(&mut self) -> bool;
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Outcome {
-    Op(usize),
-    Status(u8),
+/// One popped chain, from pop to publication.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pending {
+    head: u16,
+    status_addr: GuestAddress,
+    used_len_ok: u32,
+    /// The final status once known.
+    status: Option<u8>,
+}
+
+/// What one pass of [`QueueWorker::run`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Chains popped from the avail ring.
+    pub popped: usize,
+    /// Chains published to the used ring.
+    pub published: usize,
+}
+
+impl Pass {
+    /// Whether the pass did anything.
+    pub fn busy(&self) -> bool {
+        self.popped > 0 || self.published > 0
+    }
 }
 
 /// Serves one virtqueue. Owns everything it touches, so queues share no lock.
@@ -54,41 +80,37 @@ pub struct QueueWorker {
     backend: Arc<dyn Backend>,
     io: Box<dyn QueueIo>,
     limits: DeviceLimits,
-    // Tables reused across batches: no allocation per request once warmed up.
+    // Tables reused across requests: no allocation per request once warmed up.
     scratch: ParseScratch,
-    pending: Vec<Pending>,
     bufs: Vec<IoBuf>,
-    ops: Vec<IoOp>,
-    results: Vec<io::Result<()>>,
+    completions: Vec<Completion>,
+    /// The reorder window: popped chains in pop order, `window[pos % len]` for the positions
+    /// `front..back`. It never holds more than the ring size, since heads in it are distinct.
+    window: Vec<Pending>,
+    front: u64,
+    back: u64,
+    /// Window position of each head in flight.
+    position: Vec<u64>,
     in_flight: Vec<bool>,
-    /// How long to poll the ring for more work before waiting for a kick.
-    poll: Duration,
 }
 
 impl QueueWorker {
     /// A worker for `queue`, which must be configured and valid for the memory it will be
-    /// driven with.
-    /// A worker for `queue`. `poll` is how long it polls the ring for more work before it
-    /// re-enables kicks and returns (zero: not at all).
-    pub fn new(
-        queue: Queue,
-        backend: Arc<dyn Backend>,
-        io: Box<dyn QueueIo>,
-        limits: DeviceLimits,
-        poll: Duration,
-    ) -> Self {
-        let size = usize::from(queue.size());
+    /// driven with. `io` must take tags up to the ring size.
+    pub fn new(queue: Queue, backend: Arc<dyn Backend>, io: Box<dyn QueueIo>, limits: DeviceLimits) -> Self {
+        let size = usize::from(queue.size()).max(1);
         Self {
             queue,
-            poll,
             backend,
             io,
             limits,
             scratch: ParseScratch::default(),
-            pending: Vec::with_capacity(size),
-            bufs: Vec::with_capacity(size * 4),
-            ops: Vec::with_capacity(size),
-            results: Vec::with_capacity(size),
+            bufs: Vec::with_capacity(16),
+            completions: Vec::with_capacity(size),
+            window: vec![Pending::default(); size],
+            front: 0,
+            back: 0,
+            position: vec![0; size],
             in_flight: vec![false; size],
         }
     }
@@ -98,146 +120,213 @@ impl QueueWorker {
         &self.queue
     }
 
-    /// Whether the driver has made chains available that are not processed yet. One
-    /// acquire load of the avail index: cheap enough to poll.
-    pub fn has_pending<M>(&self, mem: &M) -> bool
-    where
-        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
-    {
+    /// Popped chains not yet published.
+    pub fn outstanding(&self) -> usize {
+        (self.back - self.front) as usize
+    }
+
+    /// The backend's completion notifier, if it has one (see [`QueueIo::notifier`]).
+    pub fn notifier(&self) -> Option<BorrowedFd<'_>> {
+        self.io.notifier()
+    }
+
+    /// Clears the completion notifier before the next pass reaps.
+    pub fn clear_notifier(&mut self) {
+        self.io.clear_notifier();
+    }
+
+    /// Whether the driver has made chains available that are not popped yet. One acquire
+    /// load of the avail index: cheap enough to poll.
+    pub fn has_avail<M: QueueMemory>(&self, mem: &M) -> bool {
         self.queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != self.queue.next_avail())
     }
 
-    /// Handles everything the driver has made available, re-checking after re-enabling
-    /// notifications so a kick that raced with the drain is not lost. Calls `notify` once per
-    /// batch that needs an interrupt.
-    pub fn process<M>(&mut self, mem: &M, notify: &mut dyn FnMut()) -> Result<(), QueueError>
-    where
-        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
-    {
-        loop {
-            self.queue.disable_notification(mem).map_err(QueueError::Ring)?;
-            while self.drain_batch(mem)? > 0 {
-                if self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
-                    notify();
-                }
-            }
-            // Poll briefly with kicks still off: at low queue depth the driver's next request
-            // usually comes within microseconds, and taking it here saves its kick and our
-            // wake-up.
-            if self.poll_for_work(mem) {
-                continue;
-            }
-            if !self.queue.enable_notification(mem).map_err(QueueError::Ring)? {
-                return Ok(());
-            }
-        }
+    /// Whether a pass would find work: chains to pop (with room to run them) or completions.
+    pub fn has_work<M: QueueMemory>(&self, mem: &M) -> bool {
+        self.io.has_completions() || (self.room() > 0 && self.has_avail(mem))
     }
 
-    fn poll_for_work<M>(&self, mem: &M) -> bool
-    where
-        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
-    {
-        if self.poll.is_zero() {
-            return false;
-        }
-        let deadline = Instant::now() + self.poll;
-        loop {
-            if self.has_pending(mem) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
+    /// Turns kicks off while the worker keeps coming back on its own.
+    pub fn disable_notifications<M: QueueMemory>(&mut self, mem: &M) -> Result<(), QueueError> {
+        self.queue.disable_notification(mem).map_err(QueueError::Ring)
     }
 
-    /// Pops at most one ring's worth of chains, runs them, completes them. Returns how many.
-    fn drain_batch<M>(&mut self, mem: &M) -> Result<usize, QueueError>
-    where
-        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
-    {
-        let size = self.queue.size();
-        // Capacity can grow while we serve (online expansion); read it once per batch.
-        self.limits.capacity_sectors = self.backend.capacity() / 512;
-        self.pending.clear();
-        self.bufs.clear();
-        self.ops.clear();
+    /// Turns kicks on before sleeping. Returns true if chains arrived meanwhile, so the
+    /// caller must run another pass instead of sleeping (a kick for them may never come).
+    pub fn enable_notifications<M: QueueMemory>(&mut self, mem: &M) -> Result<bool, QueueError> {
+        let more = self.queue.enable_notification(mem).map_err(QueueError::Ring)?;
+        Ok(more && self.room() > 0)
+    }
 
-        let mut fatal = None;
-        let mut iter = self.queue.iter(mem).map_err(QueueError::Ring)?;
-        // Cap the drain at the ring size: a driver that keeps adding cannot starve the rest.
-        for chain in iter.by_ref().take(usize::from(size)) {
-            let head = chain.head_index();
-            if head >= size {
-                fatal = Some(QueueError::HeadOutOfRange { head, size });
-                break;
-            }
-            let slot = &mut self.in_flight[usize::from(head)];
-            if *slot {
-                fatal = Some(QueueError::DuplicateHead(head));
-                break;
-            }
-            *slot = true;
-            let parsed = request::parse(chain, mem, &self.limits, &mut self.scratch, &mut self.bufs);
-            let outcome = match parsed.action {
-                Action::Io(op) => {
-                    self.ops.push(op);
-                    Outcome::Op(self.ops.len() - 1)
-                }
-                Action::Complete(status) => Outcome::Status(status),
-            };
-            self.pending.push(Pending {
-                head,
-                status_addr: parsed.status_addr,
-                used_len_ok: parsed.used_len_ok,
-                outcome,
-            });
-        }
-        drop(iter);
+    /// Where window position `pos` lives.
+    fn window_index(&self, pos: u64) -> usize {
+        (pos % self.window.len() as u64) as usize
+    }
 
-        self.results.clear();
-        if !self.ops.is_empty() {
-            self.io.execute(mem, &self.bufs, &self.ops, &mut self.results);
-        }
+    /// How many more chains the backend can take now.
+    fn room(&self) -> usize {
+        self.io.capacity().saturating_sub(self.io.in_flight()).min(self.window.len() - self.outstanding())
+    }
 
-        // One log line per batch, not per request: a failing disk must not flood the logs.
-        if let Some((i, e)) = self.results.iter().enumerate().find_map(|(i, r)| r.as_ref().err().map(|e| (i, e))) {
-            let failed = self.results.iter().filter(|r| r.is_err()).count();
-            tracing::warn!(error = %e, op = ?self.ops[i], failed, "backend I/O failed");
-        }
-        for p in &self.pending {
-            let status = match p.outcome {
-                Outcome::Status(s) => s,
-                Outcome::Op(i) => match self.results.get(i) {
-                    Some(Ok(())) => STATUS_OK,
-                    Some(Err(_)) | None => STATUS_IOERR,
-                },
-            };
-            if status != STATUS_OK {
-                tracing::debug!(head = p.head, status, "request completed with an error");
+    /// One pass: reap what finished, pop and submit what fits, publish the finished prefix of
+    /// the window, and ask for one interrupt if anything was published. On a ring fault the
+    /// queue is drained (every popped chain completed) before the error is returned.
+    pub fn run<M: QueueMemory>(&mut self, mem: &mut M, notify: &mut dyn FnMut()) -> Result<Pass, QueueError> {
+        let mut pass = Pass::default();
+        self.reap();
+        let popped = self.pop(mem);
+        pass.popped = match popped {
+            Ok(n) => n,
+            Err(fault) => {
+                self.drain(mem, notify)?;
+                return Err(fault);
             }
-            let mut used_len = 0;
-            if let Some(addr) = p.status_addr {
-                // The status address was validated by the parser; a failure here means the
-                // mapping went away under us, and the chain still gets completed.
-                if mem.write_obj(status, addr).is_ok() {
-                    used_len = if status == STATUS_OK { p.used_len_ok } else { 1 };
-                }
-            }
-            self.in_flight[usize::from(p.head)] = false;
-            self.queue.add_used(mem, p.head, used_len).map_err(QueueError::Ring)?;
-        }
-        // The chains popped before a ring fault were valid and are completed above, so the
-        // driver is not left waiting on them; the queue itself stops here.
-        if let Some(fault) = fatal {
-            return Err(fault);
+        };
+        self.io.commit();
+        // A synchronous engine has finished already; an asynchronous one may have too.
+        self.reap();
+        pass.published = self.publish(mem)?;
+        if pass.published > 0 && self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
+            notify();
         }
         if !self.io.healthy() {
+            self.drain(mem, notify)?;
             return Err(QueueError::Backend);
         }
-        Ok(self.pending.len())
+        Ok(pass)
+    }
+
+    /// Waits for every submitted operation and publishes every popped chain: nothing of this
+    /// worker is in flight afterwards, so its memory may be unmapped. Chains not popped stay
+    /// in the avail ring for whoever serves the queue next.
+    pub fn drain<M: QueueMemory>(&mut self, mem: &mut M, notify: &mut dyn FnMut()) -> Result<(), QueueError> {
+        let mut published = 0;
+        loop {
+            self.reap();
+            published += self.publish(mem)?;
+            if self.io.in_flight() == 0 {
+                break;
+            }
+            self.io.wait();
+        }
+        if published > 0 && self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
+            notify();
+        }
+        Ok(())
+    }
+
+    /// Moves finished operations into the window.
+    fn reap(&mut self) {
+        self.completions.clear();
+        self.io.reap(&mut self.completions);
+        if self.completions.is_empty() {
+            return;
+        }
+        // One log line per reap, not per request: a failing disk must not flood the logs.
+        let mut failed = 0;
+        for c in &self.completions {
+            let head = usize::from(c.tag);
+            if !self.in_flight.get(head).copied().unwrap_or(false) {
+                tracing::error!(head, "the backend completed a request that is not in flight");
+                continue;
+            }
+            let at = self.window_index(self.position[head]);
+            let slot = &mut self.window[at];
+            slot.status = Some(match &c.result {
+                Ok(()) => STATUS_OK,
+                Err(e) => {
+                    if failed == 0 {
+                        tracing::warn!(error = %e, head, "backend I/O failed");
+                    }
+                    failed += 1;
+                    STATUS_IOERR
+                }
+            });
+        }
+        if failed > 1 {
+            tracing::warn!(failed, "backend I/O failed for several requests");
+        }
+    }
+
+    /// Pops as many chains as there is room for and submits them. A chain that needs no I/O
+    /// (a bad request, GET_ID) gets its status at once.
+    fn pop<M: QueueMemory>(&mut self, mem: &mut M) -> Result<usize, QueueError> {
+        let room = self.room();
+        if room == 0 || !self.has_avail(mem) {
+            return Ok(0);
+        }
+        // The driver mapped these chains' buffers before it made them available, so the data
+        // window exists now if it ever will. Until it is mapped, nothing is popped: a chain
+        // read without it could not even be given a status.
+        if !mem.map_data_region() {
+            return Ok(0);
+        }
+        let mem = &*mem;
+        let Some(region) = mem.data_region() else { return Ok(0) };
+        let data = DataWindow(region);
+        // Capacity can grow while we serve (online expansion).
+        self.limits.capacity_sectors = self.backend.capacity() / 512;
+        let size = self.queue.size();
+        let mut popped = 0;
+        let mut iter = self.queue.iter(mem).map_err(QueueError::Ring)?;
+        for chain in iter.by_ref().take(room) {
+            let head = chain.head_index();
+            if head >= size {
+                return Err(QueueError::HeadOutOfRange { head, size });
+            }
+            if self.in_flight[usize::from(head)] {
+                return Err(QueueError::DuplicateHead(head));
+            }
+            self.bufs.clear();
+            let parsed = request::parse(chain, &data, &self.limits, &mut self.scratch, &mut self.bufs);
+            let Some(status_addr) = parsed.status_addr else {
+                return Err(QueueError::NoStatus(head));
+            };
+            let status = match parsed.action {
+                Action::Complete(status) => Some(status),
+                Action::Io(_) => None,
+            };
+            if let Some(s) = status.filter(|s| *s != STATUS_OK) {
+                tracing::debug!(head, status = s, "request refused");
+            }
+            let pos = self.back;
+            let at = (pos % self.window.len() as u64) as usize;
+            self.window[at] = Pending { head, status_addr, used_len_ok: parsed.used_len_ok, status };
+            self.position[usize::from(head)] = pos;
+            self.in_flight[usize::from(head)] = true;
+            self.back += 1;
+            popped += 1;
+            if let Action::Io(op) = parsed.action {
+                self.io.submit(&data, &self.bufs, op, head);
+            }
+        }
+        Ok(popped)
+    }
+
+    /// Publishes the finished prefix of the window, in pop order. Returns how many.
+    fn publish<M: QueueMemory>(&mut self, mem: &M) -> Result<usize, QueueError> {
+        let mut published = 0;
+        while self.front < self.back {
+            let p = self.window[self.window_index(self.front)];
+            let Some(status) = p.status else { break };
+            // The status byte was validated inside the data window, which stays mapped while
+            // anything is in flight.
+            let written = mem
+                .data_region()
+                .and_then(|r| DataWindow(r).slice(p.status_addr, 1).map(|s| s.copy_from(&[status])))
+                .is_some();
+            let used_len = match (written, status) {
+                (false, _) => 0,
+                (true, STATUS_OK) => p.used_len_ok,
+                (true, _) => 1,
+            };
+            self.in_flight[usize::from(p.head)] = false;
+            self.front += 1;
+            self.queue.add_used(mem, p.head, used_len).map_err(QueueError::Ring)?;
+            published += 1;
+        }
+        Ok(published)
     }
 }

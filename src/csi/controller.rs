@@ -9,9 +9,10 @@ use tonic::{Request, Response, Status};
 use super::proto::controller_server::Controller;
 use super::proto::*;
 use super::{
-    DEFAULT_CAPACITY, Error, MIB, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking, required,
-    volume_id,
+    DEFAULT_CAPACITY, Error, MIB, PARAM_CACHE, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking,
+    required, volume_id,
 };
+use crate::backend::CacheMode;
 use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
 
 /// Parameters external-provisioner adds with --extra-create-metadata; accepted and ignored.
@@ -111,7 +112,7 @@ fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Re
 
 /// Validates StorageClass parameters; returns the ones we keep.
 fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<String, String>)> {
-    let mut queues = 1;
+    let mut queues = crate::server::default_queues();
     let mut kept = BTreeMap::new();
     for (k, v) in params {
         match k.as_str() {
@@ -124,10 +125,16 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<S
                 })?;
                 kept.insert(k.clone(), v.clone());
             }
+            PARAM_CACHE => {
+                CacheMode::parse(v).ok_or_else(|| {
+                    Error::InvalidArgument(format!("parameter {PARAM_CACHE}={v:?}: use none or writeback"))
+                })?;
+                kept.insert(k.clone(), v.clone());
+            }
             k if METADATA_PARAMS.contains(&k) => {}
             k => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE} and {PARAM_QUEUES}"
+                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES} and {PARAM_CACHE}"
                 )));
             }
         }

@@ -38,6 +38,8 @@ pub const DEFAULT_ENDPOINT: &str = "unix:///run/vduse-csi/csi.sock";
 pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
 /// StorageClass parameter: number of virtqueues.
 pub const PARAM_QUEUES: &str = "queues";
+/// StorageClass parameter: how image I/O uses the node's page cache (`none`, `writeback`).
+pub const PARAM_CACHE: &str = "cache";
 /// Smallest volume and allocation unit.
 pub const MIB: u64 = 1 << 20;
 /// Size of a volume created without a capacity range.

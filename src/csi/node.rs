@@ -13,6 +13,7 @@ use super::controller::{capacity_for, check_capability};
 use super::proto::node_server::Node;
 use super::proto::*;
 use super::{Error, Plugin, Result, blocking, required, volume_id};
+use crate::backend::CacheMode;
 use crate::backend::FileBackend;
 use crate::host;
 use crate::server::{DeviceOptions, DeviceServer};
@@ -56,12 +57,15 @@ fn reader_only(mode: i32) -> bool {
 /// Starts serving a volume's image and returns the server.
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
     let image = plugin.store.image_path(&meta.spec.id)?;
-    let backend = FileBackend::open(&image, None, false).map_err(|e| Error::Internal(e.to_string()))?;
+    // Validated at CreateVolume; metadata from an older release has none.
+    let cache = meta.spec.parameters.get(super::PARAM_CACHE).and_then(|c| CacheMode::parse(c)).unwrap_or_default();
+    let backend = FileBackend::open(&image, None, false, cache).map_err(|e| Error::Internal(e.to_string()))?;
     let opts = DeviceOptions {
         name: device_name(&meta.spec.id),
         num_queues: meta.spec.queues.max(1),
         queue_size: QUEUE_SIZE,
         msg_timeout: 0,
+        poll: crate::server::DEFAULT_POLL,
     };
     Ok(DeviceServer::start(&opts, Arc::new(backend))?)
 }

@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -12,6 +13,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
 };
 
+use super::health::{Health, StopSignal};
 use super::queue_thread::{self, QueueStart};
 use super::{Error, Result};
 use crate::backend::Backend;
@@ -33,18 +35,20 @@ pub(super) struct DeviceShape {
     pub num_queues: u16,
     pub queue_size: u16,
     pub limits: DeviceLimits,
+    /// Polling ceiling of the queue threads.
+    pub poll: Duration,
 }
 
 /// Running queue workers of one DRIVER_OK period. Dropping it stops and joins them, so no
 /// error path can leave a worker touching rings the driver may reallocate.
 struct Datapath {
-    stop: Arc<EventFd>,
+    stop: Arc<StopSignal>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
+        self.stop.request();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -55,6 +59,7 @@ pub(super) struct ControlLoop {
     dev: Arc<VduseDevice>,
     backend: Arc<dyn Backend>,
     shape: DeviceShape,
+    health: Arc<Health>,
     status: u8,
     features: u64,
     datapath: Option<Datapath>,
@@ -63,8 +68,8 @@ pub(super) struct ControlLoop {
 }
 
 impl ControlLoop {
-    pub fn new(dev: Arc<VduseDevice>, backend: Arc<dyn Backend>, shape: DeviceShape) -> Self {
-        Self { dev, backend, shape, status: 0, features: 0, datapath: None, progress: Vec::new() }
+    pub fn new(dev: Arc<VduseDevice>, backend: Arc<dyn Backend>, shape: DeviceShape, health: Arc<Health>) -> Self {
+        Self { dev, backend, shape, health, status: 0, features: 0, datapath: None, progress: Vec::new() }
     }
 
     /// `VDUSE_VQ_SETUP` for every queue; attach fails with EINVAL if any has size 0.
@@ -95,7 +100,7 @@ impl ControlLoop {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::error!(device = %self.shape.name, error = %e, "poll failed; control loop exits");
+                    self.health.degrade(format!("control loop: poll failed: {e}"));
                     break;
                 }
             }
@@ -104,7 +109,9 @@ impl ControlLoop {
                 break;
             }
             if dev_events.contains(PollFlags::POLLERR) {
-                tracing::error!(device = %self.shape.name, "the kernel marked the device broken (a message timed out); it must be removed");
+                self.health.degrade(
+                    "the kernel marked the device broken (a control message timed out); it must be removed".into(),
+                );
                 break;
             }
             loop {
@@ -118,7 +125,7 @@ impl ControlLoop {
                     Ok(None) => break,
                     Err(e) => {
                         // Not EAGAIN: the fd is unusable; polling it again would spin.
-                        tracing::error!(device = %self.shape.name, error = %e, "cannot read a control message; control loop exits");
+                        self.health.degrade(format!("cannot read a control message: {e}"));
                         self.stop_datapath();
                         return;
                     }
@@ -158,7 +165,7 @@ impl ControlLoop {
                 if self.datapath.is_some() {
                     self.stop_datapath();
                     if let Err(e) = self.start_datapath(true) {
-                        tracing::error!(device = %self.shape.name, error = %e, "cannot restart the datapath");
+                        self.health.degrade(format!("cannot restart the datapath: {e}"));
                         return failed;
                     }
                 }
@@ -198,7 +205,7 @@ impl ControlLoop {
         }
         if newly & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0 {
             if let Err(e) = self.start_datapath(false) {
-                tracing::error!(device = %self.shape.name, error = %e, "cannot start the datapath");
+                self.health.degrade(format!("cannot start the datapath: {e}"));
                 return false;
             }
         }
@@ -208,8 +215,7 @@ impl ControlLoop {
 
     fn start_datapath(&mut self, recover: bool) -> Result<()> {
         self.stop_datapath();
-        let stop =
-            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let stop = Arc::new(StopSignal::new().map_err(Error::EventFd)?);
         let mut datapath = Datapath { stop: Arc::clone(&stop), workers: Vec::new() };
         self.progress.clear();
         for index in 0..MAX_QUEUES {
@@ -238,6 +244,8 @@ impl ControlLoop {
                 stop: Arc::clone(&stop),
                 recover,
                 progress,
+                poll: self.shape.poll,
+                health: Arc::clone(&self.health),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vduse-q{index}-{}", self.shape.name))

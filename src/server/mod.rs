@@ -2,6 +2,7 @@
 //! attach → per-queue workers at DRIVER_OK → detach → destroy.
 
 mod control_loop;
+mod health;
 mod queue_thread;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,17 @@ use crate::blk::{DeviceLimits, config};
 use crate::vduse::{self, VduseControl, VduseDevice, control::DeviceConfig, netlink, sysfs};
 
 use control_loop::{ControlLoop, DeviceShape};
+pub use health::{Health, HealthState};
+
+/// How long a queue thread polls for more work after its last request, by default.
+pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
+
+/// Queues a device gets by default: one per CPU, at most four. virtio_blk maps its blk-mq
+/// hardware queues onto them, so requests from different CPUs stop contending for one ring.
+pub fn default_queues() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.clamp(1, 4) as u16
+}
 
 /// How long to wait for `/dev/vdX` after attach returned.
 const BLOCK_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,6 +69,9 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Seconds the kernel waits for a control-message answer; 0 = forever.
     pub msg_timeout: u32,
+    /// Longest time a queue thread polls for more work after its last request before it
+    /// sleeps until a kick; zero never polls.
+    pub poll: Duration,
 }
 
 impl DeviceOptions {
@@ -72,9 +87,28 @@ impl DeviceOptions {
                 self.queue_size
             )));
         }
+        if self.poll > Duration::from_millis(10) {
+            return Err(Error::InvalidOption(format!("poll time must be at most 10 ms, not {:?}", self.poll)));
+        }
         Ok(())
     }
+
+    /// Size of the bounce region: every request the queues can hold, each as large as the
+    /// host sends them, must fit at once, or the driver stalls waiting for bounce space
+    /// (VDUSE.md §5). Clamped to what the kernel accepts.
+    pub fn bounce_size(&self) -> u64 {
+        // Pages per request: the data at the host's largest request size, plus a header, a
+        // status byte and an indirect table, each of which takes a page of its own.
+        let pages = config::MAX_REQUEST_BYTES.div_ceil(4096) + 3;
+        let want = u64::from(self.num_queues) * u64::from(self.queue_size) * pages * 4096;
+        want.clamp(MIN_BOUNCE_SIZE, MAX_BOUNCE_SIZE)
+    }
 }
+
+/// The kernel's default bounce region, also our floor.
+const MIN_BOUNCE_SIZE: u64 = 64 << 20;
+/// The largest bounce region VDUSE accepts.
+const MAX_BOUNCE_SIZE: u64 = 1 << 30;
 
 /// A running device. Stop it with [`DeviceServer::stop`]; dropping it leaves the device
 /// attached but unserved, exactly like a crash, so the next server can recover it.
@@ -89,6 +123,7 @@ pub struct DeviceServer {
     recovered: bool,
     /// Set once the vdpa device is deleted.
     detached: bool,
+    health: Arc<Health>,
 }
 
 impl DeviceServer {
@@ -104,6 +139,7 @@ impl DeviceServer {
             num_queues: opts.num_queues,
             queue_size: opts.queue_size,
             limits: limits(&opts.name, opts.queue_size, backend.as_ref()),
+            poll: opts.poll,
         };
         let cfg = DeviceConfig {
             name: opts.name.clone(),
@@ -112,6 +148,7 @@ impl DeviceServer {
             num_queues: u32::from(opts.num_queues),
             config: config::config_space(backend.capacity(), opts.num_queues, opts.queue_size).to_vec(),
         };
+        let health = Arc::new(Health::default());
 
         let recovered = match control.create(&cfg) {
             Ok(()) => false,
@@ -127,7 +164,7 @@ impl DeviceServer {
             }
             Err(e) => return Err(e.into()),
         };
-        let started = Self::start_serving(opts, &backend, shape, recovered);
+        let started = Self::start_serving(opts, &backend, shape, recovered, &health);
         let (dev, stop, control_thread) = match started {
             Ok(parts) => parts,
             Err(e) => {
@@ -149,6 +186,7 @@ impl DeviceServer {
             control: Some(control_thread),
             recovered,
             detached: false,
+            health,
         };
         if !recovered {
             if let Err(e) = netlink::dev_add(&opts.name) {
@@ -176,14 +214,24 @@ impl DeviceServer {
         backend: &Arc<dyn Backend>,
         shape: DeviceShape,
         recovered: bool,
+        health: &Arc<Health>,
     ) -> Result<(Arc<VduseDevice>, Arc<EventFd>, JoinHandle<()>)> {
         // Raise the message timeout before anything can send a message: a slow moment must
         // not mark the device broken for good.
         sysfs::set_msg_timeout(&opts.name, opts.msg_timeout)?;
+        if !recovered {
+            // Only possible before the first attach; a device taken over keeps its size.
+            let bytes = opts.bounce_size();
+            match sysfs::set_bounce_size(&opts.name, bytes) {
+                Ok(()) => tracing::debug!(device = %opts.name, bytes, "bounce region sized"),
+                // Kernels before 6.4 have a fixed 64 MiB region.
+                Err(e) => tracing::warn!(device = %opts.name, error = %e, "cannot size the bounce region"),
+            }
+        }
         let dev = Arc::new(VduseDevice::open(&opts.name)?);
         let stop =
             Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(backend), shape);
+        let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(backend), shape, Arc::clone(health));
         control_loop.setup_queues()?;
         if recovered {
             control_loop.recover()?;
@@ -201,6 +249,11 @@ impl DeviceServer {
     /// The host block device (`/dev/vdX`).
     pub fn block_device(&self) -> &Path {
         &self.block_device
+    }
+
+    /// Whether every thread of the server still runs.
+    pub fn health(&self) -> HealthState {
+        self.health.state()
     }
 
     /// Whether this server took over a device left by a previous one.
@@ -292,8 +345,9 @@ fn limits(name: &str, queue_size: u16, backend: &dyn Backend) -> DeviceLimits {
     DeviceLimits {
         capacity_sectors: backend.capacity() / 512,
         read_only: backend.read_only(),
-        // Linux uses at most seg_max + 2 descriptors; allow the whole ring, never more.
-        max_descriptors: usize::from(queue_size),
+        // Linux uses at most seg_max + 2 descriptors (header and status).
+        max_descriptors: config::seg_max(queue_size) as usize + 2,
+        // Far above what the host sends by default (an operator may raise max_sectors_kb).
         max_request_bytes: 256 << 20,
         max_discard_sectors: config::MAX_DISCARD_SECTORS,
         serial,
@@ -331,16 +385,18 @@ pub fn remove_stale(name: &str) -> Result<()> {
         num_queues: 0,
         queue_size: 0,
         limits: limits(name, 1024, backend.as_ref()),
+        poll: Duration::ZERO,
     };
     let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
-    let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape);
+    let health = Arc::new(Health::default());
+    let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape, Arc::clone(&health));
     control_loop.recover()?;
     let stop_thread = Arc::clone(&stop);
     let handle = std::thread::Builder::new()
         .name(format!("vduse-rm-{name}"))
         .spawn(move || control_loop.run(&stop_thread))
         .map_err(Error::Thread)?;
-    let mut server = DeviceServer::from_parts(name, backend, dev, stop, handle);
+    let mut server = DeviceServer::from_parts(name, backend, dev, stop, handle, health);
     server.teardown()
 }
 
@@ -351,6 +407,7 @@ impl DeviceServer {
         dev: Arc<VduseDevice>,
         stop: Arc<EventFd>,
         control: JoinHandle<()>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             name: name.to_owned(),
@@ -361,6 +418,7 @@ impl DeviceServer {
             control: Some(control),
             recovered: true,
             detached: false,
+            health,
         }
     }
 }

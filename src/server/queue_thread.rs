@@ -1,17 +1,19 @@
-//! One virtqueue's thread: maps the ring, then waits for kicks and runs the blk worker.
+//! One virtqueue's thread: maps the ring, then alternates between passes of the blk worker
+//! and one wait on its kick eventfd, the backend's completion notifier and the stop signal.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
+use super::health::{Health, StopSignal};
 use crate::backend::Backend;
-use crate::blk::{DeviceLimits, QueueWorker};
+use crate::blk::{DeviceLimits, QueueMemory, QueueWorker};
 use crate::vduse::uapi::vduse_vq_info;
 use crate::vduse::{IovaMemory, VduseDevice};
 
@@ -24,29 +26,63 @@ pub(super) struct QueueStart {
     pub backend: Arc<dyn Backend>,
     pub limits: DeviceLimits,
     pub kick: EventFd,
-    pub stop: Arc<EventFd>,
+    pub stop: Arc<StopSignal>,
     /// Resume from the used ring instead of the driver's initial index.
     pub recover: bool,
     pub progress: Arc<AtomicU16>,
+    /// Longest time to poll for more work after the last request before sleeping.
+    pub poll: Duration,
+    pub health: Arc<Health>,
 }
 
-/// How long a queue thread polls its ring for new work before it waits for a kick.
-const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
+/// The device's IOVA space as the blk worker sees it: the bounce range is the data window.
+struct DeviceMemory {
+    dev: Arc<VduseDevice>,
+    iova: IovaMemory,
+}
+
+impl GuestMemoryBackend for DeviceMemory {
+    type R = GuestRegionMmap<()>;
+
+    fn num_regions(&self) -> usize {
+        self.iova.num_regions()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&Self::R> {
+        self.iova.find_region(addr)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Self::R> {
+        self.iova.iter()
+    }
+}
+
+impl QueueMemory for DeviceMemory {
+    fn data_region(&self) -> Option<&GuestRegionMmap<()>> {
+        self.iova.bounce()
+    }
+
+    fn map_data_region(&mut self) -> bool {
+        self.iova.ensure_bounce(&self.dev)
+    }
+}
 
 pub(super) fn run(start: QueueStart) {
     let name = start.dev.name().to_owned();
     let index = start.index;
+    let health = Arc::clone(&start.health);
     if let Err(e) = serve(start) {
         tracing::error!(device = %name, queue = index, error = %e, "queue stopped");
+        health.degrade(format!("queue {index} stopped: {e}"));
     }
 }
 
 fn serve(s: QueueStart) -> Result<(), String> {
-    let mut mem = IovaMemory::new();
+    let mut mem = DeviceMemory { dev: Arc::clone(&s.dev), iova: IovaMemory::new() };
     for addr in [s.info.desc_addr, s.info.driver_addr, s.info.device_addr] {
-        mem.map_iova(&s.dev, addr).map_err(|e| e.to_string())?;
+        mem.iova.map_iova(&s.dev, addr).map_err(|e| e.to_string())?;
     }
-    mem.ensure_bounce(&s.dev);
+    mem.map_data_region();
 
     let size = u16::try_from(s.info.num).map_err(|_| format!("ring size {} too large", s.info.num))?;
     let mut queue = Queue::new(size.max(1)).map_err(|e| e.to_string())?;
@@ -65,8 +101,8 @@ fn serve(s: QueueStart) -> Result<(), String> {
         return Err(format!("ring addresses are invalid: {:?}", s.info));
     }
     if s.recover {
-        // Completion is in order, so everything before used.idx is done and everything after
-        // it is still owned by us: resume there.
+        // Publication is in pop order, so everything before used.idx is done and everything
+        // after it is still owned by us: resume there.
         let used = queue.used_idx(&mem, Ordering::Acquire).map_err(|e| e.to_string())?;
         queue.set_next_avail(used.0);
         queue.set_next_used(used.0);
@@ -83,8 +119,8 @@ fn serve(s: QueueStart) -> Result<(), String> {
         "queue started"
     );
 
-    let io = s.backend.open_queue().map_err(|e| e.to_string())?;
-    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits, POLL_BEFORE_SLEEP);
+    let io = s.backend.open_queue(size).map_err(|e| e.to_string())?;
+    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits.clone());
     let dev = Arc::clone(&s.dev);
     let index = s.index;
     let mut notify = || {
@@ -96,22 +132,64 @@ fn serve(s: QueueStart) -> Result<(), String> {
         // Completions may have been published but not signalled before the old server died.
         notify();
     }
-    loop {
-        // Process first: a kick that came before our kickfd existed, or work left by a
-        // previous server, must not wait for the next kick.
-        mem.ensure_bounce(&s.dev);
-        worker.process(&mem, &mut notify).map_err(|e| e.to_string())?;
-        s.progress.store(worker.queue().next_avail(), Ordering::Release);
+    let result = serve_loop(&s, &mut mem, &mut worker, &mut notify);
+    // Whatever ended the loop, nothing may stay in flight once `mem` is unmapped.
+    if let Err(e) = worker.drain(&mut mem, &mut notify) {
+        tracing::warn!(device = s.dev.name(), queue = s.index, error = %e, "draining the queue failed");
+    }
+    result.map_err(|e| e.to_string())
+}
 
-        let mut fds = [PollFd::new(s.kick.as_fd(), PollFlags::POLLIN), PollFd::new(s.stop.as_fd(), PollFlags::POLLIN)];
+/// Passes and waits until the stop signal or a fault. Kicks stay off while the worker keeps
+/// finding work, and for up to `s.poll` after the last request (requests at low queue depth
+/// usually follow within microseconds, and taking them here saves a kick and a wake-up);
+/// then kicks are re-enabled and the thread sleeps in one `poll` on the kick eventfd, the
+/// backend's completion notifier and the stop signal.
+fn serve_loop(
+    s: &QueueStart,
+    mem: &mut DeviceMemory,
+    worker: &mut QueueWorker,
+    notify: &mut dyn FnMut(),
+) -> Result<(), String> {
+    let mut last_work: Option<Instant> = None;
+    loop {
+        if s.stop.requested() {
+            return Ok(());
+        }
+        let pass = worker.run(mem, notify).map_err(|e| e.to_string())?;
+        if pass.popped > 0 {
+            s.progress.store(worker.queue().next_avail(), Ordering::Release);
+        }
+        if pass.busy() {
+            last_work = Some(Instant::now());
+            continue;
+        }
+        if let Some(t) = last_work.filter(|_| !s.poll.is_zero()) {
+            let deadline = t + s.poll;
+            while !worker.has_work(mem) && !s.stop.requested() && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            if worker.has_work(mem) {
+                continue;
+            }
+        }
+        if worker.enable_notifications(mem).map_err(|e| e.to_string())? {
+            continue;
+        }
+        last_work = None;
+        let stop = s.stop.fd().as_fd();
+        let mut fds = [
+            PollFd::new(s.kick.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop, PollFlags::POLLIN),
+            PollFd::new(worker.notifier().unwrap_or(stop), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
-        if fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
-            return Ok(());
-        }
-        // Reset the kick counter; EAGAIN just means a spurious wake-up.
+        // Reset the kick counter and the notifier; EAGAIN just means it was not signalled.
         let _ = s.kick.read();
+        worker.clear_notifier();
+        worker.disable_notifications(mem).map_err(|e| e.to_string())?;
     }
 }

@@ -69,15 +69,22 @@ impl IovaMemory {
         Ok(())
     }
 
-    /// Maps the bounce range if the kernel has created it. The range appears with the first
-    /// DMA mapping after attach or reset, which is after the vrings exist, so workers call
-    /// this before each drain; once mapped it is a single `is_some` check.
-    pub fn ensure_bounce(&mut self, dev: &VduseDevice) {
+    /// Maps the bounce range if the kernel has created it; returns whether it is mapped. The
+    /// range appears with the first DMA mapping after attach or reset, which is after the
+    /// vrings exist, so workers call this before they pop; once mapped it is a single
+    /// `is_some` check.
+    pub fn ensure_bounce(&mut self, dev: &VduseDevice) -> bool {
         if self.bounce.is_none() {
             if let Err(e) = self.map_iova(dev, 0) {
-                tracing::trace!(device = dev.name(), error = %e, "bounce range not mapped yet");
+                tracing::debug!(device = dev.name(), error = %e, "bounce range not mapped yet");
             }
         }
+        self.bounce.is_some()
+    }
+
+    /// The bounce range, where every request buffer lies, if mapped.
+    pub fn bounce(&self) -> Option<&GuestRegionMmap<()>> {
+        self.bounce.as_ref()
     }
 }
 

@@ -19,6 +19,23 @@ pub fn set_msg_timeout(name: &str, seconds: u32) -> Result<()> {
     std::fs::write(&path, seconds.to_string()).map_err(sysfs_err(&path))
 }
 
+/// Sets the size of the device's bounce region, where every in-flight request's buffers live.
+/// Only possible before the device is first attached (the kernel answers EPERM after).
+pub fn set_bounce_size(name: &str, bytes: u64) -> Result<()> {
+    let path = PathBuf::from(format!("{VDUSE_CLASS}/{name}/bounce_size"));
+    std::fs::write(&path, bytes.to_string()).map_err(sysfs_err(&path))
+}
+
+/// Reads the size of the device's bounce region.
+pub fn bounce_size(name: &str) -> Result<u64> {
+    let path = PathBuf::from(format!("{VDUSE_CLASS}/{name}/bounce_size"));
+    let text = std::fs::read_to_string(&path).map_err(sysfs_err(&path))?;
+    text.trim().parse().map_err(|_| Error::Sysfs {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_owned()),
+    })
+}
+
 /// Reads the message timeout of a device.
 pub fn msg_timeout(name: &str) -> Result<u32> {
     let path = PathBuf::from(format!("{VDUSE_CLASS}/{name}/msg_timeout"));
