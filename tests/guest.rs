@@ -108,6 +108,26 @@ fn bad_command_lines_are_refused() {
 }
 
 #[test]
+fn sigkill_five_times_under_fio_verify_loses_nothing() {
+    check("kill9_under_fio_verify");
+}
+
+#[test]
+fn sigterm_under_load_stops_promptly_with_writes_durable() {
+    check("sigterm_under_load");
+}
+
+#[test]
+fn a_one_mib_request_arrives_as_one_request() {
+    check("one_mib_request_is_one_request");
+}
+
+#[test]
+fn odirect_and_misaligned_requests_verify() {
+    check("odirect_misaligned_verify");
+}
+
+#[test]
 fn every_guest_test_has_a_host_check() {
     // A test added to device-tests.sh without a check here would run unseen.
     let run = guest_run().as_ref().expect("guest run");
@@ -121,6 +141,10 @@ fn every_guest_test_has_a_host_check() {
         "sigkill_then_restart_recovers",
         "remove_stale_device",
         "bad_input_is_refused",
+        "kill9_under_fio_verify",
+        "sigterm_under_load",
+        "one_mib_request_is_one_request",
+        "odirect_misaligned_verify",
     ];
     for name in run.verdicts.keys() {
         assert!(known.contains(&name.as_str()), "guest test {name} has no #[test] here");

@@ -56,7 +56,10 @@ pub struct FileBackend {
 /// Opens the image a second time with `O_DIRECT`, or says why not.
 fn open_direct(path: &Path, read_only: bool) -> Option<File> {
     match OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => Some(file),
+        Ok(file) => {
+            tracing::debug!(image = %path.display(), "aligned I/O bypasses the page cache (O_DIRECT)");
+            Some(file)
+        }
         Err(e) => {
             tracing::warn!(image = %path.display(), error = %e, "the image's filesystem refuses O_DIRECT; using the page cache");
             None

@@ -24,10 +24,11 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 
-/// Alignment that lets an operation use the `O_DIRECT` file: the logical block size every
-/// Linux block device accepts. A device with larger blocks answers EINVAL, and the operation
-/// is retried through the page cache.
-const DIRECT_ALIGN: u64 = 512;
+/// Alignment (offset, lengths, addresses) that lets an operation use the `O_DIRECT` file: the
+/// page size, which covers disks with 4 KiB logical blocks as well as 512-byte ones, and is
+/// what the host's page-aligned requests have anyway. A filesystem that wants more answers
+/// EINVAL, and the operation is retried through the page cache.
+const DIRECT_ALIGN: u64 = 4096;
 
 /// Fixed-file index of the image opened without `O_DIRECT`.
 const BUFFERED: types::Fixed = types::Fixed(0);
