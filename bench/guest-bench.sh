@@ -1,51 +1,61 @@
 #!/usr/bin/env bash
 # Runs INSIDE the VDUSE guest (started by bench/run.sh): the same fio jobs on the same image
-# through three block devices, one after another in this one boot:
-#   vduse-csi   our `vduse-csi device serve`
-#   qsd         qemu-storage-daemon --export vduse-blk (QEMU's C implementation)
+# through four block devices, in interleaved rounds within this one boot:
+#   vduse-csi   our `vduse-csi device serve` (default cache mode: O_DIRECT)
+#   qsd         qemu-storage-daemon --export vduse-blk (QEMU's C implementation), with an
+#               iothread, O_DIRECT and Linux AIO
+#   rublk       rublk's ublk loop target (a ublk server in Rust), O_DIRECT
 #   loop        the kernel loop device with direct I/O (the in-kernel ceiling)
-# and prints one table. Everything in the guest is emulated (TCG): compare ratios, not
-# absolute figures.
+# Every target has BENCH_QUEUES queues (loop has its own). One more row runs our device with
+# a single queue, to show what the second queue buys. Each round brings every target up in
+# turn and runs every job; the table shows each job's median over the rounds. Everything in
+# the guest is emulated (TCG): compare ratios, not absolute figures.
 set -euo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
 OUT=${GUEST_OUT_DIR:?}
-RUNTIME=${BENCH_RUNTIME:-8}
+RUNTIME=${BENCH_RUNTIME:-5}
 SIZE_MB=${BENCH_SIZE_MB:-512}
-QUEUES=${BENCH_QUEUES:-1}
-PEERS=${BENCH_PEERS:-vduse-csi qsd loop}
+QUEUES=${BENCH_QUEUES:-2}
+ROUNDS=${BENCH_ROUNDS:-3}
+PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop}
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 W=/tmp/bench
 mkdir -p "$W"
 img=$W/bench.img
-# Fill the whole image so reads hit data, not holes.
+# Fill the whole image so reads hit data, not holes; every target serves this same file.
 dd if=/dev/urandom of="$img" bs=1M count="$SIZE_MB" status=none
 
-# name rw bs iodepth
+# name rw bs iodepth numjobs
 JOBS=(
-    "randread-4k-qd1 randread 4k 1"
-    "randread-4k-qd32 randread 4k 32"
-    "randwrite-4k-qd1 randwrite 4k 1"
-    "randwrite-4k-qd32 randwrite 4k 32"
-    "read-1m-qd8 read 1M 8"
-    "write-1m-qd8 write 1M 8"
+    "randread-4k-qd1 randread 4k 1 1"
+    "randread-4k-qd32 randread 4k 32 1"
+    "randwrite-4k-qd1 randwrite 4k 1 1"
+    "randwrite-4k-qd32 randwrite 4k 32 1"
+    "read-1m-qd8 read 1M 8 1"
+    "write-1m-qd8 write 1M 8 1"
+    "randread-4k-2x32 randread 4k 32 2"
 )
 
-# run_jobs PEER DEV: one line per job: PEER JOB IOPS MiB/s
-run_jobs() {
-    local peer=$1 dev=$2 j name rw bs qd line iops kib
-    for j in "${JOBS[@]}"; do
-        read -r name rw bs qd <<<"$j"
-        line=$(fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
-            --iodepth="$qd" --runtime="$RUNTIME" --ramp_time=1 --time_based --size="${SIZE_MB}M" \
-            --randrepeat=0 --norandommap --output-format=terse --terse-version=3)
-        if [[ $rw == *read ]]; then
-            kib=$(cut -d';' -f7 <<<"$line"); iops=$(cut -d';' -f8 <<<"$line")
-        else
-            kib=$(cut -d';' -f48 <<<"$line"); iops=$(cut -d';' -f49 <<<"$line")
-        fi
-        echo "$peer $name $iops $((kib / 1024))" | tee -a "$OUT/bench.raw"
-    done
+# run_job PEER DEV JOB: appends "PEER JOB IOPS MiB/s" to bench.raw
+run_job() {
+    local peer=$1 dev=$2 name rw bs qd jobs line iops kib
+    read -r name rw bs qd jobs <<<"$3"
+    line=$(fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
+        --iodepth="$qd" --numjobs="$jobs" --group_reporting --runtime="$RUNTIME" --ramp_time=1 \
+        --time_based --size="${SIZE_MB}M" --randrepeat=0 --norandommap --output-format=terse \
+        --terse-version=3)
+    if [[ $rw == *read ]]; then
+        kib=$(cut -d';' -f7 <<<"$line"); iops=$(cut -d';' -f8 <<<"$line")
+    else
+        kib=$(cut -d';' -f48 <<<"$line"); iops=$(cut -d';' -f49 <<<"$line")
+    fi
+    echo "$peer $name $iops $((kib / 1024))" | tee -a "$OUT/bench.raw"
+}
+
+run_jobs() { # PEER DEV
+    local j
+    for j in "${JOBS[@]}"; do run_job "$1" "$2" "$j"; done
 }
 
 wait_block() { # vdpa device name -> /dev/vdX
@@ -59,47 +69,83 @@ wait_block() { # vdpa device name -> /dev/vdX
     return 1
 }
 
-: >"$OUT/bench.raw"
-
 peer() { [[ " $PEERS " == *" $1 "* ]]; }
 
-# 1. vduse-csi
-if peer vduse-csi; then
-"$BIN" device serve --image "$img" --name bench0 --queues "$QUEUES" --log-level warn >"$W/ours.out" &
-pid=$!
-for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
-dev=$(head -n1 "$W/ours.out")
-run_jobs vduse-csi "$dev"
-kill -TERM "$pid"; wait "$pid"
-fi
+ours() { # LABEL QUEUES [JOB...]
+    local label=$1 queues=$2 pid dev i
+    shift 2
+    "$BIN" device serve --image "$img" --name bench0 --queues "$queues" --log-level warn >"$W/ours.out" &
+    pid=$!
+    for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
+    dev=$(head -n1 "$W/ours.out")
+    : >"$W/ours.out"
+    if (($#)); then
+        for j in "$@"; do run_job "$label" "$dev" "$j"; done
+    else
+        run_jobs "$label" "$dev"
+    fi
+    kill -TERM "$pid"; wait "$pid"
+}
 
-# 2. qemu-storage-daemon vduse-blk export
-if peer qsd; then
-qemu-storage-daemon --blockdev "file,filename=$img,node-name=d0" \
-    --export "vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$QUEUES,writable=on,queue-size=256" &
-qsd=$!
-for i in $(seq 1 100); do [[ -e /sys/class/vduse/qsd0 ]] && break; sleep 0.1; done
-vdpa dev add name qsd0 mgmtdev vduse
-dev=$(wait_block qsd0)
-run_jobs qsd "$dev"
-vdpa dev del qsd0
-kill -TERM "$qsd"; wait "$qsd" || true
-fi
+qsd() {
+    local pid dev i
+    qemu-storage-daemon --object iothread,id=t0 \
+        --blockdev "file,filename=$img,node-name=d0,cache.direct=on,aio=native" \
+        --export "vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$QUEUES,writable=on,queue-size=256,iothread=t0" &
+    pid=$!
+    for i in $(seq 1 100); do [[ -e /sys/class/vduse/qsd0 ]] && break; sleep 0.1; done
+    vdpa dev add name qsd0 mgmtdev vduse
+    dev=$(wait_block qsd0)
+    run_jobs qsd "$dev"
+    vdpa dev del qsd0
+    kill -TERM "$pid"; wait "$pid" || true
+}
 
-# 3. loop device, direct I/O
-if peer loop; then
-dev=$(losetup --direct-io=on -f --show "$img")
-run_jobs loop "$dev"
-losetup -d "$dev"
-fi
+rublk_peer() {
+    local i
+    # 1 MiB I/O buffers, so that a 1 MiB request is not split in two (its default is 512 KiB).
+    rublk add loop -n 0 -f "$img" -q "$QUEUES" -d 128 -b 1MiB --quiet
+    for i in $(seq 1 100); do [[ -b /dev/ublkb0 ]] && break; sleep 0.1; done
+    run_jobs rublk /dev/ublkb0
+    rublk del -n 0
+}
 
-# Table: per job, each peer's IOPS and MiB/s, and our ratio to each peer (IOPS).
+loop_peer() {
+    local dev
+    dev=$(losetup --direct-io=on -f --show "$img")
+    run_jobs loop "$dev"
+    losetup -d "$dev"
+}
+
+: >"$OUT/bench.raw"
+for round in $(seq 1 "$ROUNDS"); do
+    echo "--- round $round" >&2
+    if peer vduse-csi; then ours vduse-csi "$QUEUES"; ours vduse-csi-1q 1 "${JOBS[1]}"; fi
+    if peer qsd; then qsd; fi
+    if peer rublk; then
+        if command -v rublk >/dev/null && [[ -e /dev/ublk-control ]]; then rublk_peer; else echo "rublk: not available" >&2; fi
+    fi
+    if peer loop; then loop_peer; fi
+done
+
+# Table: per job, each target's median IOPS and MiB/s over the rounds, and our ratio to each
+# peer (IOPS). The last line compares our 2-job row with the 1-queue QD32 row.
 awk '
-{ iops[$1" "$2]=$3; mib[$1" "$2]=$4; if (!seen[$2]++) order[n++]=$2 }
+function median(key,    n, i, j, t, a) {
+    n = split(vals[key], a, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return n ? a[int((n + 1) / 2)] : 0
+}
+{ vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
 END {
-    printf "%-18s %12s %9s %12s %9s %12s %9s %10s %10s\n", "job", "vduse-csi", "MiB/s", "qsd", "MiB/s", "loop", "MiB/s", "vs qsd", "vs loop"
+    printf "%-18s %10s %7s %10s %7s %10s %7s %10s %7s %8s %8s %8s\n", "job", "vduse-csi", "MiB/s", "qsd", "MiB/s", "rublk", "MiB/s", "loop", "MiB/s", "vs qsd", "vs rublk", "vs loop"
     for (i = 0; i < n; i++) {
-        j = order[i]; o = iops["vduse-csi "j]; q = iops["qsd "j]; l = iops["loop "j]
-        printf "%-18s %12d %9d %12d %9d %12d %9d %9.2fx %9.2fx\n", j, o, mib["vduse-csi "j], q, mib["qsd "j], l, mib["loop "j], (q ? o/q : 0), (l ? o/l : 0)
+        j = order[i]
+        o = median("vduse-csi "j); q = median("qsd "j); r = median("rublk "j); l = median("loop "j)
+        vals["m"] = mb["vduse-csi "j]; om = median("m"); vals["m"] = mb["qsd "j]; qm = median("m")
+        vals["m"] = mb["rublk "j]; rm = median("m"); vals["m"] = mb["loop "j]; lm = median("m")
+        printf "%-18s %10d %7d %10d %7d %10d %7d %10d %7d %7.2fx %7.2fx %7.2fx\n", j, o, om, q, qm, r, rm, l, lm, (q ? o/q : 0), (r ? o/r : 0), (l ? o/l : 0)
     }
+    one = median("vduse-csi-1q randread-4k-qd32"); two = median("vduse-csi randread-4k-2x32")
+    if (one) printf "vduse-csi randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"

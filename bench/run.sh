@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# Benchmark: fio on `vduse-csi device serve` vs qemu-storage-daemon's vduse-blk export vs the
-# kernel loop device, same image, same jobs, one guest boot (DESIGN.md "Benchmarks").
-# Prints a table of IOPS and MiB/s with our ratio to each peer. It never fails on figures.
+# Benchmark (DESIGN.md "Benchmarks"; prints figures, never fails on them):
+#  1. a host microbenchmark of the queue engine (mock driver, null backend): requests/s/core;
+#  2. in one guest boot, interleaved rounds of the same fio jobs on the same image through
+#     `vduse-csi device serve`, qemu-storage-daemon's vduse-blk export, rublk's ublk loop
+#     target and the kernel loop device; the table shows medians and our ratio to each.
 #
-# Usage: bench/run.sh   (env: BENCH_RUNTIME seconds per job, BENCH_SIZE_MB, BENCH_QUEUES,
-#                       BENCH_PEERS, a subset of "vduse-csi qsd loop")
+# Usage: bench/run.sh   (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3),
+#                       BENCH_SIZE_MB (512), BENCH_QUEUES (2), BENCH_PEERS, a subset of
+#                       "vduse-csi qsd rublk loop")
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+
+# rublk (crates.io) needs libclang to build; the guest sees /usr/local/bin, not ~/.cargo/bin.
+if ! command -v rublk >/dev/null; then
+    if ! dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "install ok installed"; then
+        apt-get install -y -qq --no-install-recommends libclang-dev >/dev/null
+    fi
+    cargo install --quiet --locked rublk
+    cp "$(command -v rublk || echo "$HOME/.cargo/bin/rublk")" /usr/local/bin/rublk
+fi
+
+cargo bench --quiet --bench engine 2>/dev/null | tee "$repo/target/engine-bench.txt"
 cargo build --release --quiet
 export VDUSE_CSI_BIN=$repo/target/release/vduse-csi
-export GUEST_ENV="VDUSE_CSI_BIN BENCH_RUNTIME BENCH_SIZE_MB BENCH_QUEUES BENCH_PEERS"
+export GUEST_ENV="VDUSE_CSI_BIN BENCH_RUNTIME BENCH_ROUNDS BENCH_SIZE_MB BENCH_QUEUES BENCH_PEERS"
 export GUEST_QUIET=1
 out=$repo/target/guest/bench
 rm -rf "$out"
 tests/guest/run.sh bench/guest-bench.sh "$out" >&2
-echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-8} s per job, ${BENCH_QUEUES:-1} queue(s), image on guest tmpfs; IOPS per job:"
+echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds, ${BENCH_QUEUES:-2} queue(s), image on guest tmpfs; IOPS:"
 cat "$out/bench.table"
