@@ -112,7 +112,7 @@ struct ServeArgs {
     /// How image I/O uses this host's page cache: `none` reads and writes aligned requests
     /// with O_DIRECT (the page cache only for misaligned ones, and for everything if the
     /// image's filesystem refuses O_DIRECT); `writeback` caches everything.
-    #[arg(long, value_enum, default_value_t = CacheMode::None)]
+    #[arg(long, default_value = "none", value_parser = parse_cache)]
     cache: CacheMode,
     /// Microseconds a queue thread keeps polling its ring after the last request before it
     /// sleeps until a kick (at most 10000). It polls only while requests keep arriving, never
@@ -143,6 +143,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    CacheMode::parse(s).ok_or_else(|| format!("{s:?} is not a cache mode: use none or writeback"))
 }
 
 /// The default device name: the image file name with unusable characters replaced.

@@ -11,8 +11,7 @@ use super::uring::{ImageFiles, UringQueue};
 use super::{Backend, Error, QueueIo, Result, SECTOR_SIZE};
 
 /// How image I/O uses the host page cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
     /// `O_DIRECT` for every aligned read and write (nearly all of them: the host's block
     /// layer sends page-aligned buffers), straight between the disk and the bounce pages; the
@@ -35,7 +34,7 @@ impl CacheMode {
         }
     }
 
-    /// Parses a StorageClass parameter value.
+    /// Parses a command-line or StorageClass parameter value.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "none" => Some(CacheMode::None),

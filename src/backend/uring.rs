@@ -377,11 +377,14 @@ impl QueueIo for UringQueue {
                 continue;
             }
             match self.finish(tag, res) {
-                Some(result) => {
+                // Not busy any more: the ring broke while continuing it, and `fail_all`
+                // already reported it.
+                Some(result) if self.slots[tag].busy => {
                     self.slots[tag].busy = false;
                     self.submitted -= 1;
                     out.push(Completion { tag: tag as u16, result });
                 }
+                Some(_) => {}
                 None => continued = true,
             }
         }
@@ -402,9 +405,10 @@ impl QueueIo for UringQueue {
         if self.submitted == 0 {
             return false;
         }
-        // SAFETY: the completion queue is only read; no entry is consumed here.
+        // SAFETY: no other handle on the queues is alive (the mutable ones live only inside
+        // `&mut self` methods), and nothing is consumed: only the head and tail are read.
         let cq_ready = !unsafe { self.ring.completion_shared() }.is_empty();
-        // SAFETY: only the flags word of the submission queue is read.
+        // SAFETY: as above; only the flags word of the submission queue is read.
         let taskrun = unsafe { self.ring.submission_shared() }.taskrun();
         cq_ready || taskrun
     }

@@ -10,4 +10,6 @@ pub use request::DeviceLimits;
 pub use worker::{Pass, QueueError, QueueMemory, QueueWorker};
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

@@ -28,7 +28,7 @@ fn memory() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000), (GuestAddress(DATA), 0x10_0000)]).expect("memory")
 }
 
-fn limits(read_only: bool) -> DeviceLimits {
+pub(super) fn limits(read_only: bool) -> DeviceLimits {
     let mut serial = [0u8; ID_BYTES];
     serial[..7].copy_from_slice(b"vol-123");
     DeviceLimits {
@@ -45,7 +45,7 @@ fn limits(read_only: bool) -> DeviceLimits {
 /// (where every request buffer must lie) in the second. With `data_mapped` false the window
 /// is hidden, like a VDUSE bounce range not mapped yet; `can_map` says whether asking for it
 /// maps it.
-struct TestMemory {
+pub(super) struct TestMemory {
     mem: Mem,
     data_mapped: bool,
     can_map: bool,
@@ -53,7 +53,7 @@ struct TestMemory {
 }
 
 impl TestMemory {
-    fn new(mem: &Mem) -> Self {
+    pub(super) fn new(mem: &Mem) -> Self {
         Self { mem: mem.clone(), data_mapped: true, can_map: true, map_calls: 0 }
     }
 }

@@ -141,10 +141,15 @@ fn serve(s: QueueStart) -> Result<(), String> {
 }
 
 /// Passes and waits until the stop signal or a fault. Kicks stay off while the worker keeps
-/// finding work, and for up to `s.poll` after the last request (requests at low queue depth
-/// usually follow within microseconds, and taking them here saves a kick and a wake-up);
-/// then kicks are re-enabled and the thread sleeps in one `poll` on the kick eventfd, the
-/// backend's completion notifier and the stop signal.
+/// finding work. After the last request it may poll for more before sleeping (requests from
+/// several submitters usually follow within microseconds, and taking them here saves a kick
+/// and a wake-up), but only while polling pays: a window that finds nothing halves the next
+/// one, down to none, and a pass that pops several chains at once (requests arriving while
+/// others run) restores it to `s.poll`. A lone submitter at queue depth 1 waits for our
+/// interrupt before its next request, so polling then would only keep the CPU from running
+/// that interrupt. While polling the thread yields, so whatever else is runnable on its CPU
+/// still runs. Then kicks are re-enabled and the thread sleeps in one `poll` on the kick
+/// eventfd, the backend's completion notifier and the stop signal.
 fn serve_loop(
     s: &QueueStart,
     mem: &mut DeviceMemory,
@@ -152,6 +157,7 @@ fn serve_loop(
     notify: &mut dyn FnMut(),
 ) -> Result<(), String> {
     let mut last_work: Option<Instant> = None;
+    let mut window = s.poll;
     loop {
         if s.stop.requested() {
             return Ok(());
@@ -160,17 +166,24 @@ fn serve_loop(
         if pass.popped > 0 {
             s.progress.store(worker.queue().next_avail(), Ordering::Release);
         }
+        if pass.popped > 1 {
+            window = s.poll;
+        }
         if pass.busy() {
             last_work = Some(Instant::now());
             continue;
         }
-        if let Some(t) = last_work.filter(|_| !s.poll.is_zero()) {
-            let deadline = t + s.poll;
+        if let Some(t) = last_work.filter(|_| !window.is_zero()) {
+            let deadline = t + window;
             while !worker.has_work(mem) && !s.stop.requested() && Instant::now() < deadline {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
             if worker.has_work(mem) {
                 continue;
+            }
+            window /= 2;
+            if window < Duration::from_micros(2) {
+                window = Duration::ZERO;
             }
         }
         if worker.enable_notifications(mem).map_err(|e| e.to_string())? {
