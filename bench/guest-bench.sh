@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs INSIDE the VDUSE guest (started by bench/run.sh): the same fio jobs on the same image
 # through four block devices, in interleaved rounds within this one boot:
-#   vduse-csi   our `vduse-csi device serve` (default cache mode: O_DIRECT)
+#   vduse-csi   our `vduse-csi device serve` (default cache mode, which on tmpfs means the
+#               page cache: there it is the storage)
 #   qsd         qemu-storage-daemon --export vduse-blk (QEMU's C implementation), with an
-#               iothread, O_DIRECT and Linux AIO
-#   rublk       rublk's ublk loop target (a ublk server in Rust), O_DIRECT
+#               iothread and its default cache mode (the page cache), like ours
+#   rublk       rublk's ublk loop target (a ublk server in Rust), with --buffered-io, like ours
 #   loop        the kernel loop device with direct I/O (the in-kernel ceiling)
 # Every target has BENCH_QUEUES queues (loop has its own). One more row runs our device with
 # a single queue, to show what the second queue buys. Each round brings every target up in
@@ -90,7 +91,7 @@ ours() { # LABEL QUEUES [JOB...]
 qsd() {
     local pid dev i
     qemu-storage-daemon --object iothread,id=t0 \
-        --blockdev "file,filename=$img,node-name=d0,cache.direct=on,aio=native" \
+        --blockdev "file,filename=$img,node-name=d0" \
         --export "vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$QUEUES,writable=on,queue-size=256,iothread=t0" &
     pid=$!
     for i in $(seq 1 100); do [[ -e /sys/class/vduse/qsd0 ]] && break; sleep 0.1; done
@@ -104,7 +105,7 @@ qsd() {
 rublk_peer() {
     local i
     # 1 MiB I/O buffers, so that a 1 MiB request is not split in two (its default is 512 KiB).
-    rublk add loop -n 0 -f "$img" -q "$QUEUES" -d 128 -b 1MiB --quiet
+    rublk add loop -n 0 -f "$img" -q "$QUEUES" -d 128 -b 1MiB --buffered-io --quiet
     for i in $(seq 1 100); do [[ -b /dev/ublkb0 ]] && break; sleep 0.1; done
     run_jobs rublk /dev/ublkb0
     rublk del -n 0

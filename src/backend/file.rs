@@ -17,7 +17,7 @@ pub enum CacheMode {
     /// layer sends page-aligned buffers), straight between the disk and the bounce pages; the
     /// page cache only for misaligned requests. The node's memory is not spent caching what
     /// the volume's own filesystem already caches. Falls back to `writeback` when the image's
-    /// filesystem refuses `O_DIRECT`.
+    /// filesystem refuses `O_DIRECT`, and on tmpfs, where the page cache is the storage.
     #[default]
     None,
     /// Everything through the host page cache: fast re-reads, but each byte is cached twice
@@ -52,8 +52,17 @@ pub struct FileBackend {
     read_only: bool,
 }
 
+/// `statfs` type of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
 /// Opens the image a second time with `O_DIRECT`, or says why not.
-fn open_direct(path: &Path, read_only: bool) -> Option<File> {
+fn open_direct(path: &Path, read_only: bool, file: &File) -> Option<File> {
+    // On tmpfs the page cache is the storage: O_DIRECT saves no memory there and, measured in
+    // the test guest, costs about a third of the 4 KiB IOPS.
+    if nix::sys::statfs::fstatfs(file).is_ok_and(|fs| fs.filesystem_type().0 as i64 == TMPFS_MAGIC) {
+        tracing::debug!(image = %path.display(), "image on tmpfs: I/O through the page cache, which is its storage");
+        return None;
+    }
     match OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_DIRECT).open(path) {
         Ok(file) => {
             tracing::debug!(image = %path.display(), "aligned I/O bypasses the page cache (O_DIRECT)");
@@ -107,7 +116,7 @@ impl FileBackend {
         let size = file.metadata().map_err(open_err)?.len();
         check_size(size)?;
         let direct = match cache {
-            CacheMode::None => open_direct(path, read_only).map(Arc::new),
+            CacheMode::None => open_direct(path, read_only, &file).map(Arc::new),
             CacheMode::Writeback => None,
         };
         Ok(Self { files: ImageFiles { buffered: Arc::new(file), direct }, capacity: AtomicU64::new(size), read_only })

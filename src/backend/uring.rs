@@ -4,8 +4,8 @@
 //! The kernel moves bytes straight between the image and the buffers (the VDUSE bounce pages):
 //! with `O_DIRECT` when an operation's offset, lengths and addresses are aligned, through the
 //! page cache otherwise. There is no copy in our process. The ring is set up for a single
-//! issuer with deferred (or at least cooperative) task work where the kernel has it, and the
-//! image is a registered (fixed) file, so the hot path takes no file reference per request.
+//! issuer with cooperative task work where the kernel has it, and the image is a registered
+//! (fixed) file, so the hot path takes no file reference per request.
 //!
 //! Why a killed server's writes cannot land after its successor re-runs them: the successor
 //! can only open `/dev/vduse/NAME` once the dead process's device fd is released (the open is
@@ -88,13 +88,12 @@ pub struct UringQueue {
 // thread at a time (it moves to the queue thread once, before any submission).
 unsafe impl Send for UringQueue {}
 
-/// Builds a ring with the cheapest task-work mode the kernel accepts: deferred to our own
-/// `io_uring_enter` (6.1+), then cooperative (5.19+), then the default.
+/// Builds a ring for one issuer with cooperative task work (5.19+; no inter-processor
+/// interrupt to run completions, which run at our next `io_uring_enter`), falling back to the
+/// default mode on older kernels. `DEFER_TASKRUN` was measured too: it costs a second
+/// `io_uring_enter` per request (to collect each completion), for no gain.
 fn build_ring(entries: u32) -> io::Result<IoUring> {
-    let attempts: [fn(&mut io_uring::Builder); 3] = [
-        |b| {
-            b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
-        },
+    let attempts: [fn(&mut io_uring::Builder); 2] = [
         |b| {
             b.setup_single_issuer().setup_coop_taskrun().setup_taskrun_flag();
         },

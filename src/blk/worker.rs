@@ -125,6 +125,11 @@ impl QueueWorker {
         (self.back - self.front) as usize
     }
 
+    /// Operations submitted to the backend and not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        self.io.in_flight()
+    }
+
     /// The backend's completion notifier, if it has one (see [`QueueIo::notifier`]).
     pub fn notifier(&self) -> Option<BorrowedFd<'_>> {
         self.io.notifier()

@@ -190,19 +190,29 @@ fn serve_loop(
             continue;
         }
         last_work = None;
+        // The notifier only matters while operations are in flight; left out otherwise, a
+        // completion already reaped (it signals even when it finished during submission)
+        // cannot wake us for nothing.
         let stop = s.stop.fd().as_fd();
+        let notifier = if worker.in_flight() > 0 { worker.notifier() } else { None };
         let mut fds = [
             PollFd::new(s.kick.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop, PollFlags::POLLIN),
-            PollFd::new(worker.notifier().unwrap_or(stop), PollFlags::POLLIN),
+            PollFd::new(notifier.unwrap_or(stop), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
-        // Reset the kick counter and the notifier; EAGAIN just means it was not signalled.
-        let _ = s.kick.read();
-        worker.clear_notifier();
+        let readable = |fd: &PollFd| fd.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let (kicked, completed) = (readable(&fds[0]), notifier.is_some() && readable(&fds[2]));
+        // Reset what fired, and only that: a read of a quiet eventfd is a wasted syscall.
+        if kicked {
+            let _ = s.kick.read();
+        }
+        if completed {
+            worker.clear_notifier();
+        }
         worker.disable_notifications(mem).map_err(|e| e.to_string())?;
     }
 }

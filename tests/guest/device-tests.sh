@@ -306,9 +306,15 @@ test_one_mib_request_is_one_request() {
 
 # With the default cache mode, aligned requests use O_DIRECT and misaligned ones the page
 # cache, on the same image: fio with every size from 512 bytes to 64 KiB at 512-byte
-# alignment verifies, and so does the data read back after a restart.
+# alignment verifies, and so does the data read back after a restart. The image lives on
+# ext4 (over a loop device), since on tmpfs the server uses the page cache on purpose.
 test_odirect_misaligned_verify() {
-    local img=$WORK/dio.img
+    local fs=$WORK/dio.ext4 mnt=$WORK/dio
+    truncate -s 160M "$fs"
+    mkfs.ext4 -q "$fs"
+    mkdir -p "$mnt"
+    mount -o loop "$fs" "$mnt"
+    local img=$mnt/dio.img
     start_server dio0 "$img" --size 96M --cache none --log-level debug
     grep -q 'bypasses the page cache' "$SERVER_LOG.err"
     fio --name=mix --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite \
@@ -322,6 +328,12 @@ test_odirect_misaligned_verify() {
     cmp <(dd if="$DEV" bs=1536 skip=$((50 * 1024 * 1024 / 1536)) count=$((8 * 1024 * 1024 / 1536)) iflag=direct status=none) \
         <(head -c $((8 * 1024 * 1024 / 1536 * 1536)) "$WORK/dio.pat")
     stop_server
+    # On tmpfs the same mode goes through the page cache.
+    start_server tmp0 "$WORK/tmpfs.img" --size 16M --cache none --log-level debug
+    grep -q 'image on tmpfs' "$SERVER_LOG.err"
+    stop_server
+    umount "$mnt"
+    rm -f "$fs"
 }
 
 # `device remove` clears a device whose server was killed.
