@@ -16,7 +16,7 @@ use super::{Error, Plugin, Result, blocking, required, volume_id};
 use crate::backend::CacheMode;
 use crate::backend::FileBackend;
 use crate::host;
-use crate::server::{DeviceOptions, DeviceServer};
+use crate::server::{DeviceOptions, DeviceServer, HealthState};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
 
 /// Ring size of every volume's queues.
@@ -379,7 +379,12 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
         return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
     }
     let dev = block_device(plugin, id);
+    let health = plugin.servers.lock().ok().and_then(|s| s.get(id).map(|s| s.health()));
     let condition = match &dev {
+        // A queue or control thread of the server stopped on a fault: the reason says which.
+        _ if let Some(HealthState::Degraded(reason)) = &health => {
+            abnormal(format!("the device server of volume {id} is degraded: {reason}"))
+        }
         Some(d) if !d.exists() => abnormal(format!("{} of volume {id} is gone", d.display())),
         Some(d) if !staged.block && !mounted_from(&staged.staging_path, d) => abnormal(format!(
             "the filesystem at {} is not on {} (the device was lost); unstage and stage the volume again",
