@@ -422,3 +422,30 @@ impl DeviceServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(num_queues: u16, queue_size: u16) -> DeviceOptions {
+        DeviceOptions { name: "t".into(), num_queues, queue_size, msg_timeout: 0, poll: DEFAULT_POLL }
+    }
+
+    #[test]
+    fn bounce_region_fits_full_rings_of_the_largest_requests_within_kernel_limits() {
+        // One queue of 256: 256 requests x (320 data pages + 3) pages.
+        assert_eq!(opts(1, 256).bounce_size(), 256 * 323 * 4096);
+        assert_eq!(opts(1, 4).bounce_size(), 64 << 20, "never below the kernel default");
+        assert_eq!(opts(16, 1024).bounce_size(), 1 << 30, "never above the kernel maximum");
+    }
+
+    #[test]
+    fn options_are_checked_before_touching_the_host() {
+        assert!(opts(2, 256).validate().is_ok());
+        assert!(opts(0, 256).validate().is_err());
+        assert!(opts(2, 100).validate().is_err());
+        let mut o = opts(2, 256);
+        o.poll = Duration::from_secs(1);
+        assert!(o.validate().is_err());
+    }
+}

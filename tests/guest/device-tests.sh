@@ -293,6 +293,11 @@ test_one_mib_request_is_one_request() {
     echo "max_sectors_kb=$(cat "$q/queue/max_sectors_kb") max_segments=$(cat "$q/queue/max_segments")"
     (($(cat "$q/queue/max_sectors_kb") >= 1024))
     (($(cat "$q/queue/max_segments") >= 257))
+    # The bounce region was sized for every queue's ring full of the largest requests.
+    local bounce
+    bounce=$(cat /sys/class/vduse/big0/bounce_size)
+    echo "bounce_size=$bounce"
+    ((bounce >= 256 * 1024 * 1024))
     local r0 w0 r1 w1
     read -r r0 _ _ _ w0 _ <"$q/stat"
     dd if=/dev/urandom of="$WORK/big.pat" bs=1M count=16 status=none
