@@ -130,13 +130,9 @@ pub trait QueueIo: Send {
     /// Blocks until at least one operation can be reaped (or none is in flight).
     fn wait(&mut self);
 
-    /// Readable when completions may be ready; `None` for an engine whose operations finish
-    /// inside `submit`.
+    /// An eventfd signalled whenever completions are posted (watch it edge-triggered: it is
+    /// never reset); `None` for an engine whose operations finish inside `submit`.
     fn notifier(&self) -> Option<BorrowedFd<'_>>;
-
-    /// Clears the notifier's readiness; call before reaping, so a completion that lands
-    /// after the reap makes it readable again.
-    fn clear_notifier(&mut self) {}
 
     /// False once the engine cannot run I/O any more; the queue using it must stop.
     fn healthy(&self) -> bool {

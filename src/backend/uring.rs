@@ -422,11 +422,6 @@ impl QueueIo for UringQueue {
         Some(self.notifier.as_fd())
     }
 
-    fn clear_notifier(&mut self) {
-        // EAGAIN: nothing was signalled since the last clear.
-        let _ = self.notifier.read();
-    }
-
     fn healthy(&self) -> bool {
         !self.broken
     }

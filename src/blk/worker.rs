@@ -135,11 +135,6 @@ impl QueueWorker {
         self.io.notifier()
     }
 
-    /// Clears the completion notifier before the next pass reaps.
-    pub fn clear_notifier(&mut self) {
-        self.io.clear_notifier();
-    }
-
     /// Whether the driver has made chains available that are not popped yet. One acquire
     /// load of the avail index: cheap enough to poll.
     pub fn has_avail<M: QueueMemory>(&self, mem: &M) -> bool {

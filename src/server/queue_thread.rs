@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::os::fd::BorrowedFd;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
@@ -148,8 +150,8 @@ fn serve(s: QueueStart) -> Result<(), String> {
 /// others run) restores it to `s.poll`. A lone submitter at queue depth 1 waits for our
 /// interrupt before its next request, so polling then would only keep the CPU from running
 /// that interrupt. While polling the thread yields, so whatever else is runnable on its CPU
-/// still runs. Then kicks are re-enabled and the thread sleeps in one `poll` on the kick
-/// eventfd, the backend's completion notifier and the stop signal.
+/// still runs. Then kicks are re-enabled and the thread sleeps in one wait on the kick
+/// eventfd, the backend's completion notifier and the stop signal ([`Sleeper`]).
 fn serve_loop(
     s: &QueueStart,
     mem: &mut DeviceMemory,
@@ -158,6 +160,8 @@ fn serve_loop(
 ) -> Result<(), String> {
     let mut last_work: Option<Instant> = None;
     let mut window = s.poll;
+    let mut sleeper = Sleeper::new(&s.kick, s.stop.fd(), worker.notifier()).map_err(|e| format!("epoll: {e}"))?;
+
     loop {
         if s.stop.requested() {
             return Ok(());
@@ -190,29 +194,58 @@ fn serve_loop(
             continue;
         }
         last_work = None;
-        // The notifier only matters while operations are in flight; left out otherwise, a
-        // completion already reaped (it signals even when it finished during submission)
-        // cannot wake us for nothing.
-        let stop = s.stop.fd().as_fd();
-        let notifier = if worker.in_flight() > 0 { worker.notifier() } else { None };
-        let mut fds = [
-            PollFd::new(s.kick.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop, PollFlags::POLLIN),
-            PollFd::new(notifier.unwrap_or(stop), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        let readable = |fd: &PollFd| fd.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let (kicked, completed) = (readable(&fds[0]), notifier.is_some() && readable(&fds[2]));
-        // Reset what fired, and only that: a read of a quiet eventfd is a wasted syscall.
-        if kicked {
-            let _ = s.kick.read();
-        }
-        if completed {
-            worker.clear_notifier();
-        }
+        sleeper.sleep(worker.in_flight() > 0, worker.notifier())?;
         worker.disable_notifications(mem).map_err(|e| e.to_string())?;
+    }
+}
+
+/// One wait on everything that can give a queue thread work: its kick eventfd, the backend's
+/// completion notifier and the stop signal. The two eventfds are edge-triggered and never
+/// read: every signal is a new edge, so a wake-up costs one `epoll_wait` and no `read`. The
+/// notifier is watched only while operations are in flight; otherwise a completion that
+/// finished during submission (and was reaped) would wake the thread for nothing.
+struct Sleeper {
+    epoll: Epoll,
+    /// Whether the notifier is in the interest set with EPOLLIN now.
+    watching_notifier: bool,
+}
+
+/// Longest sleep, in milliseconds, while operations are in flight.
+const IN_FLIGHT_WAIT_MS: u16 = 100;
+
+const KICK: u64 = 0;
+const STOP: u64 = 1;
+const NOTIFIER: u64 = 2;
+
+impl Sleeper {
+    /// Registers the fds; `notifier` must be the same fd at every [`Sleeper::sleep`].
+    fn new(kick: &EventFd, stop: &EventFd, notifier: Option<BorrowedFd<'_>>) -> nix::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll.add(kick.as_fd(), EpollEvent::new(edge, KICK))?;
+        // Level-triggered: it is never reset, so it wakes every wait once stop is requested.
+        epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
+        if let Some(fd) = notifier {
+            epoll.add(fd, EpollEvent::new(edge, NOTIFIER))?;
+        }
+        Ok(Self { epoll, watching_notifier: notifier.is_some() })
+    }
+
+    /// Sleeps until a kick, a completion (if `in_flight`) or the stop signal.
+    fn sleep(&mut self, in_flight: bool, notifier: Option<BorrowedFd<'_>>) -> Result<(), String> {
+        if let Some(fd) = notifier.filter(|_| in_flight != self.watching_notifier) {
+            let flags = if in_flight { EpollFlags::EPOLLIN | EpollFlags::EPOLLET } else { EpollFlags::empty() };
+            self.epoll.modify(fd, &mut EpollEvent::new(flags, NOTIFIER)).map_err(|e| format!("epoll_ctl: {e}"))?;
+            self.watching_notifier = in_flight;
+        }
+        // While operations are in flight, wake up now and then even without an event: a
+        // completion's wake-up is the kernel's to deliver (io_uring task work interrupts the
+        // wait, which then reaps it), and this bounds the cost should one ever be missed.
+        let timeout = if in_flight { EpollTimeout::from(IN_FLIGHT_WAIT_MS) } else { EpollTimeout::NONE };
+        let mut events = [EpollEvent::empty(); 3];
+        match self.epoll.wait(&mut events, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(format!("epoll_wait: {e}")),
+        }
     }
 }
