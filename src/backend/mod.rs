@@ -134,7 +134,9 @@ pub trait QueueIo: Send {
     /// never reset); `None` for an engine whose operations finish inside `submit`.
     fn notifier(&self) -> Option<BorrowedFd<'_>>;
 
-    /// False once the engine cannot run I/O any more; the queue using it must stop.
+    /// False once the engine cannot run I/O any more; the queue using it must stop. Operations
+    /// still counted in flight then may still be running in the kernel: their memory must
+    /// stay mapped.
     fn healthy(&self) -> bool {
         true
     }

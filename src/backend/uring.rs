@@ -288,19 +288,13 @@ impl UringQueue {
         Ok(())
     }
 
-    /// Gives up on the ring: every operation still owned by it fails. Only called when the
-    /// kernel refused the ring itself, so nothing more will complete through it.
+    /// Gives up on the ring after the kernel refused `io_uring_enter` itself. Operations it
+    /// already accepted may still be running and writing into their buffers, so they are
+    /// never reported finished: they stay in flight, the engine reports itself unhealthy,
+    /// and the worker must keep their memory mapped (it leaks it rather than unmap).
     fn fail_all(&mut self, why: &io::Error) {
-        tracing::error!(error = %why, "io_uring_enter failed; the queue's I/O engine is broken");
+        tracing::error!(error = %why, in_flight = self.submitted, "io_uring_enter failed; the queue's I/O engine is broken");
         self.broken = true;
-        for (tag, slot) in self.slots.iter_mut().enumerate() {
-            if slot.busy {
-                slot.busy = false;
-                self.ready
-                    .push(Completion { tag: tag as u16, result: Err(io::Error::new(why.kind(), why.to_string())) });
-            }
-        }
-        self.submitted = 0;
     }
 
     /// `io_uring_enter`, treating transient refusals as "try again later".
@@ -339,6 +333,7 @@ impl QueueIo for UringQueue {
         self.slots[t].busy = true;
         self.submitted += 1;
         if let Err(e) = self.push(t) {
+            // Never queued, so the kernel has nothing of it.
             self.slots[t].busy = false;
             self.submitted -= 1;
             self.ready.push(Completion { tag, result: Err(e) });
@@ -356,10 +351,11 @@ impl QueueIo for UringQueue {
         if self.submitted == 0 {
             return;
         }
-        // Deferred task work (and overflowed CQEs) reach the ring only through an enter.
+        // Pending task work and overflowed CQEs reach the ring only through an enter, and
+        // entries a refused enter left in the submission queue must still go out.
         let needs_enter = {
             let sq = self.ring.submission();
-            sq.taskrun() || sq.cq_overflow()
+            sq.taskrun() || sq.cq_overflow() || !sq.is_empty()
         };
         if needs_enter {
             self.enter(0);
@@ -407,13 +403,15 @@ impl QueueIo for UringQueue {
         // SAFETY: no other handle on the queues is alive (the mutable ones live only inside
         // `&mut self` methods), and nothing is consumed: only the head and tail are read.
         let cq_ready = !unsafe { self.ring.completion_shared() }.is_empty();
-        // SAFETY: as above; only the flags word of the submission queue is read.
-        let taskrun = unsafe { self.ring.submission_shared() }.taskrun();
-        cq_ready || taskrun
+        // SAFETY: as above; only the flags word and the indexes of the submission queue are
+        // read.
+        let sq = unsafe { self.ring.submission_shared() };
+        // Entries still queued count: a refused enter left them, and a reap sends them.
+        cq_ready || sq.taskrun() || (!self.broken && !sq.is_empty())
     }
 
     fn wait(&mut self) {
-        if self.ready.is_empty() && self.submitted > 0 {
+        if self.ready.is_empty() && self.submitted > 0 && !self.broken {
             self.enter(1);
         }
     }

@@ -109,9 +109,14 @@ where
     let mut valid = true;
     let mut seen_writable = false;
     let mut total: u64 = 0;
+    let (mut cut, mut overlong) = (false, false);
     for d in chain {
+        // A chain whose iterator ends on a descriptor that still names a next one was cut
+        // short (a bad `next` index, a loop, a nested indirect table): its real status byte
+        // is unknown.
+        cut = d.has_next();
         if descs.len() >= limits.max_descriptors {
-            valid = false;
+            overlong = true;
             break;
         }
         let desc = ChainDesc { addr: GuestAddress(d.addr().0), len: d.len(), writable: d.is_write_only() };
@@ -134,6 +139,11 @@ where
         .find(|d| d.writable)
         .filter(|d| d.len > 0 && mem.slice(d.addr, d.len as usize).is_some())
         .map(|d| GuestAddress(d.addr.0 + u64::from(d.len) - 1));
+    if cut || overlong {
+        // Where the driver expects the status is unknown; writing one anywhere else would
+        // leave a stale byte as the answer. The worker stops the queue instead.
+        return Parsed::fail(None, STATUS_IOERR);
+    }
     if !valid || status_addr.is_none() {
         return Parsed::fail(status_addr, STATUS_IOERR);
     }

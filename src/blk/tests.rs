@@ -596,3 +596,29 @@ fn duplicate_head_in_flight_stops_the_queue() {
     h.mock.avail().idx().store(2);
     assert!(matches!(h.process(), Err(QueueError::DuplicateHead(0))));
 }
+
+/// A chain cut short by a `next` index outside the table: its last descriptor still names a
+/// next one, so the status byte the driver will read is unknown. Writing a status into what
+/// happens to be the last writable buffer seen would leave a stale byte as the answer; the
+/// queue stops instead.
+#[test]
+fn a_chain_cut_by_a_bad_next_index_stops_the_queue() {
+    let mem = memory();
+    let mut h = Harness::new(&mem, false);
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    mem.write_slice(&[0xee; 512], GuestAddress(BUF)).expect("fill");
+    let raw = [
+        RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+        RawDescriptor::from(SplitDescriptor::new(
+            BUF,
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            QUEUE_SIZE + 7,
+        )),
+    ];
+    h.mock.add_desc_chains(&raw, 0).expect("add");
+    assert!(matches!(h.process(), Err(QueueError::NoStatus(0))));
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(BUF)).expect("read");
+    assert_eq!(back[511], 0xee, "no status written into a data buffer");
+}

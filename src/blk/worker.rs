@@ -145,7 +145,7 @@ impl QueueWorker {
 
     /// Whether a pass would find work: chains to pop (with room to run them) or completions.
     pub fn has_work<M: QueueMemory>(&self, mem: &M) -> bool {
-        self.io.has_completions() || (self.room() > 0 && self.has_avail(mem))
+        self.io.has_completions() || (self.room() > 0 && mem.data_region().is_some() && self.has_avail(mem))
     }
 
     /// Turns kicks off while the worker keeps coming back on its own.
@@ -155,9 +155,11 @@ impl QueueWorker {
 
     /// Turns kicks on before sleeping. Returns true if chains arrived meanwhile, so the
     /// caller must run another pass instead of sleeping (a kick for them may never come).
+    /// Without a data window nothing can be popped, so chains waiting for it do not count:
+    /// the thread sleeps until the next kick and tries to map it again then.
     pub fn enable_notifications<M: QueueMemory>(&mut self, mem: &M) -> Result<bool, QueueError> {
         let more = self.queue.enable_notification(mem).map_err(QueueError::Ring)?;
-        Ok(more && self.room() > 0)
+        Ok(more && self.room() > 0 && mem.data_region().is_some())
     }
 
     /// Where window position `pos` lives.
@@ -200,16 +202,30 @@ impl QueueWorker {
 
     /// Waits for every submitted operation and publishes every popped chain: nothing of this
     /// worker is in flight afterwards, so its memory may be unmapped. Chains not popped stay
-    /// in the avail ring for whoever serves the queue next.
+    /// in the avail ring for whoever serves the queue next. Fails, with operations still in
+    /// flight, only if the backend broke: the caller must then keep the memory mapped.
     pub fn drain<M: QueueMemory>(&mut self, mem: &mut M, notify: &mut dyn FnMut()) -> Result<(), QueueError> {
         let mut published = 0;
+        let mut fault = None;
         loop {
             self.reap();
-            published += self.publish(mem)?;
+            if fault.is_none() {
+                match self.publish(mem) {
+                    Ok(n) => published += n,
+                    // Keep reaping: the operations still own their buffers.
+                    Err(e) => fault = Some(e),
+                }
+            }
             if self.io.in_flight() == 0 {
                 break;
             }
+            if !self.io.healthy() {
+                return Err(QueueError::Backend);
+            }
             self.io.wait();
+        }
+        if let Some(fault) = fault {
+            return Err(fault);
         }
         if published > 0 && self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
             notify();

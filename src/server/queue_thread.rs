@@ -138,6 +138,19 @@ fn serve(s: QueueStart) -> Result<(), String> {
     // Whatever ended the loop, nothing may stay in flight once `mem` is unmapped.
     if let Err(e) = worker.drain(&mut mem, &mut notify) {
         tracing::warn!(device = s.dev.name(), queue = s.index, error = %e, "draining the queue failed");
+        if worker.in_flight() > 0 {
+            // The kernel may still be moving bytes into these buffers: leak the mapping (and
+            // the engine whose operations point into it) rather than unmap it under them.
+            tracing::error!(
+                device = s.dev.name(),
+                queue = s.index,
+                in_flight = worker.in_flight(),
+                "leaking the queue's mappings: I/O is still in flight in a broken engine"
+            );
+            std::mem::forget(worker);
+            std::mem::forget(mem);
+            return Err(format!("{e}; I/O still in flight"));
+        }
     }
     result.map_err(|e| e.to_string())
 }
