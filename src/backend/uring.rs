@@ -30,6 +30,9 @@ use super::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 /// EINVAL, and the operation is retried through the page cache.
 const DIRECT_ALIGN: u64 = 4096;
 
+/// Smallest buffered read handed to io_uring's worker threads rather than copied inline.
+const ASYNC_READ_BYTES: u64 = 256 << 10;
+
 /// Fixed-file index of the image opened without `O_DIRECT`.
 const BUFFERED: types::Fixed = types::Fixed(0);
 /// Fixed-file index of the image opened with `O_DIRECT`.
@@ -196,6 +199,14 @@ impl UringQueue {
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
+        // A large read through the page cache is one long memcpy that would otherwise run
+        // inside our `io_uring_enter`, one request after another. Punted to io_uring's
+        // workers, several run at once while this thread keeps serving the ring (measured in
+        // the guest: 1 MiB reads at QD8 +19%, 409 vs 343 IOPS, median of 3). Writes gained
+        // nothing, and O_DIRECT reads are asynchronous already.
+        let large_buffered_read =
+            !slot.direct && matches!(slot.op, IoOp::Read { .. }) && slot.remaining >= ASYNC_READ_BYTES;
+        let entry = if large_buffered_read { entry.flags(squeue::Flags::ASYNC) } else { entry };
         entry.user_data(tag as u64)
     }
 
