@@ -51,7 +51,9 @@ enum DeviceCommand {
     /// Prints the block device path alone on a line of stdout once the device is up. On
     /// SIGINT/SIGTERM it detaches the device (the kernel drains outstanding I/O through us),
     /// makes every completed write durable and destroys the device. A device of the same name
-    /// left attached by a server that was killed is taken over and served again.
+    /// left attached by a server that was killed is taken over and served again. If a queue
+    /// or the control thread stops on a fault, it exits non-zero with the reason and leaves
+    /// the device attached for the next server to take over.
     Serve(ServeArgs),
     /// List the VDUSE devices on this host.
     List,
@@ -111,7 +113,8 @@ struct ServeArgs {
     msg_timeout: u32,
     /// How image I/O uses this host's page cache: `none` reads and writes aligned requests
     /// with O_DIRECT (the page cache only for misaligned ones, and for everything if the
-    /// image's filesystem refuses O_DIRECT); `writeback` caches everything.
+    /// image's filesystem refuses O_DIRECT or is tmpfs, where the page cache is the storage);
+    /// `writeback` caches everything.
     #[arg(long, default_value = "none", value_parser = parse_cache)]
     cache: CacheMode,
     /// Microseconds a queue thread keeps polling its ring after the last request before it
