@@ -70,7 +70,7 @@ impl QueueIo for NullIo {
     fn in_flight(&self) -> usize {
         self.done.len()
     }
-    fn has_completions(&self) -> bool {
+    fn has_completions(&mut self) -> bool {
         !self.done.is_empty()
     }
     fn wait(&mut self) {}

@@ -26,14 +26,6 @@ pub enum CacheMode {
 }
 
 impl CacheMode {
-    /// The name used on the command line and in StorageClass parameters.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheMode::None => "none",
-            CacheMode::Writeback => "writeback",
-        }
-    }
-
     /// Parses a command-line or StorageClass parameter value.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -117,11 +109,6 @@ impl FileBackend {
             CacheMode::Writeback => None,
         };
         Ok(Self { files: ImageFiles { buffered: Arc::new(file), direct }, capacity: AtomicU64::new(size), read_only })
-    }
-
-    /// Whether aligned I/O bypasses the page cache.
-    pub fn direct(&self) -> bool {
-        self.files.direct.is_some()
     }
 
     fn grow_image(&self, size: u64) -> Result<()> {

@@ -104,7 +104,7 @@ impl QueueIo for MemoryQueue {
         self.done.len()
     }
 
-    fn has_completions(&self) -> bool {
+    fn has_completions(&mut self) -> bool {
         !self.done.is_empty()
     }
 

@@ -85,10 +85,14 @@ pub trait SliceSource {
 
 impl<M: GuestMemoryBackend<R = GuestRegionMmap<()>>> SliceSource for M {
     fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
-        let region = self.find_region(addr)?;
-        let offset = addr.0.checked_sub(region.start_addr().0)?;
-        region.get_slice(MemoryRegionAddress(offset), len).ok()
+        region_slice(self.find_region(addr)?, addr, len)
     }
+}
+
+/// The `len` bytes at `addr` if they lie entirely inside `region` (overflow-safe).
+pub fn region_slice(region: &GuestRegionMmap<()>, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
+    let offset = addr.0.checked_sub(region.start_addr().0)?;
+    region.get_slice(MemoryRegionAddress(offset), len).ok()
 }
 
 /// A finished operation: the tag it was submitted under and how it ended.
@@ -125,7 +129,7 @@ pub trait QueueIo: Send {
     fn in_flight(&self) -> usize;
 
     /// Whether a reap would find something (cheap enough to poll).
-    fn has_completions(&self) -> bool;
+    fn has_completions(&mut self) -> bool;
 
     /// Blocks until at least one operation can be reaped (or none is in flight).
     fn wait(&mut self);

@@ -404,19 +404,16 @@ impl QueueIo for UringQueue {
         self.submitted + self.ready.len()
     }
 
-    fn has_completions(&self) -> bool {
+    fn has_completions(&mut self) -> bool {
         if !self.ready.is_empty() {
             return true;
         }
         if self.submitted == 0 {
             return false;
         }
-        // SAFETY: no other handle on the queues is alive (the mutable ones live only inside
-        // `&mut self` methods), and nothing is consumed: only the head and tail are read.
-        let cq_ready = !unsafe { self.ring.completion_shared() }.is_empty();
-        // SAFETY: as above; only the flags word and the indexes of the submission queue are
-        // read.
-        let sq = unsafe { self.ring.submission_shared() };
+        // Only the indexes and flags are read; nothing is consumed.
+        let cq_ready = !self.ring.completion().is_empty();
+        let sq = self.ring.submission();
         // Entries still queued count: a refused enter left them, and a reap sends them.
         cq_ready || sq.taskrun() || (!self.broken && !sq.is_empty())
     }

@@ -10,9 +10,9 @@
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileSlice};
+use vm_memory::{GuestAddress, GuestRegionMmap, VolatileSlice};
 
-use crate::backend::{BufRange, IoBuf, IoOp, SliceSource};
+use crate::backend::{BufRange, IoBuf, IoOp, SliceSource, region_slice};
 
 /// The one region where request buffers may lie: headers, data, status bytes and indirect
 /// tables (with VDUSE, the bounce range). A descriptor that points anywhere else, a vring
@@ -22,8 +22,7 @@ pub struct DataWindow<'a>(pub &'a GuestRegionMmap<()>);
 
 impl SliceSource for DataWindow<'_> {
     fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
-        let offset = addr.0.checked_sub(self.0.start_addr().0)?;
-        self.0.get_slice(MemoryRegionAddress(offset), len).ok()
+        region_slice(self.0, addr, len)
     }
 }
 

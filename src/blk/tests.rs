@@ -120,7 +120,7 @@ impl QueueIo for ScriptedIo {
     fn in_flight(&self) -> usize {
         self.held.len()
     }
-    fn has_completions(&self) -> bool {
+    fn has_completions(&mut self) -> bool {
         let release = self.release.lock().expect("release list");
         self.held.iter().any(|c| release.contains(&c.tag))
     }

@@ -137,15 +137,15 @@ impl QueueWorker {
 
     /// Whether the driver has made chains available that are not popped yet. One acquire
     /// load of the avail index: cheap enough to poll.
-    pub fn has_avail<M: QueueMemory>(&self, mem: &M) -> bool {
+    fn has_avail<M: QueueMemory>(&self, mem: &M) -> bool {
         self.queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != self.queue.next_avail())
     }
 
     /// Whether a pass would find work: chains to pop (with room to run them) or completions.
-    pub fn has_work<M: QueueMemory>(&self, mem: &M) -> bool {
-        self.io.has_completions() || (self.room() > 0 && mem.data_region().is_some() && self.has_avail(mem))
+    pub fn has_work<M: QueueMemory>(&mut self, mem: &M) -> bool {
+        self.io.has_completions() || (self.can_pop(mem) && self.has_avail(mem))
     }
 
     /// Turns kicks off while the worker keeps coming back on its own.
@@ -159,7 +159,13 @@ impl QueueWorker {
     /// the thread sleeps until the next kick and tries to map it again then.
     pub fn enable_notifications<M: QueueMemory>(&mut self, mem: &M) -> Result<bool, QueueError> {
         let more = self.queue.enable_notification(mem).map_err(QueueError::Ring)?;
-        Ok(more && self.room() > 0 && mem.data_region().is_some())
+        Ok(more && self.can_pop(mem))
+    }
+
+    /// Whether a chain could be popped now: the engine has room and the data window is
+    /// mapped. Chains that cannot be popped are no reason to stay awake.
+    fn can_pop<M: QueueMemory>(&self, mem: &M) -> bool {
+        self.room() > 0 && mem.data_region().is_some()
     }
 
     /// Where window position `pos` lives.

@@ -174,7 +174,6 @@ fn serve_loop(
     let mut last_work: Option<Instant> = None;
     let mut window = s.poll;
     let mut sleeper = Sleeper::new(&s.kick, s.stop.fd(), worker.notifier()).map_err(|e| format!("epoll: {e}"))?;
-
     loop {
         if s.stop.requested() {
             return Ok(());

@@ -26,16 +26,6 @@ pub fn set_bounce_size(name: &str, bytes: u64) -> Result<()> {
     std::fs::write(&path, bytes.to_string()).map_err(sysfs_err(&path))
 }
 
-/// Reads the size of the device's bounce region.
-pub fn bounce_size(name: &str) -> Result<u64> {
-    let path = PathBuf::from(format!("{VDUSE_CLASS}/{name}/bounce_size"));
-    let text = std::fs::read_to_string(&path).map_err(sysfs_err(&path))?;
-    text.trim().parse().map_err(|_| Error::Sysfs {
-        path,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_owned()),
-    })
-}
-
 /// Reads the message timeout of a device.
 pub fn msg_timeout(name: &str) -> Result<u32> {
     let path = PathBuf::from(format!("{VDUSE_CLASS}/{name}/msg_timeout"));
