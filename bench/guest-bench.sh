@@ -7,6 +7,10 @@
 #               iothread and its default cache mode (the page cache), like ours
 #   rublk       rublk's ublk loop target (a ublk server in Rust), with --buffered-io, like ours
 #   loop        the kernel loop device with direct I/O (the in-kernel ceiling)
+# and, with PEERS containing "null", two targets that store nothing, to measure what each
+# frontend costs with the storage taken out:
+#   vduse-null  our device with `--null` (the kernel's VDUSE path + our queue engine)
+#   rublk-null  rublk's null target (the kernel's ublk path + rublk's queue loop)
 # Every target has BENCH_QUEUES queues (loop has its own). One more row runs our device with
 # a single queue, to show what the second queue buys. Each round brings every target up in
 # turn and runs every job; the table shows each job's median over the rounds. Everything in
@@ -19,7 +23,7 @@ RUNTIME=${BENCH_RUNTIME:-5}
 SIZE_MB=${BENCH_SIZE_MB:-512}
 QUEUES=${BENCH_QUEUES:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
-PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop}
+PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop null}
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 W=/tmp/bench
 mkdir -p "$W"
@@ -72,10 +76,11 @@ wait_block() { # vdpa device name -> /dev/vdX
 
 peer() { [[ " $PEERS " == *" $1 "* ]]; }
 
-ours() { # LABEL QUEUES [JOB...]
+ours() { # LABEL QUEUES [JOB...]; $BACKEND: what the device serves (default: the image)
     local label=$1 queues=$2 pid dev i
     shift 2
-    "$BIN" device serve --image "$img" --name bench0 --queues "$queues" --log-level warn >"$W/ours.out" &
+    # shellcheck disable=SC2086 # BACKEND is a list of arguments
+    "$BIN" device serve ${BACKEND:---image $img} --name bench0 --queues "$queues" --log-level warn >"$W/ours.out" &
     pid=$!
     for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
     dev=$(head -n1 "$W/ours.out")
@@ -102,14 +107,17 @@ qsd() {
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-rublk_peer() {
-    local i
+rublk_peer() { # LABEL TARGET [TARGET ARGS...]
+    local label=$1 i
+    shift
     # 1 MiB I/O buffers, so that a 1 MiB request is not split in two (its default is 512 KiB).
-    rublk add loop -n 0 -f "$img" -q "$QUEUES" -d 128 -b 1MiB --buffered-io --quiet
+    rublk add "$@" -n 0 -q "$QUEUES" -d 128 -b 1MiB --quiet
     for i in $(seq 1 100); do [[ -b /dev/ublkb0 ]] && break; sleep 0.1; done
-    run_jobs rublk /dev/ublkb0
+    run_jobs "$label" /dev/ublkb0
     rublk del -n 0
 }
+
+have_rublk() { command -v rublk >/dev/null && [[ -e /dev/ublk-control ]]; }
 
 loop_peer() {
     local dev
@@ -124,9 +132,14 @@ for round in $(seq 1 "$ROUNDS"); do
     if peer vduse-csi; then ours vduse-csi "$QUEUES"; ours vduse-csi-1q 1 "${JOBS[1]}"; fi
     if peer qsd; then qsd; fi
     if peer rublk; then
-        if command -v rublk >/dev/null && [[ -e /dev/ublk-control ]]; then rublk_peer; else echo "rublk: not available" >&2; fi
+        if have_rublk; then rublk_peer rublk loop -f "$img" --buffered-io; else echo "rublk: not available" >&2; fi
     fi
     if peer loop; then loop_peer; fi
+    if peer null; then
+        BACKEND="--null --size ${SIZE_MB}M" ours vduse-null "$QUEUES"
+        BACKEND="--null --size ${SIZE_MB}M" ours vduse-null-1q 1 "${JOBS[1]}"
+        if have_rublk; then rublk_peer rublk-null null; fi
+    fi
 done
 
 # Table: per job, each target's median IOPS and MiB/s over the rounds, and our ratio to each
@@ -137,7 +150,7 @@ function median(key,    n, i, j, t, a) {
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return n ? a[int((n + 1) / 2)] : 0
 }
-{ vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
+{ if ($1 == "vduse-null") seen_null = 1; vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
 END {
     printf "%-18s %10s %7s %10s %7s %10s %7s %10s %7s %8s %8s %8s\n", "job", "vduse-csi", "MiB/s", "qsd", "MiB/s", "rublk", "MiB/s", "loop", "MiB/s", "vs qsd", "vs rublk", "vs loop"
     for (i = 0; i < n; i++) {
@@ -149,4 +162,17 @@ END {
     }
     one = median("vduse-csi-1q randread-4k-qd32"); two = median("vduse-csi randread-4k-2x32")
     if (one) printf "vduse-csi randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
+    if (!seen_null) exit
+    # The frontends alone (no storage): what bounds each row. "ours/null" is how much of its
+    # own ceiling our device reaches; "null/X" is the ceiling against the peers.
+    printf "\nno storage (IOPS):\n%-18s %10s %10s %13s %9s %9s %9s %9s\n", "job", "vduse-null", "rublk-null", "null/rublknull", "ours/null", "null/qsd", "null/rublk", "null/loop"
+    for (i = 0; i < n; i++) {
+        j = order[i]
+        v = median("vduse-null "j); u = median("rublk-null "j); o = median("vduse-csi "j)
+        q = median("qsd "j); r = median("rublk "j); l = median("loop "j)
+        if (!v) continue
+        printf "%-18s %10d %10d %12.2fx %8.2fx %8.2fx %8.2fx %8.2fx\n", j, v, u, (u ? v/u : 0), o/v, (q ? v/q : 0), (r ? v/r : 0), (l ? v/l : 0)
+    }
+    one = median("vduse-null-1q randread-4k-qd32"); two = median("vduse-null randread-4k-2x32")
+    if (one) printf "vduse-null randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"

@@ -7,7 +7,8 @@
 #
 # Usage: bench/run.sh   (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3),
 #                       BENCH_SIZE_MB (512), BENCH_QUEUES (2), BENCH_PEERS, a subset of
-#                       "vduse-csi qsd rublk loop")
+#                       "vduse-csi qsd rublk loop null"; "null" adds the storage-free
+#                       frontends vduse-null and rublk-null, which show what bounds a row)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"

@@ -5,8 +5,6 @@
 //!
 //! Run: `cargo bench --bench engine` (env: ENGINE_BENCH_SECONDS, default 3).
 
-use std::io;
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
-use vduse_csi::backend::{self, Backend, Completion, IoBuf, IoOp, QueueIo, SliceSource};
+use vduse_csi::backend::{Backend, NullBackend};
 use vduse_csi::blk::{DeviceLimits, QueueMemory, QueueWorker};
 
 const QUEUE_SIZE: u16 = 256;
@@ -51,54 +49,6 @@ impl QueueMemory for Memory {
     }
 }
 
-/// Finishes every operation at once without touching a byte.
-struct NullIo {
-    done: Vec<Completion>,
-}
-
-impl QueueIo for NullIo {
-    fn capacity(&self) -> usize {
-        usize::from(QUEUE_SIZE)
-    }
-    fn submit(&mut self, _: &dyn SliceSource, _: &[IoBuf], _: IoOp, tag: u16) {
-        self.done.push(Completion { tag, result: Ok(()) });
-    }
-    fn commit(&mut self) {}
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-    fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-    fn wait(&mut self) {}
-    fn notifier(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-}
-
-struct NullBackend;
-
-impl Backend for NullBackend {
-    fn capacity(&self) -> u64 {
-        1 << 30
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn open_queue(&self, _: u16) -> backend::Result<Box<dyn QueueIo>> {
-        Ok(Box::new(NullIo { done: Vec::new() }))
-    }
-    fn flush(&self) -> backend::Result<()> {
-        Ok(())
-    }
-    fn grow(&self, _: u64) -> backend::Result<()> {
-        Err(backend::Error::Io { op: "grow", source: io::Error::other("null backend") })
-    }
-}
-
 fn main() {
     let seconds: u64 = std::env::var("ENGINE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000), (GuestAddress(DATA), 0x20_0000)])
@@ -127,7 +77,7 @@ fn main() {
         mock.desc_table().store(i as u16, *d).expect("descriptor");
     }
     let queue: Queue = mock.create_queue().expect("queue");
-    let backend: Arc<dyn Backend> = Arc::new(NullBackend);
+    let backend: Arc<dyn Backend> = Arc::new(NullBackend::new(1 << 30).expect("size"));
     let io = backend.open_queue(QUEUE_SIZE).expect("engine");
     let limits = DeviceLimits {
         capacity_sectors: (1 << 30) / 512,

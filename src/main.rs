@@ -13,7 +13,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use vduse_csi::backend::{CacheMode, FileBackend};
+use vduse_csi::backend::{Backend, CacheMode, FileBackend, NullBackend};
 use vduse_csi::csi;
 use vduse_csi::server::{self, DeviceOptions, DeviceServer, HealthState};
 use vduse_csi::units::parse_size;
@@ -88,8 +88,13 @@ struct PluginArgs {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Image file to serve; created sparse if absent and --size is given.
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "null")]
+    image: Option<PathBuf>,
+    /// For benchmarks, not data: serve a disk of --size bytes that stores nothing. Every
+    /// request succeeds at once and reads return whatever the kernel's bounce pages held; it
+    /// measures the VDUSE path and the queue engine with the storage taken out (like null_blk).
+    #[arg(long, conflicts_with_all = ["image", "read_only", "cache"], requires_all = ["size", "name"])]
+    null: bool,
     /// Size of a new image: bytes or a K, M, G, T suffix (powers of 1024). An existing image
     /// keeps its size.
     #[arg(long, value_parser = parse_size)]
@@ -165,7 +170,11 @@ fn default_name(image: &std::path::Path) -> String {
 }
 
 fn serve_device(args: ServeArgs) -> Result<(), String> {
-    let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
+    let name = match (&args.name, &args.image) {
+        (Some(name), _) => name.clone(),
+        (None, Some(image)) => default_name(image),
+        (None, None) => return Err("--name is required without --image".into()),
+    };
     let opts = DeviceOptions {
         name,
         num_queues: args.queues.unwrap_or_else(server::default_queues),
@@ -176,8 +185,8 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     // Check everything the caller got wrong before touching the host, so a bad command line
     // creates nothing.
     opts.validate().map_err(|e| e.to_string())?;
-    if args.size.is_none() && !args.image.exists() {
-        return Err(vduse_csi::backend::Error::Missing(args.image.clone()).to_string());
+    if let Some(image) = args.image.as_ref().filter(|i| args.size.is_none() && !i.exists()) {
+        return Err(vduse_csi::backend::Error::Missing(image.clone()).to_string());
     }
     if !std::path::Path::new(vduse::CONTROL_PATH).exists() {
         return Err(vduse::Error::ControlMissing.to_string());
@@ -191,8 +200,13 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
 
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
-    let backend =
-        Arc::new(FileBackend::open(&args.image, args.size, args.read_only, args.cache).map_err(|e| e.to_string())?);
+    let backend: Arc<dyn Backend> = match (&args.image, args.size) {
+        (Some(image), size) => {
+            Arc::new(FileBackend::open(image, size, args.read_only, args.cache).map_err(|e| e.to_string())?)
+        }
+        (None, Some(size)) => Arc::new(NullBackend::new(size).map_err(|e| e.to_string())?),
+        (None, None) => return Err("--size is required with --null".into()),
+    };
     let server = DeviceServer::start(&opts, backend).map_err(|e| e.to_string())?;
     {
         let mut out = std::io::stdout().lock();

@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod null;
 mod uring;
 
 use std::io;
@@ -19,6 +20,7 @@ use vm_memory::{
 
 pub use file::{CacheMode, FileBackend};
 pub use memory::MemoryBackend;
+pub use null::NullBackend;
 
 /// Sector size of the block device model; capacities are multiples of it.
 pub const SECTOR_SIZE: u64 = 512;

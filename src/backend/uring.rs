@@ -30,7 +30,8 @@ use super::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 /// EINVAL, and the operation is retried through the page cache.
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Smallest buffered read handed to io_uring's worker threads rather than copied inline.
+/// Smallest buffered read handed to io_uring's worker threads rather than copied inline; on a
+/// tmpfs image, the smallest read or write that goes through io_uring at all.
 const ASYNC_READ_BYTES: u64 = 256 << 10;
 
 /// Fixed-file index of the image opened without `O_DIRECT`.
@@ -45,6 +46,8 @@ pub struct ImageFiles {
     /// The same image opened with `O_DIRECT`; `None` when the cache mode or the filesystem
     /// rules it out.
     pub direct: Option<Arc<File>>,
+    /// The image is in memory (tmpfs): buffered I/O never waits for a device.
+    pub memory: bool,
 }
 
 /// One tag's operation while it is in flight.
@@ -210,6 +213,57 @@ impl UringQueue {
         entry.user_data(tag as u64)
     }
 
+    /// Whether `tag`'s prepared operation is copied in this thread instead of through the
+    /// ring: a small read or write of a tmpfs image. tmpfs files cannot be issued to without
+    /// blocking as far as io_uring knows (no `FMODE_NOWAIT`), so it hands every operation on
+    /// them to a worker thread; traced in the test guest (6.12), 2000 of 2000 4 KiB reads went
+    /// to io-wq. A page-cache copy in this thread costs one syscall and no thread hand-off:
+    /// 4 KiB QD1 reads went from about 1300 to about 2600 IOPS and QD32 writes from about
+    /// 12500 to about 18100 (medians of 3). Large ones still go to the workers, where several
+    /// copies run at once.
+    fn runs_inline(&self, tag: usize) -> bool {
+        let slot = &self.slots[tag];
+        self.files.memory
+            && !slot.direct
+            && matches!(slot.op, IoOp::Read { .. } | IoOp::Write { .. })
+            && slot.remaining < ASYNC_READ_BYTES
+    }
+
+    /// Reads or writes `tag`'s prepared buffers with `preadv`/`pwritev`, continuing short
+    /// transfers.
+    fn transfer_inline(&mut self, tag: usize) -> io::Result<()> {
+        let fd = self.files.buffered.as_raw_fd();
+        while self.slots[tag].remaining > 0 {
+            let slot = &self.slots[tag];
+            let (IoOp::Read { offset, .. } | IoOp::Write { offset, .. }) = slot.op else {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            };
+            let iov = &slot.iovecs[slot.first..];
+            let (ptr, count, at) = (iov.as_ptr(), iov.len() as libc::c_int, (offset + slot.done) as libc::off_t);
+            // SAFETY: the iovecs were built by `prepare` from slices of the worker's mapped
+            // memory, which stays mapped for the whole (synchronous) call; a read writes only
+            // inside them and a write only reads them.
+            let n = unsafe {
+                if matches!(slot.op, IoOp::Read { .. }) {
+                    libc::preadv(fd, ptr, count, at)
+                } else {
+                    libc::pwritev(fd, ptr, count, at)
+                }
+            };
+            match n {
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                n if n > 0 => self.advance(tag, n as u64),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Queues `tag`'s SQE, entering the kernel first if the submission queue is full.
     fn push(&mut self, tag: usize) -> io::Result<()> {
         let sqe = self.sqe(tag);
@@ -339,6 +393,11 @@ impl QueueIo for UringQueue {
         };
         if let Some(e) = refused {
             self.ready.push(Completion { tag, result: Err(e) });
+            return;
+        }
+        if self.runs_inline(t) {
+            let result = self.transfer_inline(t);
+            self.ready.push(Completion { tag, result });
             return;
         }
         self.slots[t].busy = true;
