@@ -80,6 +80,12 @@ struct PluginArgs {
     /// Which services to serve.
     #[arg(long, value_enum, default_value_t = csi::Mode::All)]
     mode: csi::Mode,
+    /// How far volumes may promise more than the node has: the capacities of all volumes
+    /// together may reach this many times the size of the state dir's filesystem. Images are
+    /// sparse and hold only what was written; a `thick: "true"` StorageClass reserves its
+    /// volumes in full instead. 1 promises no more than the filesystem's size.
+    #[arg(long, default_value_t = vduse_csi::volume::DEFAULT_OVERCOMMIT_RATIO, value_parser = parse_ratio)]
+    overcommit_ratio: f64,
     /// CSI driver name reported by GetPluginInfo.
     #[arg(long, default_value = csi::DRIVER_NAME)]
     driver_name: String,
@@ -151,6 +157,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().ok().filter(|r| r.is_finite() && *r >= 1.0).ok_or_else(|| format!("{s:?}: use a number >= 1"))
 }
 
 fn parse_cache(s: &str) -> Result<CacheMode, String> {
@@ -250,6 +260,7 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         state_dir: args.state_dir,
         mode: args.mode,
         driver_name: args.driver_name,
+        overcommit_ratio: args.overcommit_ratio,
     }))
 }
 

@@ -58,7 +58,7 @@ fn on_host() -> ExitCode {
 type Scenario = fn(&mut Node);
 
 fn in_guest() -> ExitCode {
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 16] = [
         ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
         ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
         ("block_volume_lifecycle", block_lifecycle),
@@ -68,6 +68,13 @@ fn in_guest() -> ExitCode {
         ("snapshot_of_staged_volume_is_consistent", snapshot_of_staged),
         ("lost_device_is_abnormal_and_restage_recovers", lost_device),
         ("hostile_and_missing_ids_are_refused", hostile_ids),
+        ("stats_answer_while_another_volume_stages", stats_while_staging),
+        ("clone_of_staged_volume_is_consistent", clone_of_staged),
+        ("plugin_killed_mid_snapshot_thaws_at_start", killed_mid_snapshot),
+        ("sigterm_writes_staged_filesystems_through", sigterm_syncs),
+        ("full_backing_store_is_reported", full_backing_store),
+        ("unstage_after_a_crash_before_the_metadata_unmounts_first", unstage_unrecorded),
+        ("failed_recovery_is_retried", failed_recovery_retried),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let (mut passed, mut failed) = (0, 0);
@@ -139,6 +146,20 @@ impl Node {
         let probe = node.rt.block_on(node.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
         assert_eq!(probe.ready, Some(true));
         node
+    }
+
+    /// Kills the plugin with SIGKILL (no shutdown work at all) and starts a new one.
+    fn kill_and_restart(&mut self) {
+        let mut plugin = self.plugin.take().expect("plugin");
+        let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
+        plugin.child.kill().expect("SIGKILL");
+        plugin.child.wait().expect("wait");
+        drop(plugin);
+        let plugin = PluginProcess::start(&socket, &state, "all");
+        self.c = self.rt.block_on(connect(&plugin.socket));
+        self.plugin = Some(plugin);
+        let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+        assert_eq!(probe.ready, Some(true));
     }
 
     /// Stops the plugin with SIGTERM and starts a new one on the same state dir.
@@ -514,6 +535,216 @@ fn snapshot_of_staged(n: &mut Node) {
     n.rt.block_on(n.c.controller.delete_snapshot(req)).expect("delete snapshot");
 }
 
+/// No lock is held across another volume's stage (device start, attach, mkfs): stats of a
+/// staged volume answer while it runs.
+fn stats_while_staging(n: &mut Node) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cap = mount_cap("xfs", writer());
+    n.create("pvc-a", 64, cap.clone());
+    let staging_a = n.staging("pvc-a");
+    n.stage("pvc-a", &staging_a, &cap).expect("stage a");
+    n.create("pvc-b", 512, cap.clone());
+    let staging_b = n.staging("pvc-b");
+    let socket = n.plugin.as_ref().expect("plugin").socket.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let stager = {
+        let (done, staging_b, cap) = (Arc::clone(&done), staging_b.clone(), cap.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let mut c = rt.block_on(connect(&socket));
+            let req = NodeStageVolumeRequest {
+                volume_id: "pvc-b".into(),
+                staging_target_path: staging_b.to_string_lossy().into(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            };
+            let result = rt.block_on(c.node.node_stage_volume(req)).map(drop);
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+    let mut answered_meanwhile = 0;
+    while !done.load(Ordering::SeqCst) {
+        let condition = n.stats("pvc-a", &staging_a).volume_condition.expect("condition");
+        assert!(!condition.abnormal, "{condition:?}");
+        if !done.load(Ordering::SeqCst) {
+            answered_meanwhile += 1;
+        }
+    }
+    stager.join().expect("stager").expect("stage b");
+    assert!(answered_meanwhile > 0, "no stats call of pvc-a completed while pvc-b was staged");
+    println!("stats of pvc-a answered {answered_meanwhile} times while pvc-b was staged");
+    for (pv, staging) in [("pvc-a", &staging_a), ("pvc-b", &staging_b)] {
+        n.unstage(pv, staging).expect("unstage");
+        n.delete(pv).expect("delete");
+    }
+}
+
+/// A clone of a staged volume is taken like a snapshot: what was written before it, synced or
+/// not, is in the clone, and the source's filesystem is thawed afterwards.
+fn clone_of_staged(n: &mut Node) {
+    let pv = "pvc-clone-src";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    std::fs::write(staging.join("file"), b"in the clone").expect("write");
+    let clone = "pvc-clone";
+    let mut req = create_request(clone, 64 * MIB, cap.clone());
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: pv.into() })),
+    });
+    n.rt.block_on(n.c.controller.create_volume(req)).expect("clone");
+    std::fs::write(staging.join("file"), b"after the clone").expect("the source is writable again");
+    syncfs(&staging);
+    let staging2 = n.staging(clone);
+    n.stage(clone, &staging2, &cap).expect("stage clone");
+    assert_eq!(std::fs::read(staging2.join("file")).expect("read clone"), b"in the clone");
+    let state = n.plugin.as_ref().expect("plugin").state.clone();
+    assert!(!state.join("frozen").join(pv).exists(), "the freeze record is removed after the thaw");
+    for (v, path) in [(clone, &staging2), (pv, &staging)] {
+        n.unstage(v, path).expect("unstage");
+        n.delete(v).expect("delete");
+    }
+}
+
+/// A plugin killed while a staged filesystem is frozen for a snapshot (recorded in the state
+/// dir first) thaws it when it starts again.
+fn killed_mid_snapshot(n: &mut Node) {
+    let pv = "pvc-frozen";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    // What CreateSnapshot does before it copies: record, then freeze. Then the plugin dies.
+    let state = n.plugin.as_ref().expect("plugin").state.clone();
+    std::fs::create_dir_all(state.join("frozen")).expect("frozen dir");
+    std::fs::write(state.join("frozen").join(pv), serde_json::to_vec(&staging).expect("json")).expect("record");
+    let frozen = Command::new("fsfreeze").arg("--freeze").arg(&staging).status().expect("fsfreeze");
+    assert!(frozen.success());
+    n.kill_and_restart();
+    // Thawed: a second thaw is refused, and the record is gone.
+    let out = Command::new("fsfreeze").arg("--unfreeze").arg(&staging).output().expect("fsfreeze");
+    assert!(!out.status.success(), "the filesystem was still frozen after the restart");
+    assert!(!state.join("frozen").join(pv).exists(), "the freeze record is removed");
+    std::fs::write(staging.join("file"), b"writable").expect("write");
+    syncfs(&staging);
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// On SIGTERM the plugin writes every staged filesystem through to its image before it
+/// exits: data a pod wrote and never synced is in the image while no plugin runs.
+fn sigterm_syncs(n: &mut Node) {
+    let pv = "pvc-term";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let marker: Vec<u8> = b"vduse-csi sigterm marker 7f3a9c".iter().copied().cycle().take(64 << 10).collect();
+    std::fs::write(staging.join("unsynced"), &marker).expect("write");
+    let image = n.plugin.as_ref().expect("plugin").state.join("volumes").join(pv).join("image.raw");
+    n.restart_with(|| {
+        let bytes = std::fs::read(&image).expect("read image");
+        assert!(
+            bytes.windows(marker.len().min(4096)).any(|w| w == &marker[..4096]),
+            "the unsynced file is not in the image after SIGTERM"
+        );
+    });
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// A thin volume whose backing filesystem is full shows it in its condition.
+fn full_backing_store(n: &mut Node) {
+    let pv = "pvc-full";
+    let cap = block_cap(writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.block_staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    assert!(!n.stats(pv, &staging).volume_condition.expect("condition").abnormal);
+    // Fill the state dir's filesystem (the guest's /tmp) to the last MiB.
+    let state = n.plugin.as_ref().expect("plugin").state.clone();
+    let st = nix::sys::statvfs::statvfs(&state).expect("statvfs");
+    let free = st.blocks_available() * st.fragment_size();
+    let filler = state.join("filler");
+    let status = Command::new("fallocate")
+        .args(["-l", &(free - (512 << 10)).to_string()])
+        .arg(&filler)
+        .status()
+        .expect("fallocate");
+    assert!(status.success());
+    let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert!(condition.abnormal && condition.message.contains("backing store full"), "{condition:?}");
+    assert!(!n.stats(pv, &staging).volume_condition.expect("condition").abnormal, "normal again with room");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// A plugin killed between mounting a staged volume and recording it: NodeUnstage still
+/// unmounts the staging path (serving the device again for it) before removing the device.
+fn unstage_unrecorded(n: &mut Node) {
+    let pv = "pvc-unrecorded";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    std::fs::write(staging.join("file"), b"kept").expect("write");
+    syncfs(&staging);
+    let meta_path = n.plugin.as_ref().expect("plugin").state.join("volumes").join(pv).join("meta.json");
+    // The state the crash leaves: mounted, served by nobody, and not recorded as staged.
+    n.restart_with(|| {
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta_path).expect("meta")).expect("json");
+        meta["staged"] = serde_json::Value::Null;
+        std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("json")).expect("write meta");
+    });
+    assert!(is_mount_point(&staging));
+    n.unstage(pv, &staging).expect("unstage");
+    assert!(!is_mount_point(&staging), "the staging path is unmounted");
+    assert!(!Path::new("/sys/class/vduse").join(pv).exists(), "the device is removed");
+    n.stage(pv, &staging, &cap).expect("stage again");
+    assert_eq!(std::fs::read(staging.join("file")).expect("read"), b"kept");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// A staged volume whose device server cannot start at recovery (another process holds its
+/// device node) is served again once it can, without a new stage.
+fn failed_recovery_retried(n: &mut Node) {
+    let pv = "pvc-heal";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let mut holder = None;
+    n.restart_with(|| {
+        let node = format!("/dev/vduse/{pv}");
+        holder = Some(
+            Command::new("sh").args(["-c", &format!("exec 3<>{node}; sleep 6")]).spawn().expect("hold the device"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+    let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+    assert!(condition.abnormal, "recovery must have failed while the node was held: {condition:?}");
+    let _ = holder.take().expect("holder").wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+        if !condition.abnormal {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never served again: {condition:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    std::fs::write(staging.join("file"), b"after the retry").expect("write");
+    syncfs(&staging);
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
 fn hostile_ids(n: &mut Node) {
     let cap = mount_cap("ext4", writer());
     let staging = n.staging("x");
@@ -549,6 +780,14 @@ fn hostile_ids(n: &mut Node) {
         n.publish("pvc-h", &staging, &target, &cap, false).expect_err("not staged").code(),
         Code::FailedPrecondition
     );
+    // Arguments are checked before any state: a publish missing both the capability and the
+    // staging path of a volume that is not staged is a malformed request.
+    let req = NodePublishVolumeRequest {
+        volume_id: "pvc-h".into(),
+        target_path: target.to_string_lossy().into(),
+        ..Default::default()
+    };
+    assert_eq!(n.rt.block_on(n.c.node.node_publish_volume(req)).expect_err("malformed").code(), Code::InvalidArgument);
     let multi = mount_cap("ext4", volume_capability::access_mode::Mode::MultiNodeMultiWriter);
     assert_eq!(n.stage("pvc-h", &staging, &multi).expect_err("multi-node").code(), Code::InvalidArgument);
     let req = NodeGetVolumeStatsRequest {

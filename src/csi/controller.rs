@@ -9,10 +9,11 @@ use tonic::{Request, Response, Status};
 use super::proto::controller_server::Controller;
 use super::proto::*;
 use super::{
-    DEFAULT_CAPACITY, Error, MIB, PARAM_CACHE, PARAM_FS_TYPE, PARAM_QUEUES, Plugin, Result, TOPOLOGY_KEY, blocking,
-    required, volume_id,
+    DEFAULT_CAPACITY, Error, MIB, PARAM_CACHE, PARAM_FS_TYPE, PARAM_QUEUES, PARAM_THICK, Plugin, Result, TOPOLOGY_KEY,
+    blocking, required, volume_id,
 };
 use crate::backend::CacheMode;
+use crate::host;
 use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
 
 /// Parameters external-provisioner adds with --extra-create-metadata; accepted and ignored.
@@ -131,15 +132,66 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<S
                 })?;
                 kept.insert(k.clone(), v.clone());
             }
+            PARAM_THICK => {
+                if v != "true" && v != "false" {
+                    return Err(Error::InvalidArgument(format!("parameter {PARAM_THICK}={v:?}: use true or false")));
+                }
+                kept.insert(k.clone(), v.clone());
+            }
             k if METADATA_PARAMS.contains(&k) => {}
             k => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES} and {PARAM_CACHE}"
+                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES}, {PARAM_CACHE} and {PARAM_THICK}"
                 )));
             }
         }
     }
     Ok((queues, kept))
+}
+
+/// A volume held still while it is copied: a staged filesystem is frozen (which flushes it
+/// and holds new writes) and the image flushed, so the copy is one point in time; a block
+/// volume is flushed. The freeze is recorded first, so a plugin killed before it thaws
+/// thaws it when it starts again. Thawed when dropped.
+struct Quiesced<'a> {
+    plugin: &'a Plugin,
+    volume_id: String,
+    freeze: Option<host::Freeze>,
+}
+
+impl<'a> Quiesced<'a> {
+    fn new(plugin: &'a Plugin, meta: &VolumeMeta) -> Result<Self> {
+        let volume_id = meta.spec.id.clone();
+        let mut quiet = Self { plugin, volume_id, freeze: None };
+        let Some(stage) = &meta.staged else { return Ok(quiet) };
+        if !stage.block {
+            plugin.store.record_freeze(&quiet.volume_id, &stage.staging_path)?;
+            // On failure `quiet` drops and clears the record.
+            quiet.freeze = Some(host::Freeze::new(&stage.staging_path)?);
+        }
+        let servers = plugin.servers.lock().map_err(|_| Error::Internal("device server table poisoned".into()))?;
+        if let Some(server) = servers.get(&quiet.volume_id) {
+            server.flush()?;
+        }
+        drop(servers);
+        Ok(quiet)
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        // Thawed first (Freeze's drop), then forgotten; a failed thaw keeps its record for
+        // the next start.
+        if let Some(freeze) = self.freeze.take() {
+            if let Err(e) = freeze.thaw() {
+                tracing::error!(volume = %self.volume_id, error = %e, "cannot thaw the filesystem; the next start retries");
+                return;
+            }
+        }
+        if let Err(e) = self.plugin.store.clear_freeze(&self.volume_id) {
+            tracing::warn!(volume = %self.volume_id, error = %e, "cannot remove the freeze record");
+        }
+    }
 }
 
 fn to_volume(plugin: &Plugin, meta: &VolumeMeta) -> Volume {
@@ -186,7 +238,8 @@ fn topology_ok(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
     req.requisite.iter().chain(req.preferred.iter()).any(|t| t.segments.get(TOPOLOGY_KEY) == Some(&plugin.node_id))
 }
 
-/// Pages through sorted items by the ID the previous page ended after.
+/// Pages through sorted items, resuming after the entry the token names (entries deleted in
+/// between do not matter: the next page starts at the first ID after it).
 fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Result<(Vec<T>, String)> {
     if max < 0 {
         return Err(Error::InvalidArgument("max_entries must not be negative".into()));
@@ -194,15 +247,18 @@ fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Res
     let start = if token.is_empty() {
         0
     } else {
-        validate_id("starting_token", token)
-            .map_err(|_| Error::Aborted(format!("invalid starting_token {token:?}")))?;
-        items.iter().position(|i| id(i) > token).unwrap_or(items.len())
+        let after = super::token::check(token).ok_or_else(|| {
+            Error::InvalidToken(format!(
+                "starting_token {token:?} was not issued by this plugin (or by an earlier run of it): list again from the start"
+            ))
+        })?;
+        items.iter().position(|i| id(i) > after).unwrap_or(items.len())
     };
     let max = if max == 0 { usize::MAX } else { max as usize };
     let rest: Vec<T> = items.into_iter().skip(start).collect();
     let more = rest.len() > max;
     let page: Vec<T> = rest.into_iter().take(max).collect();
-    let next = if more { page.last().map(|i| id(i).to_owned()).unwrap_or_default() } else { String::new() };
+    let next = if more { page.last().map(|i| super::token::issue(id(i))).unwrap_or_default() } else { String::new() };
     Ok((page, next))
 }
 
@@ -236,10 +292,29 @@ impl Controller for ControllerService {
                 Some(ContentSource::Volume(volume_id(&v.volume_id)?.to_owned()))
             }
         };
-        let _guard = self.plugin.guards.acquire(&id)?;
+        // The guard moves into the blocking work: if the caller gives up, the work still runs
+        // to its end, and a retry must find the volume busy until it does.
+        let guard = self.plugin.guards.acquire(&id)?;
+        // A clone holds its source still, like a snapshot does.
+        let source_guard = match &source {
+            Some(ContentSource::Volume(v)) if *v != id => Some(self.plugin.guards.acquire(v)?),
+            _ => None,
+        };
         let spec = VolumeSpec { id: id.clone(), capacity_bytes: capacity, queues, fs_type, parameters, source };
-        let store = self.plugin.store.clone();
-        let (meta, created) = blocking(move || Ok(store.create_volume(&spec)?)).await?;
+        let plugin = Arc::clone(&self.plugin);
+        let (meta, created) = blocking(move || {
+            let _guards = (guard, source_guard);
+            let quiet = match &spec.source {
+                Some(ContentSource::Volume(v)) if plugin.store.volume(&spec.id)?.is_none() => {
+                    Some(Quiesced::new(&plugin, &plugin.store.existing_volume(v)?)?)
+                }
+                _ => None,
+            };
+            let created = plugin.store.create_volume(&spec);
+            drop(quiet);
+            Ok(created?)
+        })
+        .await?;
         tracing::info!(volume = %id, capacity, created, "CreateVolume");
         Ok(Response::new(CreateVolumeResponse { volume: Some(to_volume(&self.plugin, &meta)) }))
     }
@@ -250,18 +325,19 @@ impl Controller for ControllerService {
     ) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let _guard = self.plugin.guards.acquire(&id)?;
-        if let Some(meta) = self.plugin.store.volume(&id).map_err(Error::from)? {
-            if meta.staged.is_some() {
+        let guard = self.plugin.guards.acquire(&id)?;
+        let plugin = Arc::clone(&self.plugin);
+        let existed = blocking(move || {
+            let _guard = guard;
+            if plugin.store.volume(&id)?.is_some_and(|meta| meta.staged.is_some()) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is staged on node {}; unstage it first",
-                    self.plugin.node_id
-                ))
-                .into());
+                    plugin.node_id
+                )));
             }
-        }
-        let store = self.plugin.store.clone();
-        let existed = blocking(move || Ok(store.delete_volume(&id)?)).await?;
+            Ok(plugin.store.delete_volume(&id)?)
+        })
+        .await?;
         tracing::info!(volume = %req.volume_id, existed, "DeleteVolume");
         Ok(Response::new(DeleteVolumeResponse {}))
     }
@@ -342,7 +418,11 @@ impl Controller for ControllerService {
                 return Ok(Response::new(GetCapacityResponse::default()));
             }
         }
-        let available = self.plugin.store.available_bytes().map_err(Error::from)?;
+        // What may still be promised under the provisioning model (see VolumeStore): the
+        // overcommit headroom, and for a thick class also no more than is free.
+        let thick = req.parameters.get(PARAM_THICK).is_some_and(|v| v == "true");
+        let available = self.plugin.store.promisable_bytes(thick).map_err(Error::from)?;
+        let available = available / MIB * MIB;
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available as i64,
             maximum_volume_size: Some(available as i64),
@@ -386,10 +466,11 @@ impl Controller for ControllerService {
         let source = volume_id(&req.source_volume_id)?.to_owned();
         let name = required("name", &req.name)?.to_owned();
         validate_id("snapshot name", &name).map_err(Error::from)?;
-        let _guard = self.plugin.guards.acquire(&source)?;
-        let _snapshot_guard = self.plugin.guards.acquire(&format!("snapshot/{name}"))?;
+        let guard = self.plugin.guards.acquire(&source)?;
+        let snapshot_guard = self.plugin.guards.acquire(&format!("snapshot/{name}"))?;
         let plugin = Arc::clone(&self.plugin);
         let snapshot = blocking(move || {
+            let _guards = (guard, snapshot_guard);
             if let Some(existing) = plugin.store.snapshot(&name)? {
                 if existing.source_volume_id != source {
                     return Err(Error::AlreadyExists(format!(
@@ -400,23 +481,9 @@ impl Controller for ControllerService {
                 return Ok(existing);
             }
             let meta = plugin.store.existing_volume(&source)?;
-            if meta.spec.capacity_bytes > plugin.store.available_bytes()? {
-                return Err(Error::ResourceExhausted(format!("not enough space for a snapshot of {source}")));
-            }
-            // A staged filesystem is frozen (which flushes it and holds new writes) and the
-            // image flushed, so the copy is one point in time; a block volume is flushed.
-            let frozen = match &meta.staged {
-                Some(stage) if !stage.block => Some(crate::host::Freeze::new(&stage.staging_path)?),
-                _ => None,
-            };
-            if meta.staged.is_some() {
-                let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
-                if let Some(server) = servers.get(&source) {
-                    server.flush()?;
-                }
-            }
+            let quiet = Quiesced::new(&plugin, &meta)?;
             let created = plugin.store.create_snapshot(&name, &source);
-            drop(frozen);
+            drop(quiet);
             Ok(created?.0)
         })
         .await?;
@@ -431,9 +498,13 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
-        let _guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
+        let guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
         let (store, id) = (self.plugin.store.clone(), id.to_owned());
-        blocking(move || Ok(store.delete_snapshot(&id)?)).await?;
+        blocking(move || {
+            let _guard = guard;
+            Ok(store.delete_snapshot(&id)?)
+        })
+        .await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
@@ -466,11 +537,15 @@ impl Controller for ControllerService {
         if let Some(cap) = &req.volume_capability {
             check_capability(cap)?;
         }
-        let _guard = self.plugin.guards.acquire(&id)?;
+        let guard = self.plugin.guards.acquire(&id)?;
         let store = self.plugin.store.clone();
         // Growing the sparse image is cheap and safe while staged: the node step tells the
         // driver and grows the filesystem.
-        let meta = blocking(move || Ok(store.grow_volume(&id, capacity)?)).await?;
+        let meta = blocking(move || {
+            let _guard = guard;
+            Ok(store.grow_volume(&id, capacity)?)
+        })
+        .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: meta.spec.capacity_bytes as i64,
             node_expansion_required: true,
@@ -518,9 +593,11 @@ mod tests {
     fn paging_resumes_after_the_token() {
         let items: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
         let (p, next) = page(items.clone(), |s| s.as_str(), 2, "").expect("page 1");
-        assert_eq!((p.len(), next.as_str()), (2, "b"));
+        assert_eq!(p.len(), 2);
         let (p, next) = page(items.clone(), |s| s.as_str(), 2, &next).expect("page 2");
         assert_eq!((p, next), (vec!["c".to_string(), "d".to_string()], String::new()));
-        assert!(matches!(page(items, |s| s.as_str(), 1, "../x"), Err(Error::Aborted(_))));
+        for forged in ["../x", "b", "b~0123456789abcdef"] {
+            assert!(matches!(page(items.clone(), |s| s.as_str(), 1, forged), Err(Error::InvalidToken(_))), "{forged}");
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod identity;
 pub mod node;
 pub mod serve;
+pub mod token;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -40,6 +41,9 @@ pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
 pub const PARAM_QUEUES: &str = "queues";
 /// StorageClass parameter: how image I/O uses the node's page cache (`none`, `writeback`).
 pub const PARAM_CACHE: &str = "cache";
+/// StorageClass parameter: reserve the whole image at creation (`true`) or not (`false`,
+/// the default: thin).
+pub use crate::volume::PARAM_THICK;
 /// Smallest volume and allocation unit.
 pub const MIB: u64 = 1 << 20;
 /// Size of a volume created without a capacity range.
@@ -114,6 +118,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("an operation on volume {0} is already in progress")]
     Aborted(String),
+    /// A paging token this plugin did not issue.
+    #[error("{0}")]
+    InvalidToken(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -129,7 +136,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Aborted(_) => Code::Aborted,
+            Error::Aborted(_) | Error::InvalidToken(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         };
@@ -150,7 +157,7 @@ impl From<crate::volume::Error> for Error {
             V::InvalidId { .. } => Error::InvalidArgument(e.to_string()),
             V::NotFound { .. } => Error::NotFound(e.to_string()),
             V::Conflict { .. } => Error::AlreadyExists(e.to_string()),
-            V::NoSpace { .. } => Error::ResourceExhausted(e.to_string()),
+            V::NoSpace { .. } | V::Overcommitted { .. } => Error::ResourceExhausted(e.to_string()),
             V::SmallerThanSource { .. } => Error::OutOfRange(e.to_string()),
             V::Io { .. } | V::Corrupt { .. } => Error::Internal(e.to_string()),
         }
@@ -168,11 +175,18 @@ impl From<crate::host::Error> for Error {
     }
 }
 
+/// The device server's errors as CSI sees them: what the node lacks or another process holds
+/// is UNAVAILABLE (kubelet retries, and it can heal), what an operator must fix on the node is
+/// FAILED_PRECONDITION with the fix in the message, the rest INTERNAL.
 impl From<crate::server::Error> for Error {
     fn from(e: crate::server::Error) -> Self {
+        use crate::server::Error as S;
+        use crate::vduse::Error as V;
         match e {
-            crate::server::Error::Vduse(crate::vduse::Error::ControlMissing) => Error::Unavailable(e.to_string()),
-            crate::server::Error::NoDevice(_) => Error::NotFound(e.to_string()),
+            S::Vduse(V::ControlMissing | V::Busy(_)) => Error::Unavailable(e.to_string()),
+            S::Vduse(V::WrongDriver { .. }) => Error::FailedPrecondition(e.to_string()),
+            S::NoDevice(_) => Error::NotFound(e.to_string()),
+            S::InvalidOption(_) => Error::InvalidArgument(e.to_string()),
             _ => Error::Internal(e.to_string()),
         }
     }
@@ -195,4 +209,23 @@ pub fn volume_id(id: &str) -> Result<&str> {
 /// Runs blocking work (netlink attach, mkfs, copies) off the async runtime.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("worker task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::Error as S;
+    use crate::vduse::Error as V;
+
+    #[test]
+    fn device_server_errors_map_to_csi_codes() {
+        let code = |e: S| Error::from(e).into_status().code();
+        assert_eq!(code(S::Vduse(V::Busy("pvc-1".into()))), Code::Unavailable);
+        assert_eq!(code(S::Vduse(V::ControlMissing)), Code::Unavailable);
+        let wrong = Error::from(S::Vduse(V::WrongDriver { name: "pvc-1".into(), driver: "vhost_vdpa".into() }));
+        assert!(wrong.to_string().contains("modprobe -r vhost_vdpa"), "{wrong}");
+        assert_eq!(wrong.into_status().code(), Code::FailedPrecondition);
+        assert_eq!(code(S::NoDevice("pvc-1".into())), Code::NotFound);
+        assert_eq!(code(S::Thread(std::io::Error::other("x"))), Code::Internal);
+    }
 }

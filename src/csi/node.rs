@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::controller::{capacity_for, check_capability};
 use super::proto::node_server::Node;
 use super::proto::*;
-use super::{Error, Plugin, Result, blocking, required, volume_id};
+use super::{Error, MIB, Plugin, Result, blocking, required, volume_id};
 use crate::backend::CacheMode;
 use crate::backend::FileBackend;
 use crate::host;
@@ -186,8 +186,27 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
             }
         }
     }
+    let recorded_before = meta.staged.is_some();
     meta.staged = Some(stage);
-    plugin.store.save_volume(&meta)?;
+    if let Err(e) = plugin.store.save_volume(&meta) {
+        // Never leave a mounted disk that nobody serves (every access to it would hang).
+        if recorded_before {
+            // The state dir still says staged: keep serving, and kubelet's retry finishes.
+            plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
+        } else {
+            if !block {
+                if let Err(unmount) = host::unmount(path) {
+                    tracing::error!(volume = id, error = %unmount, "cannot unmount after a failed stage; the device stays served");
+                    plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
+                    return Err(e.into());
+                }
+            }
+            if let Err(stop) = server.stop() {
+                tracing::error!(volume = id, error = %stop, "cannot stop the device after a failed stage");
+            }
+        }
+        return Err(e.into());
+    }
     plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
     tracing::info!(volume = id, device = %dev.display(), path = %path.display(), "staged");
     Ok(())
@@ -211,6 +230,8 @@ fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
             )));
         }
         host::unmount(path)?;
+    } else {
+        unmount_unrecorded(plugin, &meta, path)?;
     }
     let server = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id);
     match server {
@@ -229,6 +250,30 @@ fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     meta.published.clear();
     plugin.store.save_volume(&meta)?;
     tracing::info!(volume = id, "unstaged");
+    Ok(())
+}
+
+/// Unmounts a staging path that holds the volume's filesystem although the state dir does not
+/// say it is staged (a plugin killed between mount and metadata write). The device is served
+/// again first, so the unmount's writes complete; unstage then stops it as usual.
+fn unmount_unrecorded(plugin: &Plugin, meta: &VolumeMeta, path: &Path) -> Result<()> {
+    let id = &meta.spec.id;
+    let dev = match block_device(plugin, id) {
+        Some(dev) => dev,
+        None => match crate::vduse::sysfs::block_device_name(&device_name(id)) {
+            Some(name) => PathBuf::from("/dev").join(name),
+            None => return Ok(()),
+        },
+    };
+    if !mounted_from(path, &dev) {
+        return Ok(());
+    }
+    tracing::warn!(volume = %id, path = %path.display(), "unmounting a staging mount the state dir does not record");
+    if block_device(plugin, id).is_none() {
+        let server = start_device(plugin, meta)?;
+        plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.clone(), server);
+    }
+    host::unmount(path)?;
     Ok(())
 }
 
@@ -391,7 +436,10 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
             staged.staging_path.display(),
             d.display()
         )),
-        Some(d) => VolumeCondition { abnormal: false, message: format!("served as {}", d.display()) },
+        Some(d) => match backing_store_full(plugin, &meta)? {
+            Some(message) => abnormal(message),
+            None => VolumeCondition { abnormal: false, message: format!("served as {}", d.display()) },
+        },
         None => abnormal(format!("the device server of volume {id} is not running")),
     };
     use volume_usage::Unit;
@@ -416,6 +464,27 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
         ]
     };
     Ok(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+}
+
+/// Free bytes of the backing filesystem below which a thin volume's writes to blocks it has
+/// not allocated yet may fail.
+const BACKING_FULL_BYTES: u64 = MIB;
+
+/// Whether writes of a thin volume can fail because the backing filesystem is full: the
+/// message for its condition, or `None`.
+fn backing_store_full(plugin: &Plugin, meta: &VolumeMeta) -> Result<Option<String>> {
+    let free = plugin.store.available_bytes()?;
+    let allocated = crate::volume::allocated_bytes(&plugin.store.image_path(&meta.spec.id)?)?;
+    Ok(full_message(&meta.spec.id, free, allocated, meta.spec.capacity_bytes))
+}
+
+fn full_message(id: &str, free: u64, allocated: u64, capacity: u64) -> Option<String> {
+    (free < BACKING_FULL_BYTES && allocated < capacity).then(|| {
+        format!(
+            "backing store full: {free} bytes free on the node's state dir, and {} bytes of volume {id} are not allocated yet; writes to them fail with I/O errors",
+            capacity - allocated
+        )
+    })
 }
 
 fn abnormal(message: String) -> VolumeCondition {
@@ -484,12 +553,15 @@ impl Node for NodeService {
         let mut req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
         required("target_path", &req.target_path)?;
+        let cap = capability(req.volume_capability.take())?;
+        // Checked after the fields that make the request malformed: the CSI spec answers a
+        // publish without the staging path of a STAGE_UNSTAGE_VOLUME plugin with
+        // FAILED_PRECONDITION (stage first), not INVALID_ARGUMENT.
         if req.staging_target_path.is_empty() {
             return Err(
                 Error::FailedPrecondition("staging_target_path is required: stage the volume first".into()).into()
             );
         }
-        let cap = capability(req.volume_capability.take())?;
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {
@@ -582,6 +654,15 @@ impl Node for NodeService {
 #[cfg(test)]
 mod tests {
     use super::device_name;
+
+    #[test]
+    fn a_thin_volume_on_a_full_backing_store_is_reported() {
+        use super::{MIB, full_message};
+        let message = full_message("pvc-1", 4096, 10 * MIB, 100 * MIB).expect("full");
+        assert!(message.starts_with("backing store full"), "{message}");
+        assert_eq!(full_message("pvc-1", 4096, 100 * MIB, 100 * MIB), None, "fully allocated: writes cannot fail");
+        assert_eq!(full_message("pvc-1", 64 * MIB, 10 * MIB, 100 * MIB), None, "room left");
+    }
 
     #[test]
     fn device_names_fit_vduse_limits() {

@@ -20,6 +20,8 @@ use crate::volume::VolumeStore;
 
 /// How long running calls get to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often staged volumes without a healthy device server get a new one.
+const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What `serve` was asked to do.
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct ServeOptions {
     pub state_dir: PathBuf,
     pub mode: Mode,
     pub driver_name: String,
+    /// See `VolumeStore`'s provisioning model.
+    pub overcommit_ratio: f64,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -96,6 +100,98 @@ fn recover_staged(plugin: &Plugin) {
     }
 }
 
+/// Serves again every staged volume whose device server failed to start at recovery or
+/// stopped on a fault (a degraded server): the old server's threads are dropped, the device
+/// stays attached, and a new server takes it over where the old one stopped. A volume an
+/// operation holds is left for the next round.
+fn heal_staged(plugin: &Plugin) {
+    let Ok(volumes) = plugin.store.volumes() else { return };
+    for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
+        let id = &meta.spec.id;
+        let Ok(_guard) = plugin.guards.acquire(id) else { continue };
+        let Ok(mut servers) = plugin.servers.lock() else { return };
+        let why = match servers.get(id).map(|s| s.health()) {
+            None => "it has no device server".to_owned(),
+            Some(crate::server::HealthState::Degraded(reason)) => format!("its device server is degraded: {reason}"),
+            Some(crate::server::HealthState::Serving) => continue,
+        };
+        // Dropped outside the table's lock: joining its threads may take a moment.
+        let old = servers.remove(id);
+        drop(servers);
+        drop(old);
+        match start_device(plugin, &meta) {
+            Ok(server) => {
+                tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
+                if let Ok(mut servers) = plugin.servers.lock() {
+                    servers.insert(id.clone(), server);
+                }
+            }
+            Err(e) => {
+                tracing::error!(volume = %id, error = %e, "{why}; cannot serve it, retrying in {HEAL_INTERVAL:?}")
+            }
+        }
+    }
+}
+
+/// Makes every acknowledged write of the staged volumes durable before the plugin exits, so a
+/// node shutdown right after it loses nothing: each staged filesystem is synced (its page
+/// cache written through our devices, which still serve) and then every image flushed.
+fn flush_staged(plugin: &Plugin) {
+    let volumes = match plugin.store.volumes() {
+        Ok(volumes) => volumes,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list volumes to flush them");
+            return;
+        }
+    };
+    // Only filesystems on devices this process serves and that serve well: a sync of one
+    // whose device nobody answers would wait forever.
+    let served: std::collections::HashSet<String> = match plugin.servers.lock() {
+        Ok(servers) => servers
+            .iter()
+            .filter(|(_, s)| matches!(s.health(), crate::server::HealthState::Serving))
+            .map(|(id, _)| id.clone())
+            .collect(),
+        Err(_) => return,
+    };
+    for meta in volumes.iter().filter(|m| served.contains(&m.spec.id)) {
+        let Some(stage) = meta.staged.as_ref().filter(|s| !s.block) else { continue };
+        if let Err(e) = crate::host::sync_fs(&stage.staging_path) {
+            tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
+        }
+    }
+    let Ok(servers) = plugin.servers.lock() else { return };
+    for (id, server) in servers.iter() {
+        match server.flush() {
+            Ok(()) => tracing::info!(volume = %id, "flushed"),
+            Err(e) => tracing::error!(volume = %id, error = %e, "cannot flush the image"),
+        }
+    }
+}
+
+/// Thaws the filesystems a killed plugin left frozen mid-snapshot (their devices are served
+/// again by now, so the thaw's writes can complete).
+fn thaw_recorded(plugin: &Plugin) {
+    let frozen = match plugin.store.recorded_freezes() {
+        Ok(frozen) => frozen,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the freeze records");
+            return;
+        }
+    };
+    for (volume, mount_point) in frozen {
+        match crate::host::thaw(&mount_point) {
+            Ok(()) => {
+                tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
+                if let Err(e) = plugin.store.clear_freeze(&volume) {
+                    tracing::error!(volume, error = %e, "cannot remove the freeze record");
+                }
+            }
+            Err(e) => tracing::error!(volume, path = %mount_point.display(), error = %e, "cannot thaw"),
+        }
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -120,15 +216,33 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         return Err("--node-id must be 1 to 256 bytes".into());
     }
     let path = socket_path(&opts.endpoint)?;
-    let store = VolumeStore::open(&opts.state_dir).map_err(|e| e.to_string())?;
+    let store =
+        VolumeStore::open(&opts.state_dir).map_err(|e| e.to_string())?.with_overcommit_ratio(opts.overcommit_ratio);
     let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store);
     let listener = bind(&path)?;
 
     if opts.mode.node() {
         let p = Arc::clone(&plugin);
-        tokio::task::spawn_blocking(move || recover_staged(&p)).await.map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            recover_staged(&p);
+            thaw_recorded(&p);
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     }
     plugin.recovered.store(true, Ordering::Release);
+    let healer = opts.mode.node().then(|| {
+        let p = Arc::clone(&plugin);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEAL_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let p = Arc::clone(&p);
+                let _ = tokio::task::spawn_blocking(move || heal_staged(&p)).await;
+            }
+        })
+    });
     tracing::info!(endpoint = %opts.endpoint, node = %opts.node_id, mode = ?opts.mode, state = %opts.state_dir.display(), "serving CSI");
 
     let controller = opts.mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&plugin))));
@@ -158,6 +272,13 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         }
     };
     let _ = std::fs::remove_file(&path);
+    if let Some(healer) = healer {
+        healer.abort();
+    }
+    let p = Arc::clone(&plugin);
+    if let Err(e) = tokio::task::spawn_blocking(move || flush_staged(&p)).await {
+        tracing::error!(error = %e, "flushing the staged volumes failed");
+    }
     // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
     if let Ok(mut servers) = plugin.servers.lock() {
         let n = servers.len();

@@ -238,20 +238,46 @@ pub fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
 #[derive(Debug)]
 pub struct Freeze {
     mount_point: PathBuf,
+    thawed: bool,
 }
 
 impl Freeze {
     pub fn new(mount_point: &Path) -> Result<Self> {
         run_ok("fsfreeze", &["--freeze", &mount_point.to_string_lossy()])?;
-        Ok(Self { mount_point: mount_point.to_owned() })
+        Ok(Self { mount_point: mount_point.to_owned(), thawed: false })
+    }
+
+    /// Thaws the filesystem and says whether that worked (dropping also thaws, and logs).
+    pub fn thaw(mut self) -> Result<()> {
+        self.thawed = true;
+        thaw(&self.mount_point)
     }
 }
 
 impl Drop for Freeze {
     fn drop(&mut self) {
-        if let Err(e) = run_ok("fsfreeze", &["--unfreeze", &self.mount_point.to_string_lossy()]) {
+        if self.thawed {
+            return;
+        }
+        if let Err(e) = thaw(&self.mount_point) {
             tracing::error!(path = %self.mount_point.display(), error = %e, "cannot thaw the filesystem");
         }
+    }
+}
+
+/// Writes out everything cached for the filesystem that holds `path` (syncfs).
+pub fn sync_fs(path: &Path) -> Result<()> {
+    let dir = fs::File::open(path).map_err(|source| Error::Io { op: "open", path: path.to_owned(), source })?;
+    nix::unistd::syncfs(&dir).map_err(|e| Error::Io { op: "syncfs", path: path.to_owned(), source: e.into() })
+}
+
+/// Thaws the filesystem mounted at `mount_point`. The kernel refuses to thaw one that is not
+/// frozen (EINVAL); that counts as thawed.
+pub fn thaw(mount_point: &Path) -> Result<()> {
+    match run_ok("fsfreeze", &["--unfreeze", &mount_point.to_string_lossy()]) {
+        Ok(_) => Ok(()),
+        Err(Error::Tool { stderr, .. }) if stderr.contains("Invalid argument") => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

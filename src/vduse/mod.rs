@@ -58,6 +58,12 @@ pub enum Error {
     /// Mapping an IOVA range of the device into our address space failed.
     #[error("cannot map IOVA {iova:#x}: {reason}")]
     Map { iova: u64, reason: String },
+    /// The attached device was claimed by another vdpa bus driver (vhost_vdpa), so the host
+    /// gets no block device.
+    #[error(
+        "vdpa device {name:?} is bound to {driver}, not virtio_vdpa, so the host gets no block device: unload vhost_vdpa (modprobe -r vhost_vdpa) or blacklist it on this node"
+    )]
+    WrongDriver { name: String, driver: String },
     /// The host block device of an attached device could not be found.
     #[error("no block device appeared for vdpa device {name:?}: {reason}")]
     NoBlockDevice { name: String, reason: String },

@@ -91,12 +91,7 @@ pub fn wait_for_block_device(name: &str, timeout: Duration) -> Result<PathBuf> {
     loop {
         if let Some(driver) = bound_driver(name) {
             if driver != "virtio_vdpa" {
-                return Err(Error::NoBlockDevice {
-                    name: name.to_owned(),
-                    reason: format!(
-                        "it is bound to {driver}, not virtio_vdpa: unload vhost_vdpa (modprobe -r vhost_vdpa) or blacklist it"
-                    ),
-                });
+                return Err(Error::WrongDriver { name: name.to_owned(), driver });
             }
         }
         if let Some(disk) = block_device_name(name) {

@@ -12,10 +12,24 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+mod copy;
+
+pub use copy::{allocated_bytes, sparse_copy};
+
 /// Longest volume or snapshot ID we accept (CSI allows 128 bytes for names).
 pub const MAX_ID_LEN: usize = 128;
 const META: &str = "meta.json";
 const IMAGE: &str = "image.raw";
+/// Folder of the freeze records (see [`VolumeStore::record_freeze`]).
+const FROZEN: &str = "frozen";
+/// Prefix of the folders a create builds before renaming them into place.
+const NEW_PREFIX: &str = ".new-";
+/// Volume parameter: reserve the whole image at creation (`"true"`) instead of allocating
+/// it as it is written.
+pub const PARAM_THICK: &str = "thick";
+/// Default of `serve --overcommit-ratio`: volumes may promise twice the backing
+/// filesystem's size in all, since sparse images hold only what was written.
+pub const DEFAULT_OVERCOMMIT_RATIO: f64 = 2.0;
 
 /// Errors of the volume store.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +44,10 @@ pub enum Error {
     SmallerThanSource { id: String, capacity: u64, source_id: String, source_size: u64 },
     #[error("not enough space in {dir}: {needed} bytes needed, {available} available")]
     NoSpace { dir: PathBuf, needed: u64, available: u64 },
+    #[error(
+        "{needed} bytes more would promise more than {ratio} times the size of {dir}: only {headroom} bytes can still be provisioned (serve --overcommit-ratio)"
+    )]
+    Overcommitted { dir: PathBuf, needed: u64, headroom: u64, ratio: f64 },
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("corrupt metadata {path}: {source}")]
@@ -113,20 +131,112 @@ pub struct VolumeSpec {
     pub source: Option<ContentSource>,
 }
 
+impl VolumeSpec {
+    /// Whether the image is reserved in full ([`PARAM_THICK`]).
+    pub fn thick(&self) -> bool {
+        self.parameters.get(PARAM_THICK).is_some_and(|v| v == "true")
+    }
+}
+
+/// The backing filesystem's space and what the volumes on it promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Size of the filesystem.
+    pub total: u64,
+    /// Bytes new data can still take.
+    pub free: u64,
+    /// Sum of the capacities of all volumes.
+    pub provisioned: u64,
+}
+
 /// The store rooted at the state dir.
+///
+/// Provisioning model: images are thin (sparse) unless a volume asks for [`PARAM_THICK`].
+/// The capacities of all volumes together may reach `overcommit_ratio` times the size of the
+/// backing filesystem; a thick volume must also fit in the free space, which it reserves at
+/// once. Snapshots and clones need room for the data their source holds, not its capacity.
 #[derive(Debug, Clone)]
 pub struct VolumeStore {
     root: PathBuf,
+    overcommit_ratio: f64,
 }
 
 impl VolumeStore {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root` with the default overcommit ratio, and
+    /// removes what interrupted creates left behind.
     pub fn open(root: &Path) -> Result<Self> {
         for sub in ["volumes", "snapshots"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            remove_leftovers(&dir)?;
         }
-        Ok(Self { root: root.to_owned() })
+        Ok(Self { root: root.to_owned(), overcommit_ratio: DEFAULT_OVERCOMMIT_RATIO })
+    }
+
+    /// The same store with another overcommit ratio (at least 1: a ratio below it would
+    /// refuse volumes that fit even if every byte were written).
+    pub fn with_overcommit_ratio(mut self, ratio: f64) -> Self {
+        self.overcommit_ratio = if ratio.is_finite() { ratio.max(1.0) } else { DEFAULT_OVERCOMMIT_RATIO };
+        self
+    }
+
+    /// The overcommit ratio in force.
+    pub fn overcommit_ratio(&self) -> f64 {
+        self.overcommit_ratio
+    }
+
+    /// The backing filesystem's space and the volumes' promises.
+    pub fn space(&self) -> Result<Space> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        let block = st.fragment_size() as u64;
+        let provisioned = self.volumes()?.iter().map(|v| v.spec.capacity_bytes).sum();
+        Ok(Space { total: st.blocks() as u64 * block, free: st.blocks_available() as u64 * block, provisioned })
+    }
+
+    /// Bytes of capacity that may still be promised to a new or growing volume: thin ones
+    /// under the overcommit limit, thick ones also within the free space.
+    pub fn promisable_bytes(&self, thick: bool) -> Result<u64> {
+        let space = self.space()?;
+        let headroom = self.headroom(&space);
+        Ok(if thick { headroom.min(space.free) } else { headroom })
+    }
+
+    /// Capacity the overcommit limit still allows.
+    fn headroom(&self, space: &Space) -> u64 {
+        let limit = (space.total as f64 * self.overcommit_ratio) as u64;
+        limit.saturating_sub(space.provisioned)
+    }
+
+    /// Refuses `needed` more bytes of capacity if the model cannot promise them.
+    fn check_promise(&self, needed: u64, thick: bool) -> Result<()> {
+        let space = self.space()?;
+        let headroom = self.headroom(&space);
+        if needed > headroom {
+            return Err(Error::Overcommitted {
+                dir: self.root.clone(),
+                needed,
+                headroom,
+                ratio: self.overcommit_ratio,
+            });
+        }
+        if thick && needed > space.free {
+            return Err(Error::NoSpace { dir: self.root.clone(), needed, available: space.free });
+        }
+        Ok(())
+    }
+
+    /// Refuses a copy of `image` if its data does not fit in the free space.
+    fn check_copy(&self, image: &Path) -> Result<()> {
+        let needed = allocated_bytes(image)?;
+        let available = self.available_bytes()?;
+        if needed > available {
+            return Err(Error::NoSpace { dir: self.root.clone(), needed, available });
+        }
+        Ok(())
     }
 
     fn volume_dir(&self, id: &str) -> Result<PathBuf> {
@@ -189,7 +299,7 @@ impl VolumeStore {
         Ok(out)
     }
 
-    /// Bytes available to new images on the state dir's filesystem.
+    /// Bytes new data can still take on the state dir's filesystem.
     pub fn available_bytes(&self) -> Result<u64> {
         let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
             op: "statvfs",
@@ -247,29 +357,27 @@ impl VolumeStore {
                 Some(self.image_path(v)?)
             }
         };
-        let available = self.available_bytes()?;
-        if available < spec.capacity_bytes {
-            return Err(Error::NoSpace { dir: self.root.clone(), needed: spec.capacity_bytes, available });
+        self.check_promise(spec.capacity_bytes, spec.thick())?;
+        if let Some(src) = &source_image {
+            self.check_copy(src)?;
         }
 
         // Build in a temp folder and rename it into place, so a crash leaves no half volume
         // under the real ID.
-        let tmp = self.root.join("volumes").join(format!(".new-{}", spec.id));
+        let tmp = self.root.join("volumes").join(format!("{NEW_PREFIX}{}", spec.id));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
         let image = tmp.join(IMAGE);
         let made = (|| -> Result<()> {
             match &source_image {
-                Some(src) => {
-                    // copy_file_range: a reflink on XFS/btrfs, an in-kernel copy elsewhere.
-                    fs::copy(src, &image).map_err(io_err("copy", src))?;
-                }
-                None => {
-                    File::create(&image).map_err(io_err("create", &image))?;
-                }
+                Some(src) => sparse_copy(src, &image)?,
+                None => drop(File::create(&image).map_err(io_err("create", &image))?),
             }
             let f = OpenOptions::new().write(true).open(&image).map_err(io_err("open", &image))?;
             f.set_len(spec.capacity_bytes).map_err(io_err("size", &image))?;
+            if spec.thick() {
+                reserve(&f, &image, 0, spec.capacity_bytes)?;
+            }
             f.sync_all().map_err(io_err("fsync", &image))?;
             let meta =
                 VolumeMeta { spec: spec.clone(), created_unix: now().0, staged: None, published: BTreeMap::new() };
@@ -281,7 +389,7 @@ impl VolumeStore {
             return Err(e);
         }
         fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
-        sync_dir(&dir.parent().unwrap_or(&self.root).to_owned())?;
+        sync_dir(dir.parent().unwrap_or(&self.root))?;
         Ok((self.existing_volume(&spec.id)?, true))
     }
 
@@ -303,13 +411,13 @@ impl VolumeStore {
             return Ok(meta);
         }
         let extra = capacity_bytes - meta.spec.capacity_bytes;
-        let available = self.available_bytes()?;
-        if available < extra {
-            return Err(Error::NoSpace { dir: self.root.clone(), needed: extra, available });
-        }
+        self.check_promise(extra, meta.spec.thick())?;
         let image = self.image_path(id)?;
         let f = OpenOptions::new().write(true).open(&image).map_err(io_err("open", &image))?;
         f.set_len(capacity_bytes).map_err(io_err("grow", &image))?;
+        if meta.spec.thick() {
+            reserve(&f, &image, meta.spec.capacity_bytes, extra)?;
+        }
         f.sync_all().map_err(io_err("fsync", &image))?;
         meta.spec.capacity_bytes = capacity_bytes;
         self.save_volume(&meta)?;
@@ -332,12 +440,13 @@ impl VolumeStore {
         }
         let source = self.existing_volume(source_volume_id)?;
         let src = self.image_path(source_volume_id)?;
-        let tmp = self.root.join("snapshots").join(format!(".new-{id}"));
+        self.check_copy(&src)?;
+        let tmp = self.root.join("snapshots").join(format!("{NEW_PREFIX}{id}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
         let made = (|| -> Result<SnapshotMeta> {
             let image = tmp.join(IMAGE);
-            fs::copy(&src, &image).map_err(io_err("copy", &src))?;
+            sparse_copy(&src, &image)?;
             File::open(&image).and_then(|f| f.sync_all()).map_err(io_err("fsync", &image))?;
             let (secs, nanos) = now();
             let meta = SnapshotMeta {
@@ -353,6 +462,7 @@ impl VolumeStore {
         match made {
             Ok(meta) => {
                 fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
+                sync_dir(&self.root.join("snapshots"))?;
                 Ok((meta, true))
             }
             Err(e) => {
@@ -366,17 +476,94 @@ impl VolumeStore {
     pub fn delete_snapshot(&self, id: &str) -> Result<bool> {
         remove_entry(&self.snapshot_dir(id)?)
     }
+
+    fn freeze_record(&self, volume_id: &str) -> Result<PathBuf> {
+        validate_id("volume ID", volume_id)?;
+        Ok(self.root.join(FROZEN).join(volume_id))
+    }
+
+    /// Records, durably, that the filesystem of `volume_id` at `mount_point` is about to be
+    /// frozen, so a plugin killed before it thaws it can thaw it when it starts again.
+    pub fn record_freeze(&self, volume_id: &str, mount_point: &Path) -> Result<()> {
+        let record = self.freeze_record(volume_id)?;
+        let dir = self.root.join(FROZEN);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        write_meta(&record, &mount_point.to_owned())
+    }
+
+    /// Forgets the freeze of `volume_id` once its filesystem is thawed.
+    pub fn clear_freeze(&self, volume_id: &str) -> Result<()> {
+        let record = self.freeze_record(volume_id)?;
+        match fs::remove_file(&record) {
+            Ok(()) => sync_dir(&self.root.join(FROZEN)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &record)(e)),
+        }
+    }
+
+    /// The freezes a killed plugin left: `(volume ID, mount point)`.
+    pub fn recorded_freezes(&self) -> Result<Vec<(String, PathBuf)>> {
+        let dir = self.root.join(FROZEN);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for name in entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()) {
+            if validate_id("volume ID", &name).is_err() {
+                continue;
+            }
+            if let Some(mount_point) = read_meta::<PathBuf>(&dir.join(&name))? {
+                out.push((name, mount_point));
+            }
+        }
+        Ok(out)
+    }
 }
 
-/// Removes a volume or snapshot folder; `false` if it did not exist.
+/// Removes a volume or snapshot folder; `false` if it did not exist. Both removals are made
+/// durable, so a crash never brings back metadata whose image is gone.
 fn remove_entry(dir: &Path) -> Result<bool> {
     if !dir.exists() {
         return Ok(false);
     }
     // Remove the metadata first: a crash half-way leaves a folder that listings skip.
-    let _ = fs::remove_file(dir.join(META));
+    match fs::remove_file(dir.join(META)) {
+        Ok(()) => sync_dir(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", &dir.join(META))(e)),
+    }
     fs::remove_dir_all(dir).map_err(io_err("remove", dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
     Ok(true)
+}
+
+/// Removes the folders of creates that a crash interrupted (they were never renamed into
+/// place, so nothing refers to them).
+fn remove_leftovers(dir: &Path) -> Result<()> {
+    let mut removed = false;
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))?.filter_map(|e| e.ok()) {
+        if entry.file_name().to_string_lossy().starts_with(NEW_PREFIX) {
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing what an interrupted create left");
+            fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            removed = true;
+        }
+    }
+    if removed { sync_dir(dir) } else { Ok(()) }
+}
+
+/// Allocates `len` bytes of `file` from `offset`, so writes there never meet a full disk.
+fn reserve(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    fallocate(file, FallocateFlags::empty(), offset as libc::off_t, len as libc::off_t).map_err(|e| Error::Io {
+        op: "reserve space for",
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 fn now() -> (u64, u32) {
@@ -397,17 +584,19 @@ fn read_meta<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
 /// Writes `value` as JSON atomically: a crash leaves either the old or the new file.
 fn write_meta<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{META}.tmp"));
+    // Named after the file, so records written side by side in one folder never share it.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Corrupt { path: path.to_owned(), source })?;
     let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
     f.write_all(&bytes).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    sync_dir(&dir.to_owned())
+    sync_dir(dir)
 }
 
-fn sync_dir(dir: &PathBuf) -> Result<()> {
+fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", dir))
 }
 
@@ -449,6 +638,38 @@ mod tests {
         assert_eq!(store.volumes().expect("list").len(), 1);
         assert!(store.delete_volume("v1").expect("delete"));
         assert!(!store.delete_volume("v1").expect("delete again"));
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_creates_are_removed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = VolumeStore::open(dir.path()).expect("store");
+        store.create_volume(&spec("kept", 1 << 20)).expect("create");
+        for sub in ["volumes", "snapshots"] {
+            fs::create_dir_all(dir.path().join(sub).join(".new-half")).expect("leftover");
+            fs::write(dir.path().join(sub).join(".new-half").join(IMAGE), b"x").expect("leftover image");
+        }
+        let store = VolumeStore::open(dir.path()).expect("reopen");
+        for sub in ["volumes", "snapshots"] {
+            assert!(!dir.path().join(sub).join(".new-half").exists(), "{sub}");
+        }
+        assert_eq!(store.volumes().expect("list").len(), 1);
+    }
+
+    #[test]
+    fn freeze_records_survive_until_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = VolumeStore::open(dir.path()).expect("store");
+        assert!(store.recorded_freezes().expect("none").is_empty());
+        store.record_freeze("v1", Path::new("/staging/v1")).expect("record");
+        store.record_freeze("v2", Path::new("/staging/v2")).expect("record");
+        let mut frozen = VolumeStore::open(dir.path()).expect("reopen").recorded_freezes().expect("list");
+        frozen.sort();
+        assert_eq!(frozen, [("v1".into(), PathBuf::from("/staging/v1")), ("v2".into(), PathBuf::from("/staging/v2"))]);
+        store.clear_freeze("v1").expect("clear");
+        store.clear_freeze("v1").expect("clear twice");
+        assert_eq!(store.recorded_freezes().expect("list").len(), 1);
+        assert!(store.record_freeze("../x", Path::new("/")).is_err());
     }
 
     #[test]

@@ -27,10 +27,16 @@ pub struct PluginProcess {
 
 impl PluginProcess {
     pub fn start(socket: &Path, state: &Path, mode: &'static str) -> Self {
+        Self::start_with(socket, state, mode, &[])
+    }
+
+    /// Starts the plugin with more `serve` flags.
+    pub fn start_with(socket: &Path, state: &Path, mode: &'static str, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
             .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", NODE, "--mode", mode])
             .arg("--state-dir")
             .arg(state)
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("start vduse-csi serve");

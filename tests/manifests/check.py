@@ -52,6 +52,7 @@ PLUGIN_ARGS = [
     "--state-dir=/var/lib/vduse-csi",
     "--mode=all",
     "--driver-name=vduse.csi.dev",
+    "--overcommit-ratio=2",
 ]
 SIDECAR_IMAGES = {
     "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0",
