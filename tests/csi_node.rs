@@ -61,7 +61,7 @@ fn on_host() -> ExitCode {
 type Scenario = fn(&mut Node);
 
 fn in_guest() -> ExitCode {
-    let scenarios: [(&str, Scenario); 16] = [
+    let scenarios: [(&str, Scenario); 17] = [
         ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
         ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
         ("block_volume_lifecycle", block_lifecycle),
@@ -78,6 +78,7 @@ fn in_guest() -> ExitCode {
         ("full_backing_store_is_reported", full_backing_store),
         ("unstage_after_a_crash_before_the_metadata_unmounts_first", unstage_unrecorded),
         ("failed_recovery_is_retried", failed_recovery_retried),
+        ("failed_metadata_write_leaves_no_unserved_mount", failed_metadata_write),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let (mut passed, mut failed) = (0, 0);
@@ -669,17 +670,9 @@ fn full_backing_store(n: &mut Node) {
     let staging = n.block_staging(pv);
     n.stage(pv, &staging, &cap).expect("stage");
     assert!(!n.stats(pv, &staging).volume_condition.expect("condition").abnormal);
-    // Fill the state dir's filesystem (the guest's /tmp) to the last MiB.
+    // Fill the state dir's filesystem (the guest's /tmp) to the last half MiB.
     let state = n.plugin.as_ref().expect("plugin").state.clone();
-    let st = nix::sys::statvfs::statvfs(&state).expect("statvfs");
-    let free = st.blocks_available() * st.fragment_size();
-    let filler = state.join("filler");
-    let status = Command::new("fallocate")
-        .args(["-l", &(free - (512 << 10)).to_string()])
-        .arg(&filler)
-        .status()
-        .expect("fallocate");
-    assert!(status.success());
+    let filler = fill_filesystem(&state, 512 << 10);
     let condition = n.stats(pv, &staging).volume_condition.expect("condition");
     std::fs::remove_file(&filler).expect("remove filler");
     assert!(condition.abnormal && condition.message.contains("backing store full"), "{condition:?}");
@@ -746,6 +739,39 @@ fn failed_recovery_retried(n: &mut Node) {
     }
     std::fs::write(staging.join("file"), b"after the retry").expect("write");
     syncfs(&staging);
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// Fills the filesystem holding `dir` to the last byte; returns the filler file.
+fn fill_filesystem(dir: &Path, leave: u64) -> PathBuf {
+    let st = nix::sys::statvfs::statvfs(dir).expect("statvfs");
+    let free = st.blocks_available() * st.fragment_size();
+    let filler = dir.join("filler");
+    let status =
+        Command::new("fallocate").args(["-l", &(free - leave).to_string()]).arg(&filler).status().expect("fallocate");
+    assert!(status.success());
+    filler
+}
+
+/// A stage that mounts the volume and then cannot record it (the state dir's filesystem is
+/// full) unmounts it and stops its device: no mounted disk is left that nobody serves.
+fn failed_metadata_write(n: &mut Node) {
+    let pv = "pvc-nometa";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    // Formatted once, so the second stage only mounts: it needs no new space in the image.
+    n.stage(pv, &staging, &cap).expect("stage");
+    n.unstage(pv, &staging).expect("unstage");
+    let state = n.plugin.as_ref().expect("plugin").state.clone();
+    let filler = fill_filesystem(&state, 0);
+    let err = n.stage(pv, &staging, &cap).expect_err("the metadata cannot be written");
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert!(err.message().contains("No space left"), "{}", err.message());
+    assert!(!is_mount_point(&staging), "the staging path was left mounted");
+    assert!(!Path::new("/sys/class/vduse").join(pv).exists(), "the device was left behind");
+    n.stage(pv, &staging, &cap).expect("stage with room again");
     n.unstage(pv, &staging).expect("unstage");
     n.delete(pv).expect("delete");
 }
