@@ -635,3 +635,60 @@ fn racing_calls_leave_a_consistent_store() {
         }
     });
 }
+
+/// A caller that gives up does not release the volume: the copy runs on, a retry finds the
+/// volume busy (ABORTED) until the copy ends, and then gets the one volume it made.
+#[test]
+fn a_create_whose_caller_gives_up_keeps_the_volume_busy_until_its_work_ends() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let plugin = PluginProcess::start(&dir.path().join("csi.sock"), &state, "controller");
+        let mut c = connect(&plugin.socket).await;
+        let cap = block_cap(writer());
+        c.controller.create_volume(create_request("big", gib(2), cap.clone())).await.expect("create");
+        {
+            // 1.5 GiB of data: a copy that takes far longer than the caller waits.
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(image(&state, "big")).expect("image");
+            let chunk = vec![0x5au8; 64 << 20];
+            for i in 0..24u64 {
+                f.write_all_at(&chunk, i * (64 << 20)).expect("write");
+            }
+            f.sync_all().expect("sync");
+        }
+        let mut clone = create_request("clone", gib(2), cap);
+        clone.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: "big".into(),
+            })),
+        });
+        let mut impatient = tonic::Request::new(clone.clone());
+        impatient.set_timeout(std::time::Duration::from_millis(50));
+        let gave_up = c.controller.create_volume(impatient).await.expect_err("the caller gives up");
+        assert!(matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled), "{gave_up:?}");
+        assert_code(c.controller.create_volume(clone.clone()).await, Code::Aborted);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let volume = loop {
+            match c.controller.create_volume(clone.clone()).await {
+                Ok(r) => break r.into_inner().volume.expect("volume"),
+                Err(s) if s.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        };
+        assert_eq!(volume.capacity_bytes, gib(2));
+        use std::io::Read;
+        let (mut a, mut b) = (
+            std::fs::File::open(image(&state, "big")).expect("source"),
+            std::fs::File::open(image(&state, "clone")).expect("clone"),
+        );
+        let (mut x, mut y) = (vec![0u8; 64 << 20], vec![0u8; 64 << 20]);
+        for _ in 0..32 {
+            a.read_exact(&mut x).expect("read source");
+            b.read_exact(&mut y).expect("read clone");
+            assert!(x == y, "the clone differs from its source");
+        }
+    });
+}
