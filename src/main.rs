@@ -42,6 +42,51 @@ enum Command {
     /// Serve and manage single VDUSE block devices without Kubernetes.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Ask a running plugin for volumes (its Controller service), as external-provisioner
+    /// would: to declare a PersistentVolume by hand, or to look at what a node holds.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// CreateVolume; prints the volume ID and its capacity in bytes.
+    Create {
+        /// Volume name (the ID of the new volume; idempotent).
+        name: String,
+        /// Capacity: bytes or a K, M, G, T suffix (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// A raw block volume (volumeMode: Block) instead of a filesystem.
+        #[arg(long)]
+        block: bool,
+        /// Filesystem of a mount volume (ext4 or xfs; default: the StorageClass default, ext4).
+        #[arg(long, default_value = "", conflicts_with = "block")]
+        fs_type: String,
+        /// A StorageClass parameter, KEY=VALUE (repeatable).
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+    },
+    /// DeleteVolume (a volume that does not exist is not an error).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        endpoint: EndpointArg,
+    },
+    /// ListVolumes: ID and capacity in bytes, one volume a line.
+    List {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+    },
+}
+
+#[derive(Args, Debug)]
+struct EndpointArg {
+    /// The plugin's gRPC endpoint, unix:///absolute/path.
+    #[arg(long, default_value = csi::DEFAULT_ENDPOINT)]
+    endpoint: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +131,16 @@ struct PluginArgs {
     /// volumes in full instead. 1 promises no more than the filesystem's size.
     #[arg(long, default_value_t = vduse_csi::volume::DEFAULT_OVERCOMMIT_RATIO, value_parser = parse_ratio)]
     overcommit_ratio: f64,
+    /// Register the driver with kubelet from this process, as node-driver-registrar would:
+    /// serve kubelet's plugin registration API in this folder (kubelet's
+    /// `plugins_registry`, e.g. /var/lib/kubelet/plugins_registry). For nodes without the
+    /// registrar sidecar; off by default.
+    #[arg(long)]
+    kubelet_registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it, told to kubelet at registration (it differs
+    /// from --endpoint inside a container). Default: the path of --endpoint.
+    #[arg(long, requires = "kubelet_registration_dir")]
+    kubelet_registration_path: Option<PathBuf>,
     /// CSI driver name reported by GetPluginInfo.
     #[arg(long, default_value = csi::DRIVER_NAME)]
     driver_name: String,
@@ -149,6 +204,7 @@ fn main() -> ExitCode {
         Command::Device(DeviceCommand::Serve(args)) => serve_device(args),
         Command::Device(DeviceCommand::List) => list_devices(),
         Command::Device(DeviceCommand::Remove { name }) => server::remove_stale(&name).map_err(|e| e.to_string()),
+        Command::Volume(command) => volume_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +213,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?}: use KEY=VALUE"))
+}
+
+fn volume_command(command: VolumeCommand) -> Result<(), String> {
+    use csi::client;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let endpoint = match &command {
+        VolumeCommand::Create { endpoint, .. }
+        | VolumeCommand::Delete { endpoint, .. }
+        | VolumeCommand::List { endpoint } => csi::serve::socket_path(&endpoint.endpoint)?,
+    };
+    runtime.block_on(async move {
+        let mut controller = client::connect(endpoint).await?;
+        let mut out = std::io::stdout().lock();
+        match command {
+            VolumeCommand::Create { name, size, block, fs_type, params, .. } => {
+                let new =
+                    client::NewVolume { name, bytes: size, block, fs_type, parameters: params.into_iter().collect() };
+                let volume = client::create_volume(&mut controller, new).await?;
+                let _ = writeln!(out, "{} {}", volume.volume_id, volume.capacity_bytes);
+            }
+            VolumeCommand::Delete { name, .. } => client::delete_volume(&mut controller, name).await?,
+            VolumeCommand::List { .. } => {
+                for volume in client::list_volumes(&mut controller).await? {
+                    let _ = writeln!(out, "{} {}", volume.volume_id, volume.capacity_bytes);
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -250,6 +342,16 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
 const HEALTH_CHECK_MS: u16 = 200;
 
 fn serve_plugin(args: PluginArgs) -> Result<(), String> {
+    let kubelet_registration = match args.kubelet_registration_dir {
+        Some(dir) => {
+            let endpoint = match args.kubelet_registration_path {
+                Some(path) => path,
+                None => csi::serve::socket_path(&args.endpoint)?,
+            };
+            Some((dir, endpoint))
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -261,6 +363,7 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         mode: args.mode,
         driver_name: args.driver_name,
         overcommit_ratio: args.overcommit_ratio,
+        kubelet_registration,
     }))
 }
 

@@ -4,7 +4,12 @@
 /// an optional trailing `B` or `iB` accepted).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
+    // "64MiB", "64Mib" and Kubernetes' "64Mi" all mean 64 << 20.
     let t = t.strip_suffix("iB").or_else(|| t.strip_suffix("ib")).unwrap_or(t);
+    let t = match t.strip_suffix('i') {
+        Some(unit) if unit.ends_with(|c: char| "KMGTkmgt".contains(c)) => unit,
+        _ => t,
+    };
     let t = if t.len() > 1 { t.strip_suffix(['B', 'b']).unwrap_or(t) } else { t };
     let (digits, shift) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -34,6 +39,9 @@ mod tests {
         assert_eq!(parse_size("1m"), Ok(1 << 20));
         assert_eq!(parse_size("2G"), Ok(2 << 30));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("64Mi"), Ok(64 << 20), "Kubernetes quantity");
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert!(parse_size("64i").is_err());
         assert_eq!(parse_size("3GiB"), Ok(3 << 30));
         assert!(parse_size("").is_err());
         assert!(parse_size("1X").is_err());

@@ -692,3 +692,39 @@ fn a_create_whose_caller_gives_up_keeps_the_volume_busy_until_its_work_ends() {
         }
     });
 }
+
+/// `vduse-csi volume create|list|delete` drive a running plugin's Controller service.
+#[test]
+fn the_volume_command_creates_lists_and_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("csi.sock");
+    let _plugin = PluginProcess::start(&socket, &dir.path().join("state"), "controller");
+    let endpoint = format!("unix://{}", socket.display());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
+            .arg("volume")
+            .args(args)
+            .args(["--endpoint", &endpoint])
+            .output()
+            .expect("run vduse-csi volume");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(&["create", "pv-cli", "--size", "64Mi"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "pv-cli 67108864");
+    let (ok, _, _) = run(&["create", "pv-block", "--size", "32M", "--block", "--param", "thick=true"]);
+    assert!(ok);
+    let (ok, stdout, _) = run(&["list"]);
+    assert!(ok);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["pv-block 33554432", "pv-cli 67108864"]);
+    let (ok, _, stderr) = run(&["create", "pv-bad", "--size", "1M", "--param", "colour=red"]);
+    assert!(!ok && stderr.contains("unknown parameter"), "{stderr}");
+    for id in ["pv-cli", "pv-block"] {
+        assert!(run(&["delete", id]).0);
+    }
+    assert_eq!(run(&["list"]).1, "");
+}

@@ -4,10 +4,12 @@
 //! volume store, the device server and the host operations. Errors become `tonic::Status` in
 //! one place ([`Error::into_status`]).
 
+pub mod client;
 pub mod controller;
 pub mod guard;
 pub mod identity;
 pub mod node;
+pub mod registration;
 pub mod serve;
 pub mod token;
 

@@ -15,6 +15,7 @@ use super::node::{NodeService, start_device};
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
 use super::proto::node_server::NodeServer;
+use super::registration::{self, RegistrationService, proto::registration_server::RegistrationServer};
 use super::{Mode, Plugin};
 use crate::volume::VolumeStore;
 
@@ -33,6 +34,9 @@ pub struct ServeOptions {
     pub driver_name: String,
     /// See `VolumeStore`'s provisioning model.
     pub overcommit_ratio: f64,
+    /// Register with kubelet ourselves: kubelet's `plugins_registry` folder, and the CSI
+    /// socket path as kubelet sees it.
+    pub kubelet_registration: Option<(PathBuf, PathBuf)>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -66,6 +70,32 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// Serves kubelet's plugin registration API on a socket in its `plugins_registry` folder `dir`.
+/// Returns the socket and the sender that stops the service.
+fn register_with_kubelet(
+    dir: &Path,
+    endpoint: &Path,
+    driver_name: &str,
+) -> Result<(PathBuf, tokio::sync::oneshot::Sender<()>), String> {
+    let socket = registration::socket_path(dir, driver_name);
+    let listener = bind(&socket)?;
+    let service = RegistrationServer::new(RegistrationService::new(driver_name.to_owned(), endpoint.to_owned()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let served = Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "kubelet registration service failed");
+        }
+    });
+    tracing::info!(socket = %socket.display(), endpoint = %endpoint.display(), "waiting for kubelet to register the driver");
+    Ok((socket, stop_tx))
 }
 
 /// Serves again every volume the state dir says is staged, before the plugin reports ready.
@@ -256,6 +286,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
             let _ = stop_rx.await;
         });
     tokio::pin!(server);
+    // Registration comes last: kubelet calls the Node service as soon as it sees the socket.
+    let registration = match &opts.kubelet_registration {
+        Some((dir, endpoint)) => Some(register_with_kubelet(dir, endpoint, &opts.driver_name)?),
+        None => None,
+    };
     let served = tokio::select! {
         result = &mut server => result,
         () = shutdown_signal() => {
@@ -272,6 +307,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         }
     };
     let _ = std::fs::remove_file(&path);
+    if let Some((socket, stop)) = registration {
+        let _ = stop.send(());
+        let _ = std::fs::remove_file(socket);
+    }
     if let Some(healer) = healer {
         healer.abort();
     }

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Runs INSIDE the VDUSE guest (started by tests/e2e/run.sh): a one-node Kubernetes 1.20
+# control plane and kubelet bound to loopback, our plugin registered with kubelet by itself
+# (`serve --kubelet-registration-dir`), and the scenarios driven through kubectl. Each
+# scenario prints "RESULT name PASS|FAIL" to $GUEST_OUT_DIR/results and logs to NAME.log.
+# Everything it starts it stops.
+set -uo pipefail
+
+BIN=${VDUSE_CSI_BIN:?}
+CACHE=${VDUSE_CSI_E2E_CACHE:?}
+OUT=${GUEST_OUT_DIR:?}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+NODE=e2e-node
+DRIVER=vduse.csi.dev
+W=/tmp/e2e
+K=$CACHE/bin
+export KUBECONFIG=$W/kubeconfig
+PIDS=()
+: >"$OUT/results"
+[[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
+
+say() { echo "e2e $(cut -d' ' -f1 /proc/uptime)s: $*"; }
+kc() { "$K/kubectl" --request-timeout=60s "$@"; }
+start() { # NAME CMD...: runs CMD in the background, logging to $OUT/NAME.daemon.log
+    local name=$1
+    shift
+    "$@" >"$OUT/$name.daemon.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$name=$!"
+}
+wait_for() { # SECONDS DESCRIPTION CMD...
+    local secs=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < secs; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    say "timed out after ${secs}s waiting for $what"
+    return 1
+}
+stop_all() {
+    say "stopping everything"
+    kc delete pods --all --grace-period=1 --wait=false >/dev/null 2>&1
+    local i
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
+    sleep 3
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -KILL "${PIDS[i]}" 2>/dev/null; done
+    pkill -KILL -f containerd-shim 2>/dev/null
+    grep -o ' /var/lib/kubelet[^ ]*' /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+}
+trap stop_all EXIT
+
+# --- the node: cgroups, writable /var/lib and /var/log (kubelet hard-codes paths there) -----
+mkdir -p $W /sys/fs/cgroup
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+echo "+cpu +memory +pids" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+mount -t tmpfs -o size=1200m tmpfs /var/lib
+mount -t tmpfs tmpfs /var/log
+mkdir -p /var/lib/kubelet/plugins_registry /var/lib/kubelet/plugins/$DRIVER /var/lib/vduse-csi /run/containerd $W/cni $W/certs
+
+# --- control plane ---------------------------------------------------------------------------
+say "starting etcd"
+start etcd etcd --name e2e --data-dir /var/lib/etcd --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e2e=http://127.0.0.1:2380
+openssl genrsa -out $W/certs/sa.key 2048 2>/dev/null
+openssl rsa -in $W/certs/sa.key -pubout -out $W/certs/sa.pub 2>/dev/null
+TOKEN=e2e-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "$TOKEN,admin,admin,system:masters" >$W/tokens.csv
+cat >$KUBECONFIG <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
+users: [{name: admin, user: {token: "$TOKEN"}}]
+contexts: [{name: e2e, context: {cluster: e2e, user: admin}}]
+current-context: e2e
+KC
+say "starting kube-apiserver"
+start apiserver "$K/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 --bind-address=127.0.0.1 \
+    --advertise-address=127.0.0.1 --secure-port=6443 --insecure-port=0 --cert-dir=$W/certs \
+    --token-auth-file=$W/tokens.csv --authorization-mode=AlwaysAllow \
+    --service-account-key-file=$W/certs/sa.pub --service-account-signing-key-file=$W/certs/sa.key \
+    --service-account-issuer=https://127.0.0.1:6443 --service-cluster-ip-range=10.0.0.0/24 \
+    --disable-admission-plugins=ServiceAccount --allow-privileged=true
+wait_for 300 "kube-apiserver" kc get --raw /readyz || exit 1
+say "kube-apiserver ready"
+start controller_manager "$K/kube-controller-manager" --kubeconfig=$KUBECONFIG --bind-address=127.0.0.1 \
+    --controllers='*,-nodeipam,-route,-service,-cloud-node-lifecycle,-serviceaccount-token' \
+    --leader-elect=false --use-service-account-credentials=false
+
+# --- container runtime: containerd with the native snapshotter, images from host files -------
+cat >$W/cni/10-lo.conflist <<'CNI'
+{"cniVersion": "0.4.0", "name": "lo", "plugins": [{"type": "loopback"}]}
+CNI
+cat >$W/containerd.toml <<TOML
+version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.local/pause:e2e"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$W/cni"
+TOML
+say "starting containerd"
+start containerd containerd --config $W/containerd.toml
+wait_for 60 "containerd" ctr --address /run/containerd/containerd.sock version || exit 1
+for image in pause e2e; do
+    ctr --address /run/containerd/containerd.sock -n k8s.io images import --snapshotter native \
+        "$CACHE/images/$image.tar" >/dev/null || { say "cannot import $image"; exit 1; }
+done
+
+# --- our plugin, registering itself with kubelet ---------------------------------------------
+say "starting vduse-csi"
+start plugin "$BIN" serve --endpoint unix:///var/lib/kubelet/plugins/$DRIVER/csi.sock --node-id $NODE \
+    --state-dir /var/lib/vduse-csi --kubelet-registration-dir /var/lib/kubelet/plugins_registry
+
+# --- kubelet -----------------------------------------------------------------------------------
+say "starting kubelet"
+start kubelet "$K/kubelet" --kubeconfig=$KUBECONFIG --container-runtime=remote \
+    --container-runtime-endpoint=unix:///run/containerd/containerd.sock --cgroup-driver=cgroupfs \
+    --fail-swap-on=false --node-ip=127.0.0.1 --address=127.0.0.1 --hostname-override=$NODE \
+    --root-dir=/var/lib/kubelet --pod-infra-container-image=registry.local/pause:e2e \
+    --read-only-port=0 --cgroups-per-qos=false --enforce-node-allocatable= \
+    --eviction-hard='memory.available<1Mi,nodefs.available<1%,imagefs.available<1%' \
+    --image-gc-high-threshold=100 --v=2
+wait_for 400 "node Ready" sh -c "'$K/kubectl' get node $NODE -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" || exit 1
+say "node Ready"
+wait_for 120 "CSINode with our driver" sh -c "'$K/kubectl' get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER" || exit 1
+say "kubelet registered $DRIVER"
+
+# --- our CSIDriver object (attachRequired: false: no VolumeAttachment, no attacher) -----------
+# kubectl 1.20 validates against its own schema; fields it does not know are reported, then the
+# object is applied without client-side validation (the server drops what it does not know).
+REPO=$(cd "$HERE/../.." && pwd)
+kc apply --dry-run=client -f "$REPO/deploy/01-csidriver.yaml" >"$OUT/csidriver-validation.log" 2>&1 ||
+    say "kubectl 1.20 refuses part of deploy/01-csidriver.yaml: $(tr '\n' ' ' <"$OUT/csidriver-validation.log")"
+kc apply --validate=false -f "$REPO/deploy/01-csidriver.yaml" || exit 1
+kc get csidriver $DRIVER -o yaml >"$OUT/csidriver-as-stored.yaml"
+
+# --- scenarios ---------------------------------------------------------------------------------
+# shellcheck source=tests/e2e/scenarios.sh
+source "$HERE/scenarios.sh"
+run_scenarios
