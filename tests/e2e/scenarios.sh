@@ -76,10 +76,18 @@ finished() {
             return 1
             ;;
         esac
+        # A pod still not done after a minute: what every process waits on, for the log.
+        ((i == 60)) && ps -eo pid,ppid,stat,wchan:30,args >"$OUT/ps-$1.log" 2>&1
         sleep 1
     done
     kc describe pod "$1"
     return 1
+}
+
+# podlog NAME: what the pod's container printed. Read from kubelet's log files on this node:
+# `kubectl logs` needs a node address other than loopback, which this cluster does not have.
+podlog() {
+    cat /var/log/pods/default_"$1"_*/c/*.log | cut -d' ' -f4-
 }
 
 gone() { # NAME: deletes the pod and waits until it is gone
@@ -106,12 +114,12 @@ scenario_pod_writes_and_a_new_pod_reads_back() {
     volume_for $id 64Mi Filesystem || return 1
     pod writer $id Filesystem 'echo written-by-the-first-pod > /data/file && sync && cat /data/file' || return 1
     finished writer || return 1
-    [[ $(kc logs writer) == written-by-the-first-pod ]] || return 1
+    [[ $(podlog writer) == written-by-the-first-pod ]] || return 1
     gone writer || return 1
     pod reader $id Filesystem 'cat /data/file' || return 1
     finished reader || return 1
     local read
-    read=$(kc logs reader)
+    read=$(podlog reader)
     echo "read back: $read"
     [[ $read == written-by-the-first-pod ]] || return 1
     gone reader || return 1
@@ -125,7 +133,7 @@ scenario_block_claim_is_a_device_in_the_pod() {
     volume_for $id 32Mi Block || return 1
     pod block $id Block 'echo block-data-e2e | dd of=/dev/xvda bs=512 conv=sync,fsync 2>/dev/null && dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -c 14' || return 1
     finished block || return 1
-    [[ $(kc logs block) == block-data-e2e ]] || return 1
+    [[ $(podlog block) == block-data-e2e ]] || return 1
     gone block || return 1
     unstaged $id
 }
