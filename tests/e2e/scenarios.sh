@@ -34,10 +34,10 @@ spec:
 YAML
 }
 
-# pod NAME CLAIM MODE SCRIPT: a pod on our node running SCRIPT with the claim at /data
-# (Filesystem) or /dev/xvda (Block).
+# pod NAME CLAIM MODE SCRIPT [READ_ONLY]: a pod on our node running SCRIPT with the claim at
+# /data (Filesystem) or /dev/xvda (Block), read-only if READ_ONLY is "true".
 pod() {
-    local name=$1 claim=$2 mode=$3 script=$4 attach
+    local name=$1 claim=$2 mode=$3 script=$4 read_only=${5:-false} attach
     if [[ $mode == Block ]]; then
         attach="volumeDevices: [{name: v, devicePath: /dev/xvda}]"
     else
@@ -60,7 +60,7 @@ spec:
     command: [/bin/sh, -c, '$script']
     securityContext: {privileged: true}
     $attach
-  volumes: [{name: v, persistentVolumeClaim: {claimName: $claim}}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: $claim, readOnly: $read_only}}]
 YAML
 }
 
@@ -87,7 +87,9 @@ finished() {
 # podlog NAME: what the pod's container printed. Read from kubelet's log files on this node:
 # `kubectl logs` needs a node address other than loopback, which this cluster does not have.
 podlog() {
-    cat /var/log/pods/default_"$1"_*/c/*.log | cut -d' ' -f4-
+    local uid
+    uid=$(kc get pod "$1" -o jsonpath='{.metadata.uid}') || return 1
+    cat /var/log/pods/default_"$1"_"$uid"/c/*.log | cut -d' ' -f4-
 }
 
 gone() { # NAME: deletes the pod and waits until it is gone
@@ -136,6 +138,91 @@ scenario_block_claim_is_a_device_in_the_pod() {
     [[ $(podlog block) == block-data-e2e ]] || return 1
     gone block || return 1
     unstaged $id
+}
+
+running() { # NAME: waits until the pod runs
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ $(kc get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null) == Running ]] && return 0
+        sleep 1
+    done
+    kc describe pod "$1"
+    return 1
+}
+
+# The plugin is killed (SIGKILL) and started again while a pod writes files in a loop: the
+# writes stall and resume, the pod sees no error, every file's checksum holds, and the kernel
+# logs no I/O error.
+scenario_plugin_killed_while_a_pod_writes() {
+    local id=pvc-e2e-restart
+    volume_for $id 128Mi Filesystem || return 1
+    pod looper $id Filesystem 'i=0; while [ $i -lt 400 ]; do dd if=/dev/urandom of=/data/f$i bs=4k count=16 2>/dev/null || exit 1; md5sum /data/f$i >>/data/sums || exit 1; i=$((i+1)); done; sync; echo wrote $i files' || return 1
+    running looper || return 1
+    sleep 3
+    say "killing the plugin (pid $PID_plugin) while the pod writes"
+    kill -KILL "$PID_plugin"
+    sleep 2
+    start plugin "$BIN" serve --endpoint "$ENDPOINT" --node-id $NODE --state-dir /var/lib/vduse-csi \
+        --kubelet-registration-dir /var/lib/kubelet/plugins_registry
+    finished looper || return 1
+    podlog looper
+    [[ $(podlog looper) == "wrote 400 files" ]] || return 1
+    gone looper || return 1
+    pod checker $id Filesystem 'md5sum -c /data/sums | grep -vc ": OK$"; wc -l < /data/sums' || return 1
+    finished checker || return 1
+    echo "checker: $(podlog checker | tr '\n' ' ')"
+    [[ $(podlog checker | tr '\n' ' ') == "0 400 " ]] || return 1
+    gone checker || return 1
+    if dmesg | grep -iE "I/O error|blk_update_request" | grep -v loop; then return 1; fi
+    unstaged $id
+}
+
+# A pod with a read-only claim gets EROFS; two pods on one RWO volume on this node both work.
+scenario_read_only_claim_and_two_pods_on_one_volume() {
+    local id=pvc-e2e-shared
+    volume_for $id 64Mi Filesystem || return 1
+    pod first $id Filesystem 'echo from-first > /data/first && sync && sleep 40' || return 1
+    running first || return 1
+    pod second $id Filesystem 'sleep 2; cat /data/first && echo from-second > /data/second && sync' || return 1
+    finished second || return 1
+    [[ $(podlog second) == from-first ]] || return 1
+    pod reader $id Filesystem 'cat /data/second; touch /data/nope 2>&1 | grep -o "Read-only file system"' true || return 1
+    finished reader || return 1
+    echo "read-only pod: $(podlog reader | tr '\n' ' ')"
+    [[ $(podlog reader | tr '\n' ' ') == "from-second Read-only file system " ]] || return 1
+    # While the first pod still runs: kubelet's volume stats for it (its own endpoint on
+    # loopback; `kubectl get --raw .../proxy/stats/summary` needs a node address).
+    curl -sk https://127.0.0.1:10250/stats/summary >"$OUT/stats-summary.json" || return 1
+    python3 - "$OUT/stats-summary.json" $id <<'PY' || return 1
+import json, sys
+summary, claim = json.load(open(sys.argv[1])), sys.argv[2]
+vols = [v for p in summary["pods"] if p["podRef"]["name"] == "first" for v in p.get("volume", [])
+        if v.get("pvcRef", {}).get("name") == claim]
+print("kubelet volume stats:", vols)
+assert vols and vols[0]["capacityBytes"] > 50 << 20 and vols[0]["usedBytes"] > 0, vols
+PY
+    for p in first second reader; do gone $p || return 1; done
+    unstaged $id
+}
+
+# Our manifests as far as Kubernetes 1.20 takes them: what it refuses is listed, not hidden.
+scenario_manifests_apply_to_kubernetes_1_20() {
+    local f refused=0
+    for f in "$REPO"/deploy/0*.yaml "$REPO"/deploy/20-storageclasses.yaml; do
+        if kc apply -f "$f" >"$OUT/apply.out" 2>&1; then
+            echo "applied $(basename "$f"): $(tr '\n' ' ' <"$OUT/apply.out")"
+        else
+            echo "REFUSED $(basename "$f"): $(tr '\n' ' ' <"$OUT/apply.out")"
+            refused=$((refused + 1))
+        fi
+    done
+    for f in 10-node-daemonset 30-volumesnapshotclass; do
+        kc apply --dry-run=server -f "$REPO/deploy/$f.yaml" >"$OUT/apply.out" 2>&1 &&
+            echo "accepted (dry run) $f: $(tr '\n' ' ' <"$OUT/apply.out")" ||
+            echo "REFUSED (dry run) $f: $(tr '\n' ' ' <"$OUT/apply.out")"
+    done
+    kc get storageclass -o name
+    ((refused == 0))
 }
 
 run_scenarios() {
