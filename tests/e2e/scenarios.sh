@@ -225,6 +225,34 @@ scenario_manifests_apply_to_kubernetes_1_20() {
     ((refused == 0))
 }
 
+# Online expansion: the PV grows (what csi-resizer's node-only expansion does when the claim is
+# raised; the resizer has no image here), kubelet calls NodeExpandVolume while the pod runs,
+# and df in the pod shows the new size.
+scenario_online_expansion_reaches_the_pod() {
+    local id=pvc-e2e-grow before after i
+    volume_for $id 64Mi Filesystem || return 1
+    pod grower $id Filesystem 'df -k /data | tail -1; while [ ! -e /data/stop ]; do df -k /data | tail -1 > /data/df; sleep 1; done' || return 1
+    running grower || return 1
+    sleep 3
+    before=$(awk '{print $2}' < <(podlog grower | tail -1))
+    kc patch pv $id -p '{"spec":{"capacity":{"storage":"256Mi"}}}' || return 1
+    for ((i = 0; i < 240; i++)); do
+        [[ $(kc get pvc $id -o jsonpath='{.status.capacity.storage}') == 256Mi ]] && break
+        sleep 1
+    done
+    kc get pvc $id -o jsonpath='{.status.capacity.storage}{"\n"}'
+    grep -h "NodeExpandVolume\|expanded" "$OUT/kubelet.daemon.log" "$OUT/plugin.daemon.log" | tail -3
+    sleep 3
+    after=$(awk '{print $2}' /var/lib/kubelet/plugins/kubernetes.io/csi/pv/$id/globalmount/df 2>/dev/null ||
+        awk '{print $2}' "$(ls -d /var/lib/kubelet/pods/*/volumes/kubernetes.io~csi/$id/mount)/df")
+    echo "df in the pod: $before KiB before, $after KiB after"
+    touch "$(ls -d /var/lib/kubelet/pods/*/volumes/kubernetes.io~csi/$id/mount)/stop"
+    finished grower || return 1
+    gone grower || return 1
+    ((after > 3 * before)) || return 1
+    unstaged $id
+}
+
 run_scenarios() {
     local name passed=0 failed=0 start
     for name in $(declare -F | awk '{print $3}' | grep '^scenario_' | sed 's/^scenario_//'); do
