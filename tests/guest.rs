@@ -5,61 +5,33 @@
 //! boots it and runs tests/guest/device-tests.sh inside; each test then checks its own verdict.
 //! A missing QEMU, kernel or guest failure fails every test loudly; nothing is skipped.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod verdicts;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-struct GuestRun {
-    out: PathBuf,
-    verdicts: HashMap<String, bool>,
-}
+use verdicts::Verdicts;
 
-fn guest_run() -> &'static Result<GuestRun, String> {
-    static RUN: OnceLock<Result<GuestRun, String>> = OnceLock::new();
+fn guest_run() -> &'static Result<Verdicts, String> {
+    static RUN: OnceLock<Result<Verdicts, String>> = OnceLock::new();
     RUN.get_or_init(|| {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = repo.join("target/guest/device-tests");
         let _ = std::fs::remove_dir_all(&out);
-        let status = Command::new(repo.join("tests/guest/run.sh"))
+        let mut command = Command::new(repo.join("tests/guest/run.sh"));
+        command
             .arg(repo.join("tests/guest/device-tests.sh"))
             .arg(&out)
             .env("VDUSE_CSI_BIN", env!("CARGO_BIN_EXE_vduse-csi"))
             .env("GUEST_ENV", "VDUSE_CSI_BIN")
-            .env("GUEST_QUIET", "1")
-            .status()
-            .map_err(|e| format!("cannot run tests/guest/run.sh: {e}"))?;
-        let results = std::fs::read_to_string(out.join("results")).map_err(|e| {
-            format!("the guest produced no results ({e}); run.sh exited with {status}; see {}", out.display())
-        })?;
-        let verdicts = results
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                (f.next() == Some("RESULT")).then_some(())?;
-                Some((f.next()?.to_owned(), f.next()? == "PASS"))
-            })
-            .collect();
-        Ok(GuestRun { out, verdicts })
+            .env("GUEST_QUIET", "1");
+        verdicts::collect(command, &out)
     })
 }
 
 fn check(name: &str) {
-    let run = match guest_run() {
-        Ok(run) => run,
-        Err(e) => panic!("guest run failed: {e}"),
-    };
-    let log = run.out.join(format!("{name}.log"));
-    match run.verdicts.get(name) {
-        Some(true) => {}
-        Some(false) => {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            panic!("guest test {name} failed ({}):\n{}", log.display(), tail.join("\n"));
-        }
-        None => panic!("guest test {name} did not run; see {}", run.out.display()),
-    }
+    verdicts::check(guest_run(), name);
 }
 
 #[test]
@@ -130,7 +102,6 @@ fn odirect_and_misaligned_requests_verify() {
 #[test]
 fn every_guest_test_has_a_host_check() {
     // A test added to device-tests.sh without a check here would run unseen.
-    let run = guest_run().as_ref().expect("guest run");
     let known = [
         "fs_persists_across_restart",
         "fio_verify",
@@ -146,7 +117,5 @@ fn every_guest_test_has_a_host_check() {
         "one_mib_request_is_one_request",
         "odirect_misaligned_verify",
     ];
-    for name in run.verdicts.keys() {
-        assert!(known.contains(&name.as_str()), "guest test {name} has no #[test] here");
-    }
+    verdicts::all_known(guest_run(), &known);
 }

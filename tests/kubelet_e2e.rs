@@ -4,56 +4,27 @@
 //! tests/e2e/scenarios.sh through kubectl. Every test here shares that one run and checks its
 //! own scenario's verdict; a failed preparation or boot fails them all loudly.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod verdicts;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-struct E2eRun {
-    out: PathBuf,
-    verdicts: HashMap<String, bool>,
-}
+use verdicts::Verdicts;
 
-fn e2e_run() -> &'static Result<E2eRun, String> {
-    static RUN: OnceLock<Result<E2eRun, String>> = OnceLock::new();
+fn e2e_run() -> &'static Result<Verdicts, String> {
+    static RUN: OnceLock<Result<Verdicts, String>> = OnceLock::new();
     RUN.get_or_init(|| {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = repo.join("target/guest/e2e");
-        let status = Command::new(repo.join("tests/e2e/run.sh"))
-            .arg(&out)
-            .env("VDUSE_CSI_BIN", env!("CARGO_BIN_EXE_vduse-csi"))
-            .status()
-            .map_err(|e| format!("cannot run tests/e2e/run.sh: {e}"))?;
-        let results = std::fs::read_to_string(out.join("results")).map_err(|e| {
-            format!("the e2e run produced no results ({e}); run.sh exited with {status}; see {}", out.display())
-        })?;
-        let verdicts = results
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                (f.next() == Some("RESULT")).then_some(())?;
-                Some((f.next()?.to_owned(), f.next()? == "PASS"))
-            })
-            .collect();
-        Ok(E2eRun { out, verdicts })
+        let mut command = Command::new(repo.join("tests/e2e/run.sh"));
+        command.arg(&out).env("VDUSE_CSI_BIN", env!("CARGO_BIN_EXE_vduse-csi"));
+        verdicts::collect(command, &out)
     })
 }
 
 fn check(name: &str) {
-    let run = match e2e_run() {
-        Ok(run) => run,
-        Err(e) => panic!("e2e run failed: {e}"),
-    };
-    match run.verdicts.get(name) {
-        Some(true) => {}
-        Some(false) => {
-            let log = run.out.join(format!("{name}.log"));
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!("e2e scenario {name} failed ({}):\n{}", log.display(), tail.join("\n"));
-        }
-        None => panic!("e2e scenario {name} did not run; see {}", run.out.display()),
-    }
+    verdicts::check(e2e_run(), name);
 }
 
 const SCENARIOS: [&str; 6] = [
@@ -97,8 +68,5 @@ fn our_manifests_apply_to_kubernetes_1_20() {
 
 #[test]
 fn every_scenario_has_a_test() {
-    let run = e2e_run().as_ref().expect("e2e run");
-    for name in run.verdicts.keys() {
-        assert!(SCENARIOS.contains(&name.as_str()), "e2e scenario {name} has no #[test] here");
-    }
+    verdicts::all_known(e2e_run(), &SCENARIOS);
 }
