@@ -199,8 +199,9 @@ fn flush_staged(plugin: &Plugin) {
     }
 }
 
-/// Thaws the filesystems a killed plugin left frozen mid-snapshot (their devices are served
-/// again by now, so the thaw's writes can complete).
+/// Thaws the filesystems a killed plugin left frozen mid-snapshot. Only those whose device
+/// this process serves: a thaw writes to the device, and with nobody answering it would wait
+/// forever. The others are tried again after the heal loop has served them.
 fn thaw_recorded(plugin: &Plugin) {
     let frozen = match plugin.store.recorded_freezes() {
         Ok(frozen) => frozen,
@@ -210,6 +211,14 @@ fn thaw_recorded(plugin: &Plugin) {
         }
     };
     for (volume, mount_point) in frozen {
+        let serving = plugin
+            .servers
+            .lock()
+            .is_ok_and(|s| s.get(&volume).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving)));
+        if !serving {
+            tracing::warn!(volume, path = %mount_point.display(), "frozen, but its device is not served yet; thawing later");
+            continue;
+        }
         match crate::host::thaw(&mount_point) {
             Ok(()) => {
                 tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
@@ -269,7 +278,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
             loop {
                 every.tick().await;
                 let p = Arc::clone(&p);
-                let _ = tokio::task::spawn_blocking(move || heal_staged(&p)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    heal_staged(&p);
+                    thaw_recorded(&p);
+                })
+                .await;
             }
         })
     });
