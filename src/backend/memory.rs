@@ -2,10 +2,10 @@
 //! the stand-in that fails every I/O while `device remove` tears down an orphaned device.
 
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Completion, IoBuf, IoOp, QueueIo, Result, SliceSource, buffers};
+use super::instant::{Execute, InstantQueue};
+use super::{Backend, IoBuf, IoOp, QueueIo, Result, SliceSource, buffers};
 
 /// A RAM disk. Clones share the same bytes.
 #[derive(Debug, Clone)]
@@ -71,47 +71,9 @@ impl MemoryBackend {
     }
 }
 
-/// A RAM disk's engine: every operation finishes inside `submit`, so the completions are
-/// ready at the next reap and there is nothing to wait for.
-#[derive(Debug)]
-pub struct MemoryQueue {
-    disk: MemoryBackend,
-    depth: usize,
-    done: Vec<Completion>,
-}
-
-impl QueueIo for MemoryQueue {
-    fn capacity(&self) -> usize {
-        self.depth
-    }
-
-    fn submit(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], op: IoOp, tag: u16) {
-        let result = if usize::from(tag) < self.depth {
-            self.disk.run(mem, bufs, &op)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        self.done.push(Completion { tag, result });
-    }
-
-    fn commit(&mut self) {}
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-
-    fn wait(&mut self) {}
-
-    fn notifier(&self) -> Option<BorrowedFd<'_>> {
-        None
+impl Execute for MemoryBackend {
+    fn execute(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], op: &IoOp) -> io::Result<()> {
+        self.run(mem, bufs, op)
     }
 }
 
@@ -123,7 +85,7 @@ impl Backend for MemoryBackend {
         self.read_only
     }
     fn open_queue(&self, depth: u16) -> Result<Box<dyn QueueIo>> {
-        Ok(Box::new(MemoryQueue { disk: self.clone(), depth: usize::from(depth), done: Vec::new() }))
+        Ok(Box::new(InstantQueue::new(self.clone(), depth)))
     }
     fn flush(&self) -> Result<()> {
         Ok(())

@@ -6,6 +6,7 @@
 //! backend moves bytes between those buffers and its storage without an intermediate copy.
 
 pub mod file;
+mod instant;
 pub mod memory;
 pub mod null;
 mod uring;

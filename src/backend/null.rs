@@ -4,9 +4,9 @@
 //! kernel's null_blk or rublk's null target. Reads return whatever the bounce pages held.
 
 use std::io;
-use std::os::fd::BorrowedFd;
 
-use super::{Backend, Completion, Error, IoBuf, IoOp, QueueIo, Result, SECTOR_SIZE, SliceSource};
+use super::instant::{Execute, InstantQueue};
+use super::{Backend, Error, IoBuf, IoOp, QueueIo, Result, SECTOR_SIZE, SliceSource};
 
 /// A disk of `capacity` bytes that keeps nothing.
 #[derive(Debug, Clone, Copy)]
@@ -24,40 +24,9 @@ impl NullBackend {
     }
 }
 
-/// Completes each operation in `submit`; the completions are ready at the next reap.
-#[derive(Debug)]
-pub struct NullQueue {
-    depth: usize,
-    done: Vec<Completion>,
-}
-
-impl QueueIo for NullQueue {
-    fn capacity(&self) -> usize {
-        self.depth
-    }
-
-    fn submit(&mut self, _: &dyn SliceSource, _: &[IoBuf], _: IoOp, tag: u16) {
-        self.done.push(Completion { tag, result: Ok(()) });
-    }
-
-    fn commit(&mut self) {}
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-
-    fn wait(&mut self) {}
-
-    fn notifier(&self) -> Option<BorrowedFd<'_>> {
-        None
+impl Execute for NullBackend {
+    fn execute(&mut self, _: &dyn SliceSource, _: &[IoBuf], _: &IoOp) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -71,7 +40,7 @@ impl Backend for NullBackend {
     }
 
     fn open_queue(&self, depth: u16) -> Result<Box<dyn QueueIo>> {
-        Ok(Box::new(NullQueue { depth: usize::from(depth), done: Vec::new() }))
+        Ok(Box::new(InstantQueue::new(*self, depth)))
     }
 
     fn flush(&self) -> Result<()> {

@@ -240,15 +240,14 @@ impl UringQueue {
             };
             let iov = &slot.iovecs[slot.first..];
             let (ptr, count, at) = (iov.as_ptr(), iov.len() as libc::c_int, (offset + slot.done) as libc::off_t);
-            // SAFETY: the iovecs were built by `prepare` from slices of the worker's mapped
-            // memory, which stays mapped for the whole (synchronous) call; a read writes only
-            // inside them and a write only reads them.
-            let n = unsafe {
-                if matches!(slot.op, IoOp::Read { .. }) {
-                    libc::preadv(fd, ptr, count, at)
-                } else {
-                    libc::pwritev(fd, ptr, count, at)
-                }
+            // The iovecs were built by `prepare` from slices of the worker's mapped memory,
+            // which stays mapped for the whole (synchronous) call.
+            let n = if matches!(slot.op, IoOp::Read { .. }) {
+                // SAFETY: the kernel writes only inside the iovecs, all in mapped memory.
+                unsafe { libc::preadv(fd, ptr, count, at) }
+            } else {
+                // SAFETY: the kernel only reads the iovecs, all in mapped memory.
+                unsafe { libc::pwritev(fd, ptr, count, at) }
             };
             match n {
                 0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),

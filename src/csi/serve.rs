@@ -130,6 +130,14 @@ fn recover_staged(plugin: &Plugin) {
     }
 }
 
+/// Whether this process serves volume `id`'s device and every one of its threads runs.
+fn serves_healthy(plugin: &Plugin, id: &str) -> bool {
+    plugin
+        .servers
+        .lock()
+        .is_ok_and(|s| s.get(id).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving)))
+}
+
 /// Serves again every staged volume whose device server failed to start at recovery or
 /// stopped on a fault (a degraded server): the old server's threads are dropped, the device
 /// stays attached, and a new server takes it over where the old one stopped. A volume an
@@ -176,15 +184,7 @@ fn flush_staged(plugin: &Plugin) {
     };
     // Only filesystems on devices this process serves and that serve well: a sync of one
     // whose device nobody answers would wait forever.
-    let served: std::collections::HashSet<String> = match plugin.servers.lock() {
-        Ok(servers) => servers
-            .iter()
-            .filter(|(_, s)| matches!(s.health(), crate::server::HealthState::Serving))
-            .map(|(id, _)| id.clone())
-            .collect(),
-        Err(_) => return,
-    };
-    for meta in volumes.iter().filter(|m| served.contains(&m.spec.id)) {
+    for meta in volumes.iter().filter(|m| serves_healthy(plugin, &m.spec.id)) {
         let Some(stage) = meta.staged.as_ref().filter(|s| !s.block) else { continue };
         if let Err(e) = crate::host::sync_fs(&stage.staging_path) {
             tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
@@ -211,11 +211,7 @@ fn thaw_recorded(plugin: &Plugin) {
         }
     };
     for (volume, mount_point) in frozen {
-        let serving = plugin
-            .servers
-            .lock()
-            .is_ok_and(|s| s.get(&volume).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving)));
-        if !serving {
+        if !serves_healthy(plugin, &volume) {
             tracing::warn!(volume, path = %mount_point.display(), "frozen, but its device is not served yet; thawing later");
             continue;
         }
