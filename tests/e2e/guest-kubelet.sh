@@ -128,7 +128,7 @@ start kubelet "$K/kubelet" --kubeconfig=$KUBECONFIG --container-runtime=remote \
     --root-dir=/var/lib/kubelet --pod-infra-container-image=registry.local/pause:e2e \
     --read-only-port=0 --cgroups-per-qos=false --enforce-node-allocatable= \
     --eviction-hard='memory.available<1Mi,nodefs.available<1%,imagefs.available<1%' \
-    --image-gc-high-threshold=100 --v=2
+    --image-gc-high-threshold=100 --volume-stats-agg-period=5s --v=2
 wait_for 400 "node Ready" sh -c "'$K/kubectl' get node $NODE -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" || exit 1
 say "node Ready"
 wait_for 120 "CSINode with our driver" sh -c "'$K/kubectl' get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER" || exit 1

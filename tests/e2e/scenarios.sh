@@ -181,7 +181,7 @@ scenario_plugin_killed_while_a_pod_writes() {
 scenario_read_only_claim_and_two_pods_on_one_volume() {
     local id=pvc-e2e-shared
     volume_for $id 64Mi Filesystem || return 1
-    pod first $id Filesystem 'echo from-first > /data/first && sync && sleep 40' || return 1
+    pod first $id Filesystem 'echo from-first > /data/first && sync && sleep 600' || return 1
     running first || return 1
     pod second $id Filesystem 'sleep 2; cat /data/first && echo from-second > /data/second && sync' || return 1
     finished second || return 1
@@ -191,9 +191,13 @@ scenario_read_only_claim_and_two_pods_on_one_volume() {
     echo "read-only pod: $(podlog reader | tr '\n' ' ')"
     [[ $(podlog reader | tr '\n' ' ') == "from-second Read-only file system " ]] || return 1
     # While the first pod still runs: kubelet's volume stats for it (its own endpoint on
-    # loopback; `kubectl get --raw .../proxy/stats/summary` needs a node address).
-    curl -sk https://127.0.0.1:10250/stats/summary >"$OUT/stats-summary.json" || return 1
-    python3 - "$OUT/stats-summary.json" $id <<'PY' || return 1
+    # loopback; `kubectl get --raw .../proxy/stats/summary` needs a node address). kubelet
+    # measures volumes in the background (--volume-stats-agg-period), so the first summaries
+    # after a pod starts may not list the volume yet: ask until they do.
+    local i
+    for ((i = 0; i < 60; i++)); do
+        curl -sk https://127.0.0.1:10250/stats/summary >"$OUT/stats-summary.json" || return 1
+        python3 - "$OUT/stats-summary.json" $id >"$OUT/stats.out" 2>&1 <<'PY' && break
 import json, sys
 summary, claim = json.load(open(sys.argv[1])), sys.argv[2]
 vols = [v for p in summary["pods"] if p["podRef"]["name"] == "first" for v in p.get("volume", [])
@@ -201,6 +205,10 @@ vols = [v for p in summary["pods"] if p["podRef"]["name"] == "first" for v in p.
 print("kubelet volume stats:", vols)
 assert vols and vols[0]["capacityBytes"] > 50 << 20 and vols[0]["usedBytes"] > 0, vols
 PY
+        sleep 2
+    done
+    cat "$OUT/stats.out"
+    ((i < 60)) || return 1
     for p in first second reader; do gone $p || return 1; done
     unstaged $id
 }
