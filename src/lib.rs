@@ -6,6 +6,7 @@ pub mod backend;
 pub mod blk;
 pub mod csi;
 pub mod host;
+pub mod metrics;
 pub mod server;
 pub mod units;
 pub mod vduse;

@@ -14,6 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use vduse_csi::backend::{Backend, CacheMode, FileBackend, NullBackend};
+use vduse_csi::blk::qos::QosLimits;
 use vduse_csi::csi;
 use vduse_csi::server::{self, DeviceOptions, DeviceServer, HealthState};
 use vduse_csi::units::parse_size;
@@ -42,8 +43,8 @@ enum Command {
     /// Serve and manage single VDUSE block devices without Kubernetes.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Ask a running plugin for volumes (its Controller service), as external-provisioner
-    /// would: to declare a PersistentVolume by hand, or to look at what a node holds.
+    /// Volumes of this node: create and delete them through a running plugin (its Controller
+    /// service, as external-provisioner would), list and show them from the state dir.
     #[command(subcommand)]
     Volume(VolumeCommand),
 }
@@ -75,11 +76,36 @@ enum VolumeCommand {
         #[command(flatten)]
         endpoint: EndpointArg,
     },
-    /// ListVolumes: ID and capacity in bytes, one volume a line.
+    /// Every volume and snapshot in the state dir: size, allocated bytes, filesystem, whether
+    /// it is staged, its block device, publications, QoS limits and condition. Reads the
+    /// state dir and sysfs only, so it works while the plugin runs and when it does not.
     List {
         #[command(flatten)]
-        endpoint: EndpointArg,
+        view: ViewArgs,
     },
+    /// One volume or snapshot, a field a line (the same fields as `list`).
+    Show {
+        /// Volume or snapshot ID.
+        id: String,
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ViewArgs {
+    /// The plugin's state dir.
+    #[arg(long, default_value = csi::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +170,21 @@ struct PluginArgs {
     /// CSI driver name reported by GetPluginInfo.
     #[arg(long, default_value = csi::DRIVER_NAME)]
     driver_name: String,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics: CSI calls, this node's backing
+    /// store, and every staged volume's requests, bytes, latencies, kicks, interrupts and QoS
+    /// throttling. Loopback by default; the DaemonSet (which runs with hostNetwork) binds the
+    /// node's own address rather than every interface. An empty value turns metrics off, and
+    /// the datapath then counts nothing.
+    #[arg(long, default_value = vduse_csi::metrics::DEFAULT_ADDRESS, value_parser = parse_metrics_address)]
+    metrics_address: MetricsAddress,
+}
+
+/// `--metrics-address`: an address, or none.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    vduse_csi::metrics::parse_address(s).map(MetricsAddress)
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +229,57 @@ struct ServeArgs {
     /// while idle; 0 turns polling off.
     #[arg(long, default_value_t = server::DEFAULT_POLL.as_micros() as u64)]
     poll_us: u64,
+    /// Serve Prometheus metrics for this device at http://ADDRESS/metrics (its volume_id label
+    /// is the device name). Off unless given.
+    #[arg(long, default_value = "", value_parser = parse_metrics_address)]
+    metrics_address: MetricsAddress,
+    #[command(flatten)]
+    qos: QosArgs,
+}
+
+/// QoS limits of one device: token buckets that admit bursts of one second's worth, then
+/// hold the queue back until the rate allows more. Unlimited unless given.
+#[derive(Args, Debug)]
+struct QosArgs {
+    /// Read requests per second.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_read_iops: Option<u64>,
+    /// Write requests (and flushes, discards, write-zeroes) per second.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_write_iops: Option<u64>,
+    /// Requests per second, reads and writes together.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_iops: Option<u64>,
+    /// Bytes read per second (a suffix K, M, G is allowed).
+    #[arg(long, value_parser = parse_rate)]
+    max_read_bytes_per_sec: Option<u64>,
+    /// Bytes written per second.
+    #[arg(long, value_parser = parse_rate)]
+    max_write_bytes_per_sec: Option<u64>,
+    /// Bytes per second, reads and writes together.
+    #[arg(long, value_parser = parse_rate)]
+    max_bytes_per_sec: Option<u64>,
+}
+
+impl QosArgs {
+    fn limits(&self) -> QosLimits {
+        QosLimits {
+            max_read_iops: self.max_read_iops,
+            max_write_iops: self.max_write_iops,
+            max_iops: self.max_iops,
+            max_read_bytes_per_sec: self.max_read_bytes_per_sec,
+            max_write_bytes_per_sec: self.max_write_bytes_per_sec,
+            max_bytes_per_sec: self.max_bytes_per_sec,
+        }
+    }
+}
+
+/// A byte rate: a size, and not zero.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("a rate must be positive".into()),
+        v => Ok(v),
+    }
 }
 
 fn main() -> ExitCode {
@@ -219,17 +311,39 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{s:?}: use KEY=VALUE"))
 }
 
+/// `volume list` and `volume show`: read the state dir, print.
+fn show_volumes(id: Option<&str>, view: &ViewArgs) -> Result<(), String> {
+    use csi::inventory;
+    let store = vduse_csi::volume::VolumeStore::open_read_only(&view.state_dir).map_err(|e| e.to_string())?;
+    let text = match (id, view.output) {
+        (None, Output::Table) => inventory::table(&inventory::list(&store).map_err(|e| e.to_string())?),
+        (None, Output::Json) => {
+            serde_json::to_string_pretty(&inventory::list(&store).map_err(|e| e.to_string())?).unwrap_or_default()
+                + "\n"
+        }
+        (Some(id), Output::Table) => inventory::details(&inventory::show(&store, id).map_err(|e| e.to_string())?),
+        (Some(id), Output::Json) => {
+            serde_json::to_string_pretty(&inventory::show(&store, id).map_err(|e| e.to_string())?).unwrap_or_default()
+                + "\n"
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(())
+}
+
 fn volume_command(command: VolumeCommand) -> Result<(), String> {
     use csi::client;
+    let endpoint = match &command {
+        VolumeCommand::List { view } => return show_volumes(None, view),
+        VolumeCommand::Show { id, view } => return show_volumes(Some(id), view),
+        VolumeCommand::Create { endpoint, .. } | VolumeCommand::Delete { endpoint, .. } => {
+            csi::serve::socket_path(&endpoint.endpoint)?
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let endpoint = match &command {
-        VolumeCommand::Create { endpoint, .. }
-        | VolumeCommand::Delete { endpoint, .. }
-        | VolumeCommand::List { endpoint } => csi::serve::socket_path(&endpoint.endpoint)?,
-    };
     runtime.block_on(async move {
         let mut controller = client::connect(endpoint).await?;
         let mut out = std::io::stdout().lock();
@@ -241,11 +355,7 @@ fn volume_command(command: VolumeCommand) -> Result<(), String> {
                 let _ = writeln!(out, "{} {}", volume.volume_id, volume.capacity_bytes);
             }
             VolumeCommand::Delete { name, .. } => client::delete_volume(&mut controller, name).await?,
-            VolumeCommand::List { .. } => {
-                for volume in client::list_volumes(&mut controller).await? {
-                    let _ = writeln!(out, "{} {}", volume.volume_id, volume.capacity_bytes);
-                }
-            }
+            VolumeCommand::List { .. } | VolumeCommand::Show { .. } => {}
         }
         Ok(())
     })
@@ -283,6 +393,8 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
         queue_size: args.queue_size,
         msg_timeout: args.msg_timeout,
         poll: Duration::from_micros(args.poll_us),
+        counters: args.metrics_address.0.is_some(),
+        qos: args.qos.limits(),
     };
     // Check everything the caller got wrong before touching the host, so a bad command line
     // creates nothing.
@@ -293,6 +405,12 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     if !std::path::Path::new(vduse::CONTROL_PATH).exists() {
         return Err(vduse::Error::ControlMissing.to_string());
     }
+    let metrics_listener = match args.metrics_address.0 {
+        Some(addr) => {
+            Some(std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind metrics address {addr}: {e}"))?)
+        }
+        None => None,
+    };
     // Block the stop signals before any thread exists so every thread inherits the mask and
     // only the signalfd below sees them.
     let mut signals = SigSet::empty();
@@ -310,6 +428,14 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
         (None, None) => return Err("--size is required with --null".into()),
     };
     let server = DeviceServer::start(&opts, backend).map_err(|e| e.to_string())?;
+    if let (Some(listener), Some(stats)) = (metrics_listener, server.stats()) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (name, stats) = (opts.name.clone(), Arc::clone(stats));
+        registry.register_collector(Box::new(vduse_csi::metrics::DatapathCollector::new(Box::new(move || {
+            vec![(name.clone(), Arc::clone(&stats))]
+        }))));
+        vduse_csi::metrics::spawn_thread(listener, registry)?;
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", server.block_device().display());
@@ -364,6 +490,7 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         driver_name: args.driver_name,
         overcommit_ratio: args.overcommit_ratio,
         kubelet_registration,
+        metrics_address: args.metrics_address.0,
     }))
 }
 

@@ -695,36 +695,125 @@ fn a_create_whose_caller_gives_up_keeps_the_volume_busy_until_its_work_ends() {
 
 /// `vduse-csi volume create|list|delete` drive a running plugin's Controller service.
 #[test]
-fn the_volume_command_creates_lists_and_deletes() {
+fn the_volume_command_creates_lists_shows_and_deletes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("csi.sock");
-    let _plugin = PluginProcess::start(&socket, &dir.path().join("state"), "controller");
+    let state = dir.path().join("state");
+    let plugin = PluginProcess::start(&socket, &state, "controller");
     let endpoint = format!("unix://{}", socket.display());
+    let state_arg = state.to_string_lossy().into_owned();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
-            .arg("volume")
-            .args(args)
-            .args(["--endpoint", &endpoint])
-            .output()
-            .expect("run vduse-csi volume");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vduse-csi"));
+        command.arg("volume").args(args);
+        if matches!(args[0], "create" | "delete") {
+            command.args(["--endpoint", &endpoint]);
+        } else {
+            command.args(["--state-dir", &state_arg]);
+        }
+        let out = command.output().expect("run vduse-csi volume");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (ok, stdout, stderr) = run(&["create", "pv-cli", "--size", "64Mi"]);
+    let (ok, stdout, stderr) = run(&["create", "pv-cli", "--size", "64Mi", "--param", "maxReadIops=500"]);
     assert!(ok, "{stderr}");
     assert_eq!(stdout.trim(), "pv-cli 67108864");
     let (ok, _, _) = run(&["create", "pv-block", "--size", "32M", "--block", "--param", "thick=true"]);
     assert!(ok);
-    let (ok, stdout, _) = run(&["list"]);
-    assert!(ok);
-    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["pv-block 33554432", "pv-cli 67108864"]);
     let (ok, _, stderr) = run(&["create", "pv-bad", "--size", "1M", "--param", "colour=red"]);
     assert!(!ok && stderr.contains("unknown parameter"), "{stderr}");
+    let (ok, _, stderr) = run(&["create", "pv-bad", "--size", "1M", "--param", "maxIops=-5"]);
+    assert!(!ok && stderr.contains("maxIops must be a positive integer"), "{stderr}");
+
+    // The table, while the plugin runs: a thin image allocates nothing, a thick one all of it.
+    let (ok, stdout, stderr) = run(&["list"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<Vec<&str>> = stdout.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0][..4], ["ID", "KIND", "SIZE", "ALLOC"], "{stdout}");
+    assert_eq!(rows[1][..8], ["pv-block", "volume", "32M", "32M", "-", "no", "-", "0"], "{stdout}");
+    assert_eq!(rows[2][..9], ["pv-cli", "volume", "64M", "0", "-", "no", "-", "0", "maxReadIops=500"], "{stdout}");
+    assert_eq!(rows[2][9], "normal");
+    let (ok, json, _) = run(&["list", "--output", "json"]);
+    assert!(ok);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(json[1]["id"], "pv-cli");
+    assert_eq!(json[1]["size_bytes"], 67108864);
+    assert_eq!(json[1]["qos"]["maxReadIops"], 500);
+    assert_eq!(json[0]["allocated_bytes"], 33554432);
+    let (ok, show, _) = run(&["show", "pv-cli"]);
+    assert!(ok);
+    assert!(show.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["qos", "maxReadIops=500"]), "{show}");
+    let (ok, _, stderr) = run(&["show", "pv-none"]);
+    assert!(!ok && stderr.contains("no volume or snapshot \"pv-none\""), "{stderr}");
+
+    // And with the plugin stopped: the same answer from the state dir alone.
+    assert!(plugin.stop());
+    assert_eq!(run(&["list"]).1, stdout);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
+        .args(["volume", "list", "--state-dir", "/nonexistent"])
+        .output()
+        .expect("run vduse-csi volume list");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not a vduse-csi state dir"), "{stderr}");
+    let _plugin = PluginProcess::start(&socket, &state, "controller");
     for id in ["pv-cli", "pv-block"] {
         assert!(run(&["delete", id]).0);
     }
-    assert_eq!(run(&["list"]).1, "");
+    assert_eq!(run(&["list"]).1.lines().count(), 1, "only the header is left");
+}
+
+#[test]
+fn metrics_count_calls_by_method_and_code_and_report_the_store() {
+    // A port nobody holds right now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = PluginProcess::start_with(
+        &dir.path().join("csi.sock"),
+        &dir.path().join("state"),
+        "controller",
+        &[&format!("--metrics-address={address}")],
+    );
+    rt().block_on(async {
+        let mut c = connect(&plugin.socket).await;
+        c.controller
+            .create_volume(create_request("pvc-m", 1 << 20, mount_cap("ext4", writer())))
+            .await
+            .expect("create");
+        let mut bad = create_request("pvc-m2", 1 << 20, mount_cap("", writer()));
+        bad.parameters = HashMap::from([("maxReadBytesPerSec".to_owned(), "fast".to_owned())]);
+        assert_code(c.controller.create_volume(bad).await, Code::InvalidArgument);
+    });
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("content-type: text/plain; version=0.0.4"), "{text}");
+    for line in [
+        r#"vduse_csi_csi_calls_total{method="CreateVolume",code="OK"} 1"#,
+        r#"vduse_csi_csi_calls_total{method="CreateVolume",code="InvalidArgument"} 1"#,
+        r#"vduse_csi_csi_call_duration_seconds_count{method="CreateVolume",code="OK"} 1"#,
+        "vduse_csi_volumes_staged 0",
+        "vduse_csi_devices_unhealthy 0",
+        "vduse_csi_provisioned_bytes 1048576",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    for gauge in ["vduse_csi_backing_store_used_bytes ", "vduse_csi_backing_store_free_bytes "] {
+        assert!(text.lines().any(|l| l.starts_with(gauge)), "missing {gauge} in\n{text}");
+    }
+    // A second plugin cannot take the same address: it says so and exits.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
+        .args(["serve", "--node-id", "n", "--mode", "controller", "--metrics-address", &address])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.path().join("other.sock").display()))
+        .arg("--state-dir")
+        .arg(dir.path().join("other"))
+        .output()
+        .expect("run a second plugin");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot bind metrics address"), "{stderr}");
 }

@@ -18,6 +18,10 @@ use tonic::Code;
 use vduse_csi::csi::proto::*;
 
 const IN_GUEST: &str = "VDUSE_CSI_IN_GUEST";
+/// Every scenario's plugin serves metrics (one plugin runs at a time), so the datapath
+/// counts in all of them.
+const METRICS: &str = "127.0.0.1:9812";
+const PLUGIN_FLAGS: &[&str] = &["--metrics-address=127.0.0.1:9812"];
 const MIB: i64 = 1 << 20;
 
 fn main() -> ExitCode {
@@ -61,7 +65,7 @@ fn on_host() -> ExitCode {
 type Scenario = fn(&mut Node);
 
 fn in_guest() -> ExitCode {
-    let scenarios: [(&str, Scenario); 17] = [
+    let scenarios: [(&str, Scenario); 18] = [
         ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
         ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
         ("block_volume_lifecycle", block_lifecycle),
@@ -79,6 +83,7 @@ fn in_guest() -> ExitCode {
         ("unstage_after_a_crash_before_the_metadata_unmounts_first", unstage_unrecorded),
         ("failed_recovery_is_retried", failed_recovery_retried),
         ("failed_metadata_write_leaves_no_unserved_mount", failed_metadata_write),
+        ("ephemeral_volume_lives_with_its_pod", ephemeral_volume),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let (mut passed, mut failed) = (0, 0);
@@ -144,7 +149,7 @@ impl Node {
         let root = PathBuf::from("/tmp/csi-tests").join(name);
         std::fs::create_dir_all(root.join("kubelet")).expect("kubelet dir");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let plugin = PluginProcess::start(&root.join("csi.sock"), &root.join("state"), "all");
+        let plugin = PluginProcess::start_with(&root.join("csi.sock"), &root.join("state"), "all", PLUGIN_FLAGS);
         let c = rt.block_on(connect(&plugin.socket));
         let mut node = Self { rt, root, plugin: Some(plugin), c };
         let probe = node.rt.block_on(node.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
@@ -159,7 +164,7 @@ impl Node {
         plugin.child.kill().expect("SIGKILL");
         plugin.child.wait().expect("wait");
         drop(plugin);
-        let plugin = PluginProcess::start(&socket, &state, "all");
+        let plugin = PluginProcess::start_with(&socket, &state, "all", PLUGIN_FLAGS);
         self.c = self.rt.block_on(connect(&plugin.socket));
         self.plugin = Some(plugin);
         let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
@@ -177,7 +182,7 @@ impl Node {
         let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
         assert!(plugin.stop(), "plugin exits 0 on SIGTERM");
         between();
-        let plugin = PluginProcess::start(&socket, &state, "all");
+        let plugin = PluginProcess::start_with(&socket, &state, "all", PLUGIN_FLAGS);
         self.c = self.rt.block_on(connect(&plugin.socket));
         self.plugin = Some(plugin);
         let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
@@ -829,4 +834,94 @@ fn hostile_ids(n: &mut Node) {
     assert_eq!(n.rt.block_on(n.c.node.node_get_volume_stats(req)).expect_err("not staged").code(), Code::NotFound);
     assert!(!Path::new("/tmp/csi-tests/hostile_and_missing_ids_are_refused/x").exists());
     n.delete("pvc-h").expect("delete");
+}
+
+/// GET /metrics of the plugin.
+fn scrape() -> String {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(METRICS).expect("connect to the metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {METRICS}\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of the sample `name{labels}` in a scrape.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// An ephemeral inline volume, as kubelet drives one: one NodePublishVolume creates and
+/// mounts it, a plugin restart keeps it, the NodeUnpublishVolume deletes it.
+fn ephemeral_volume(n: &mut Node) {
+    let id = "csi-4f0e2b7c9d1a";
+    let target = n.target("pod-e", id);
+    let cap = mount_cap("", writer());
+    let context = |size: &str| {
+        HashMap::from([
+            ("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned()),
+            ("csi.storage.k8s.io/pod.name".to_owned(), "pod-e".to_owned()),
+            ("size".to_owned(), size.to_owned()),
+            ("maxWriteIops".to_owned(), "5000".to_owned()),
+        ])
+    };
+    let publish = |n: &mut Node, cap: &VolumeCapability, context: HashMap<String, String>| {
+        let req = NodePublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.to_string_lossy().into(),
+            volume_capability: Some(cap.clone()),
+            volume_context: context,
+            ..Default::default()
+        };
+        n.rt.block_on(n.c.node.node_publish_volume(req)).map(drop)
+    };
+    // Bad attributes are refused before anything is made.
+    let block = VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
+        access_mode: Some(volume_capability::AccessMode { mode: writer() as i32 }),
+    };
+    assert_eq!(publish(n, &block, context("64Mi")).expect_err("block").code(), Code::InvalidArgument);
+    assert_eq!(publish(n, &cap, context("lots")).expect_err("size").code(), Code::InvalidArgument);
+    let mut bad = context("64Mi");
+    bad.insert("maxIops".into(), "0".into());
+    assert_eq!(publish(n, &cap, bad).expect_err("qos").code(), Code::InvalidArgument);
+    let state = n.plugin.as_ref().expect("plugin").state.clone();
+    assert!(!state.join("volumes").join(id).exists(), "a refused publish creates nothing");
+
+    publish(n, &cap, context("64Mi")).expect("publish");
+    publish(n, &cap, context("64Mi")).expect("publish again is OK");
+    assert!(is_mount_point(&target));
+    let stat = nix::sys::statvfs::statvfs(&target).expect("statvfs");
+    let bytes = stat.blocks() as u64 * stat.fragment_size() as u64;
+    assert!(bytes > 50 << 20 && bytes <= 64 << 20, "filesystem of {bytes} bytes on a 64 MiB volume");
+    std::fs::write(target.join("hello"), b"inline").expect("write");
+    syncfs(&target);
+
+    // The volume's datapath and the calls show in the metrics.
+    let text = scrape();
+    let writes: f64 = (0..4)
+        .filter_map(|q| {
+            sample(&text, &format!(r#"vduse_csi_requests_total{{volume_id="{id}",queue="{q}",op="write"}}"#))
+        })
+        .sum();
+    assert!(writes > 0.0, "no writes counted for {id}:\n{text}");
+    assert_eq!(sample(&text, "vduse_csi_volumes_staged"), Some(1.0));
+    let published = sample(&text, r#"vduse_csi_csi_calls_total{method="NodePublishVolume",code="OK"}"#);
+    assert_eq!(published, Some(2.0), "{text}");
+    let refused = sample(&text, r#"vduse_csi_csi_calls_total{method="NodePublishVolume",code="InvalidArgument"}"#);
+    assert_eq!(refused, Some(3.0));
+
+    // A plugin killed and started again serves it again: the mount keeps working.
+    n.kill_and_restart();
+    assert_eq!(std::fs::read(target.join("hello")).expect("read after restart"), b"inline");
+    std::fs::write(target.join("after"), b"restart").expect("write after restart");
+    syncfs(&target);
+
+    n.unpublish(id, &target).expect("unpublish");
+    assert!(!target.exists(), "the target is removed");
+    assert!(!state.join("volumes").join(id).exists(), "the image is deleted with its pod");
+    assert!(!state.join("ephemeral").join(id).exists(), "its staging folder too");
+    assert!(!Path::new("/sys/class/vduse").join(id).exists(), "its device is gone");
+    n.unpublish(id, &target).expect("unpublish again is OK");
 }

@@ -119,3 +119,13 @@ fn every_guest_test_has_a_host_check() {
     ];
     verdicts::all_known(guest_run(), &known);
 }
+
+#[test]
+fn metrics_count_what_fio_did() {
+    check("metrics_match_fio");
+}
+
+#[test]
+fn qos_limits_hold_and_leave_other_devices_free() {
+    check("qos_limits_hold");
+}

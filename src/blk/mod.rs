@@ -3,7 +3,9 @@
 //! so it is unit-tested with virtio-queue's mock driver.
 
 pub mod config;
+pub mod qos;
 pub mod request;
+pub mod stats;
 pub mod worker;
 
 pub use request::DeviceLimits;

@@ -75,9 +75,66 @@ pub enum Action {
     Complete(u8),
 }
 
+/// What a request asked for, as far as its header could be read (for accounting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    GetId,
+    /// A type we do not implement, or a chain whose header could not be read.
+    Other,
+}
+
+impl RequestKind {
+    /// Every kind, in the order of [`RequestKind::index`].
+    pub const ALL: [RequestKind; 7] = [
+        RequestKind::Read,
+        RequestKind::Write,
+        RequestKind::Flush,
+        RequestKind::Discard,
+        RequestKind::WriteZeroes,
+        RequestKind::GetId,
+        RequestKind::Other,
+    ];
+
+    fn of(req_type: u32) -> Self {
+        match req_type {
+            VIRTIO_BLK_T_IN => RequestKind::Read,
+            VIRTIO_BLK_T_OUT => RequestKind::Write,
+            VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
+            VIRTIO_BLK_T_DISCARD => RequestKind::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestKind::WriteZeroes,
+            VIRTIO_BLK_T_GET_ID => RequestKind::GetId,
+            _ => RequestKind::Other,
+        }
+    }
+
+    /// A dense index, for per-kind tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name metrics use for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Read => "read",
+            RequestKind::Write => "write",
+            RequestKind::Flush => "flush",
+            RequestKind::Discard => "discard",
+            RequestKind::WriteZeroes => "write_zeroes",
+            RequestKind::GetId => "get_id",
+            RequestKind::Other => "other",
+        }
+    }
+}
+
 /// A parsed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parsed {
+    pub kind: RequestKind,
     pub action: Action,
     /// Where the status byte goes; `None` for a chain without a usable writable byte.
     pub status_addr: Option<GuestAddress>,
@@ -87,7 +144,12 @@ pub struct Parsed {
 
 impl Parsed {
     fn fail(status_addr: Option<GuestAddress>, status: u8) -> Self {
-        Parsed { action: Action::Complete(status), status_addr, used_len_ok: u32::from(status_addr.is_some()) }
+        Parsed {
+            kind: RequestKind::Other,
+            action: Action::Complete(status),
+            status_addr,
+            used_len_ok: u32::from(status_addr.is_some()),
+        }
     }
 }
 
@@ -158,7 +220,8 @@ where
     let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
 
-    let fail = |status| Parsed::fail(status_addr, status);
+    let kind = RequestKind::of(req_type);
+    let fail = |status| Parsed { kind, ..Parsed::fail(status_addr, status) };
     match req_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = req_type == VIRTIO_BLK_T_OUT;
@@ -176,9 +239,9 @@ where
             } else {
                 (IoOp::Read { offset, bufs: range }, len as u32)
             };
-            Parsed { action: Action::Io(action), status_addr, used_len_ok: written + 1 }
+            Parsed { kind, action: Action::Io(action), status_addr, used_len_ok: written + 1 }
         }
-        VIRTIO_BLK_T_FLUSH => Parsed { action: Action::Io(IoOp::Flush), status_addr, used_len_ok: 1 },
+        VIRTIO_BLK_T_FLUSH => Parsed { kind, action: Action::Io(IoOp::Flush), status_addr, used_len_ok: 1 },
         VIRTIO_BLK_T_GET_ID => {
             let (range, len) = data_in(descs, bufs);
             let n = (len as usize).min(ID_BYTES);
@@ -186,7 +249,7 @@ where
             bufs.truncate(range.start);
             match written {
                 Ok(()) if n > 0 => {
-                    Parsed { action: Action::Complete(STATUS_OK), status_addr, used_len_ok: n as u32 + 1 }
+                    Parsed { kind, action: Action::Complete(STATUS_OK), status_addr, used_len_ok: n as u32 + 1 }
                 }
                 _ => fail(STATUS_IOERR),
             }
@@ -222,9 +285,9 @@ where
                 IoOp::WriteZeroes { offset, len }
             };
             if len == 0 {
-                return Parsed { action: Action::Complete(STATUS_OK), status_addr, used_len_ok: 1 };
+                return Parsed { kind, action: Action::Complete(STATUS_OK), status_addr, used_len_ok: 1 };
             }
-            Parsed { action: Action::Io(op), status_addr, used_len_ok: 1 }
+            Parsed { kind, action: Action::Io(op), status_addr, used_len_ok: 1 }
         }
         _ => fail(STATUS_UNSUPP),
     }

@@ -10,12 +10,15 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
-use super::request::{self, Action, DataWindow, DeviceLimits, ParseScratch, STATUS_IOERR, STATUS_OK};
-use crate::backend::{Backend, Completion, IoBuf, QueueIo, SliceSource};
+use super::qos::{Admission, Throttle};
+use super::request::{self, Action, DataWindow, DeviceLimits, ParseScratch, RequestKind, STATUS_IOERR, STATUS_OK};
+use super::stats::{DeviceStats, QueueStats};
+use crate::backend::{Backend, Completion, IoBuf, IoOp, QueueIo, SliceSource};
 
 /// A ring-level fault: the queue cannot be trusted any more and must stop.
 #[derive(Debug, thiserror::Error)]
@@ -49,13 +52,61 @@ pub trait QueueMemory: GuestMemoryBackend<R = GuestRegionMmap<()>> {
 }
 
 /// One popped chain, from pop to publication.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Pending {
     head: u16,
     status_addr: GuestAddress,
     used_len_ok: u32,
     /// The final status once known.
     status: Option<u8>,
+    kind: RequestKind,
+    /// Data bytes, for the counters.
+    bytes: u64,
+    /// When it was popped, in nanoseconds since the worker's epoch (only while counting).
+    popped_ns: u64,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self {
+            head: 0,
+            status_addr: GuestAddress(0),
+            used_len_ok: 0,
+            status: None,
+            kind: RequestKind::Other,
+            bytes: 0,
+            popped_ns: 0,
+        }
+    }
+}
+
+/// The bytes a request moves or covers.
+fn op_bytes(op: &IoOp, bufs: &[IoBuf]) -> u64 {
+    match op {
+        IoOp::Read { bufs: r, .. } | IoOp::Write { bufs: r, .. } => {
+            bufs.get(r.start..r.end).map_or(0, |b| b.iter().map(|b| u64::from(b.len)).sum())
+        }
+        IoOp::Discard { len, .. } | IoOp::WriteZeroes { len, .. } => *len,
+        IoOp::Flush => 0,
+    }
+}
+
+/// A queue's own counters inside its device's.
+struct Counting {
+    device: Arc<DeviceStats>,
+    index: usize,
+    /// Zero of the pop timestamps.
+    epoch: Instant,
+}
+
+impl Counting {
+    fn queue(&self) -> Option<&QueueStats> {
+        self.device.queues.get(self.index)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
 }
 
 /// What one pass of [`QueueWorker::run`] did.
@@ -92,6 +143,10 @@ pub struct QueueWorker {
     /// Window position of each head in flight.
     position: Vec<u64>,
     in_flight: Vec<bool>,
+    counting: Option<Counting>,
+    throttle: Option<Arc<Throttle>>,
+    /// Set while the throttle holds the queue: nothing is popped before it.
+    throttled_until: Option<Instant>,
 }
 
 impl QueueWorker {
@@ -112,7 +167,47 @@ impl QueueWorker {
             back: 0,
             position: vec![0; size],
             in_flight: vec![false; size],
+            counting: None,
+            throttle: None,
+            throttled_until: None,
         }
+    }
+
+    /// Counts into queue `index` of `device`.
+    pub fn with_stats(mut self, device: Arc<DeviceStats>, index: usize) -> Self {
+        self.counting = Some(Counting { device, index, epoch: Instant::now() });
+        self
+    }
+
+    /// Pops only what `throttle` admits.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> Self {
+        self.throttle = Some(throttle);
+        self
+    }
+
+    /// This queue's counters, if it counts.
+    pub fn stats(&self) -> Option<&QueueStats> {
+        self.counting.as_ref().and_then(Counting::queue)
+    }
+
+    /// While the throttle holds the queue: how long it still does (zero once the tokens are
+    /// due, until the next pass pops again). A thread that sleeps must wake by then: the
+    /// chains held back will bring no kick.
+    pub fn throttled_for(&self) -> Option<Duration> {
+        self.throttled_until.map(|until| until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the throttle holds the queue now.
+    fn held_back(&self) -> bool {
+        self.throttled_for().is_some_and(|d| !d.is_zero())
+    }
+
+    /// Asks for an interrupt, and counts it.
+    fn interrupt(&self, notify: &mut dyn FnMut()) {
+        if let Some(q) = self.stats() {
+            q.interrupts.add(1);
+        }
+        notify();
     }
 
     /// The queue state (for recovery and tests).
@@ -165,7 +260,7 @@ impl QueueWorker {
     /// Whether a chain could be popped now: the engine has room and the data window is
     /// mapped. Chains that cannot be popped are no reason to stay awake.
     fn can_pop<M: QueueMemory>(&self, mem: &M) -> bool {
-        self.room() > 0 && mem.data_region().is_some()
+        self.room() > 0 && mem.data_region().is_some() && !self.held_back()
     }
 
     /// Where window position `pos` lives.
@@ -197,7 +292,10 @@ impl QueueWorker {
         self.reap();
         pass.published = self.publish(mem)?;
         if pass.published > 0 && self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
-            notify();
+            self.interrupt(notify);
+        }
+        if let Some(q) = self.stats() {
+            q.in_flight.set(self.outstanding() as u64);
         }
         if !self.io.healthy() {
             self.drain(mem, notify)?;
@@ -234,7 +332,10 @@ impl QueueWorker {
             return Err(fault);
         }
         if published > 0 && self.queue.needs_notification(mem).map_err(QueueError::Ring)? {
-            notify();
+            self.interrupt(notify);
+        }
+        if let Some(q) = self.stats() {
+            q.in_flight.set(self.outstanding() as u64);
         }
         Ok(())
     }
@@ -275,6 +376,10 @@ impl QueueWorker {
     /// Pops as many chains as there is room for and submits them. A chain that needs no I/O
     /// (a bad request, GET_ID) gets its status at once.
     fn pop<M: QueueMemory>(&mut self, mem: &mut M) -> Result<usize, QueueError> {
+        if self.held_back() {
+            return Ok(0);
+        }
+        self.throttled_until = None;
         let room = self.room();
         if room == 0 || !self.has_avail(mem) {
             return Ok(0);
@@ -292,8 +397,28 @@ impl QueueWorker {
         self.limits.capacity_sectors = self.backend.capacity() / 512;
         let size = self.queue.size();
         let mut popped = 0;
+        let popped_ns = self.counting.as_ref().map_or(0, Counting::now_ns);
+        let throttle = self.throttle.clone();
+        let mut gate = throttle.as_ref().map(|t| t.gate(Instant::now()));
+        // Chains waiting now: the throttle is asked only for a chain that is there, so an idle
+        // queue is never left throttled.
+        let avail = self
+            .queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(QueueError::Ring)?
+            .0
+            .wrapping_sub(self.queue.next_avail());
+        let limit = room.min(usize::from(avail));
         let mut iter = self.queue.iter(mem).map_err(QueueError::Ring)?;
-        for chain in iter.by_ref().take(room) {
+        while popped < limit {
+            if let Some(Admission::Closed(wait)) = gate.as_mut().map(|g| g.admission()) {
+                self.throttled_until = Some(Instant::now() + wait);
+                if let Some(q) = self.counting.as_ref().and_then(Counting::queue) {
+                    q.throttled_ns.add(wait.as_nanos() as u64);
+                }
+                break;
+            }
+            let Some(chain) = iter.next() else { break };
             let head = chain.head_index();
             if head >= size {
                 return Err(QueueError::HeadOutOfRange { head, size });
@@ -306,21 +431,32 @@ impl QueueWorker {
             let Some(status_addr) = parsed.status_addr else {
                 return Err(QueueError::NoStatus(head));
             };
-            let status = match parsed.action {
-                Action::Complete(status) => Some(status),
-                Action::Io(_) => None,
+            let (status, bytes) = match &parsed.action {
+                Action::Complete(status) => (Some(*status), 0),
+                Action::Io(op) => (None, op_bytes(op, &self.bufs)),
             };
             if let Some(s) = status.filter(|s| *s != STATUS_OK) {
                 tracing::debug!(head, status = s, "request refused");
             }
             let pos = self.back;
             let at = (pos % self.window.len() as u64) as usize;
-            self.window[at] = Pending { head, status_addr, used_len_ok: parsed.used_len_ok, status };
+            self.window[at] = Pending {
+                head,
+                status_addr,
+                used_len_ok: parsed.used_len_ok,
+                status,
+                kind: parsed.kind,
+                bytes,
+                popped_ns,
+            };
             self.position[usize::from(head)] = pos;
             self.in_flight[usize::from(head)] = true;
             self.back += 1;
             popped += 1;
             if let Action::Io(op) = parsed.action {
+                if let Some(g) = gate.as_mut() {
+                    g.charge(&op, bytes);
+                }
                 self.io.submit(&data, &self.bufs, op, head);
             }
         }
@@ -330,6 +466,8 @@ impl QueueWorker {
     /// Publishes the finished prefix of the window, in pop order. Returns how many.
     fn publish<M: QueueMemory>(&mut self, mem: &M) -> Result<usize, QueueError> {
         let mut published = 0;
+        // One clock read per batch: every request published now has the same end time.
+        let mut now_ns = None;
         while self.front < self.back {
             let p = self.window[self.window_index(self.front)];
             let Some(status) = p.status else { break };
@@ -344,6 +482,12 @@ impl QueueWorker {
                 (true, STATUS_OK) => p.used_len_ok,
                 (true, _) => 1,
             };
+            if let Some(c) = &self.counting {
+                let now = *now_ns.get_or_insert_with(|| c.now_ns());
+                if let Some(q) = c.queue() {
+                    q.record(p.kind, status, p.bytes, now.saturating_sub(p.popped_ns));
+                }
+            }
             self.in_flight[usize::from(p.head)] = false;
             self.front += 1;
             self.queue.add_used(mem, p.head, used_len).map_err(QueueError::Ring)?;

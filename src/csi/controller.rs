@@ -1,6 +1,7 @@
 //! Controller service for node-local volumes: this node's plugin provisions on this node, as
 //! external-provisioner's per-node deployment expects.
 
+use crate::blk::qos::QosLimits;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -112,7 +113,7 @@ fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Re
 }
 
 /// Validates StorageClass parameters; returns the ones we keep.
-fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<String, String>)> {
+pub(super) fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<String, String>)> {
     let mut queues = crate::server::default_queues();
     let mut kept = BTreeMap::new();
     for (k, v) in params {
@@ -138,10 +139,17 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<S
                 }
                 kept.insert(k.clone(), v.clone());
             }
+            k if QosLimits::PARAMETERS.iter().any(|(name, _)| *name == k) => {
+                QosLimits::from_parameters([(k, v.as_str())])
+                    .map_err(|e| Error::InvalidArgument(format!("parameter {e}")))?;
+                kept.insert(k.to_owned(), v.clone());
+            }
             k if METADATA_PARAMS.contains(&k) => {}
             k => {
+                let qos: Vec<&str> = QosLimits::PARAMETERS.iter().map(|(name, _)| *name).collect();
                 return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES}, {PARAM_CACHE} and {PARAM_THICK}"
+                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES}, {PARAM_CACHE}, {PARAM_THICK} and the QoS limits {}",
+                    qos.join(", ")
                 )));
             }
         }
@@ -300,7 +308,15 @@ impl Controller for ControllerService {
             Some(ContentSource::Volume(v)) if *v != id => Some(self.plugin.guards.acquire(v)?),
             _ => None,
         };
-        let spec = VolumeSpec { id: id.clone(), capacity_bytes: capacity, queues, fs_type, parameters, source };
+        let spec = VolumeSpec {
+            id: id.clone(),
+            capacity_bytes: capacity,
+            queues,
+            fs_type,
+            parameters,
+            source,
+            ephemeral: false,
+        };
         let plugin = Arc::clone(&self.plugin);
         let (meta, created) = blocking(move || {
             let _guards = (guard, source_guard);

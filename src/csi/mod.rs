@@ -6,8 +6,11 @@
 
 pub mod client;
 pub mod controller;
+pub mod ephemeral;
 pub mod guard;
 pub mod identity;
+pub mod inventory;
+pub mod metrics;
 pub mod node;
 pub mod registration;
 pub mod serve;
@@ -81,6 +84,8 @@ pub struct Plugin {
     pub recovered: AtomicBool,
     /// Why the node cannot serve volumes, if it cannot.
     pub not_ready_reason: Mutex<Option<String>>,
+    /// Whether device servers count requests for the metrics endpoint.
+    pub counters: AtomicBool,
 }
 
 impl Plugin {
@@ -94,6 +99,7 @@ impl Plugin {
             servers: Mutex::new(HashMap::new()),
             recovered: AtomicBool::new(false),
             not_ready_reason: Mutex::new(None),
+            counters: AtomicBool::new(false),
         })
     }
 

@@ -15,6 +15,7 @@ use super::proto::*;
 use super::{Error, MIB, Plugin, Result, blocking, required, volume_id};
 use crate::backend::CacheMode;
 use crate::backend::FileBackend;
+use crate::blk::qos::QosLimits;
 use crate::host;
 use crate::server::{DeviceOptions, DeviceServer, HealthState};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
@@ -60,12 +61,16 @@ pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> 
     // Validated at CreateVolume; metadata from an older release has none.
     let cache = meta.spec.parameters.get(super::PARAM_CACHE).and_then(|c| CacheMode::parse(c)).unwrap_or_default();
     let backend = FileBackend::open(&image, None, false, cache).map_err(|e| Error::Internal(e.to_string()))?;
+    let qos = QosLimits::from_parameters(meta.spec.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| Error::FailedPrecondition(format!("volume {}: {e}", meta.spec.id)))?;
     let opts = DeviceOptions {
         name: device_name(&meta.spec.id),
         num_queues: meta.spec.queues.max(1),
         queue_size: QUEUE_SIZE,
         msg_timeout: 0,
         poll: crate::server::DEFAULT_POLL,
+        counters: plugin.counters.load(std::sync::atomic::Ordering::Relaxed),
+        qos,
     };
     Ok(DeviceServer::start(&opts, Arc::new(backend))?)
 }
@@ -75,7 +80,7 @@ fn block_device(plugin: &Plugin, id: &str) -> Option<PathBuf> {
     plugin.servers.lock().ok()?.get(id).map(|s| s.block_device().to_owned())
 }
 
-fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Result<()> {
+pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Result<()> {
     let mut meta = plugin.store.existing_volume(id)?;
     let block = matches!(cap.access_type, Some(volume_capability::AccessType::Block(_)));
     let mount = match &cap.access_type {
@@ -212,7 +217,7 @@ fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Resu
     Ok(())
 }
 
-fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
+pub(super) fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     let mut meta = plugin.store.existing_volume(id)?;
     if let Some(staged) = &meta.staged {
         if staged.staging_path != path {
@@ -277,7 +282,7 @@ fn unmount_unrecorded(plugin: &Plugin, meta: &VolumeMeta, path: &Path) -> Result
     Ok(())
 }
 
-fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<()> {
+pub(super) fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<()> {
     let id = &req.volume_id;
     let target = Path::new(&req.target_path);
     let mut meta = plugin.store.existing_volume(id)?;
@@ -354,10 +359,16 @@ fn bind_target(
 }
 
 fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
-    let mut meta = plugin.store.existing_volume(id)?;
+    let mut meta = match plugin.store.volume(id)? {
+        Some(meta) => meta,
+        // An ephemeral volume is deleted by its unpublish; a retry finds nothing to do.
+        None if host::mount_at(target).ok().flatten().is_none() => return Ok(()),
+        None => return Err(Error::NotFound(format!("volume {id} does not exist"))),
+    };
     if !meta.published.contains_key(target) {
-        // Not ours (or already done): leave whatever is at that path alone.
-        return Ok(());
+        // Not ours (or already done): leave whatever is at that path alone, but finish the
+        // teardown of an ephemeral volume an earlier call could not complete.
+        return super::ephemeral::remove_if_unused(plugin, &meta);
     }
     host::unmount(target)?;
     let removed = if target.is_dir() { fs::remove_dir(target) } else { fs::remove_file(target) };
@@ -369,7 +380,7 @@ fn unpublish(plugin: &Plugin, id: &str, target: &Path) -> Result<()> {
     meta.published.remove(target);
     plugin.store.save_volume(&meta)?;
     tracing::info!(volume = id, target = %target.display(), "unpublished");
-    Ok(())
+    super::ephemeral::remove_if_unused(plugin, &meta)
 }
 
 fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>) -> Result<u64> {
@@ -554,6 +565,16 @@ impl Node for NodeService {
         let id = volume_id(&req.volume_id)?.to_owned();
         required("target_path", &req.target_path)?;
         let cap = capability(req.volume_capability.take())?;
+        if super::ephemeral::requested(&req.volume_context) {
+            let guard = self.plugin.guards.acquire(&id)?;
+            let plugin = Arc::clone(&self.plugin);
+            blocking(move || {
+                let _guard = guard;
+                super::ephemeral::publish(&plugin, &req, &cap)
+            })
+            .await?;
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
         // Checked after the fields that make the request malformed: the CSI spec answers a
         // publish without the staging path of a STAGE_UNSTAGE_VOLUME plugin with
         // FAILED_PRECONDITION (stage first), not INVALID_ARGUMENT.

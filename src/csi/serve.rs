@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// Register with kubelet ourselves: kubelet's `plugins_registry` folder, and the CSI
     /// socket path as kubelet sees it.
     pub kubelet_registration: Option<(PathBuf, PathBuf)>,
+    /// Where to serve `/metrics`; `None` serves none and counts nothing in the datapath.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -255,6 +257,20 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         VolumeStore::open(&opts.state_dir).map_err(|e| e.to_string())?.with_overcommit_ratio(opts.overcommit_ratio);
     let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store);
     let listener = bind(&path)?;
+    // Before any device starts, so every device counts from its first request.
+    plugin.counters.store(opts.metrics_address.is_some(), Ordering::Relaxed);
+    let (registry, calls) = super::metrics::registry(&plugin);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = opts.metrics_address {
+        let started = crate::metrics::start(addr, Arc::new(registry), async {
+            let _ = metrics_stopped.await;
+        })
+        .await;
+        if let Err(e) = started {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    }
 
     if opts.mode.node() {
         let p = Arc::clone(&plugin);
@@ -288,6 +304,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     let node = opts.mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&plugin))));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
+        .layer(calls)
         .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&plugin))))
         .add_optional_service(controller)
         .add_optional_service(node)
@@ -323,6 +340,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     if let Some(healer) = healer {
         healer.abort();
     }
+    let _ = metrics_stop.send(());
     let p = Arc::clone(&plugin);
     if let Err(e) = tokio::task::spawn_blocking(move || flush_staged(&p)).await {
         tracing::error!(error = %e, "flushing the staged volumes failed");

@@ -1,6 +1,8 @@
 //! The control-message thread: answers the kernel's messages on the device fd and starts and
 //! stops the queue workers as the driver sets DRIVER_OK or resets the device.
 
+use crate::blk::qos::Throttle;
+use crate::blk::stats::DeviceStats;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -37,6 +39,10 @@ pub(super) struct DeviceShape {
     pub limits: DeviceLimits,
     /// Polling ceiling of the queue threads.
     pub poll: Duration,
+    /// Where the queues count, if they do.
+    pub stats: Option<Arc<DeviceStats>>,
+    /// The device's QoS limits, if it has any.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 /// Running queue workers of one DRIVER_OK period. Dropping it stops and joins them, so no
@@ -245,6 +251,8 @@ impl ControlLoop {
                 recover,
                 progress,
                 poll: self.shape.poll,
+                stats: self.shape.stats.clone(),
+                throttle: self.shape.throttle.clone(),
                 health: Arc::clone(&self.health),
             };
             let handle = std::thread::Builder::new()

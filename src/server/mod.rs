@@ -13,6 +13,8 @@ use std::time::Duration;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::backend::Backend;
+use crate::blk::qos::{QosLimits, Throttle};
+use crate::blk::stats::DeviceStats;
 use crate::blk::{DeviceLimits, config};
 use crate::vduse::{self, VduseControl, VduseDevice, control::DeviceConfig, netlink, sysfs};
 
@@ -72,6 +74,10 @@ pub struct DeviceOptions {
     /// Longest time a queue thread polls for more work after its last request before it
     /// sleeps until a kick; zero never polls.
     pub poll: Duration,
+    /// Whether the queues count requests for the metrics endpoint.
+    pub counters: bool,
+    /// QoS limits enforced in the datapath.
+    pub qos: QosLimits,
 }
 
 impl DeviceOptions {
@@ -124,6 +130,7 @@ pub struct DeviceServer {
     /// Set once the vdpa device is deleted.
     detached: bool,
     health: Arc<Health>,
+    stats: Option<Arc<DeviceStats>>,
 }
 
 impl DeviceServer {
@@ -140,7 +147,10 @@ impl DeviceServer {
             queue_size: opts.queue_size,
             limits: limits(&opts.name, opts.queue_size, backend.as_ref()),
             poll: opts.poll,
+            stats: opts.counters.then(|| Arc::new(DeviceStats::new(opts.num_queues))),
+            throttle: Throttle::new(&opts.qos).map(Arc::new),
         };
+        let stats = shape.stats.clone();
         let cfg = DeviceConfig {
             name: opts.name.clone(),
             device_id: config::VIRTIO_ID_BLOCK,
@@ -164,6 +174,9 @@ impl DeviceServer {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(stats) = stats.as_ref().filter(|_| recovered) {
+            stats.takeovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let started = Self::start_serving(opts, &backend, shape, recovered, &health);
         let (dev, stop, control_thread) = match started {
             Ok(parts) => parts,
@@ -187,6 +200,7 @@ impl DeviceServer {
             recovered,
             detached: false,
             health,
+            stats,
         };
         if !recovered {
             if let Err(e) = netlink::dev_add(&opts.name) {
@@ -254,6 +268,11 @@ impl DeviceServer {
     /// Whether every thread of the server still runs.
     pub fn health(&self) -> HealthState {
         self.health.state()
+    }
+
+    /// The device's counters, if it counts.
+    pub fn stats(&self) -> Option<&Arc<DeviceStats>> {
+        self.stats.as_ref()
     }
 
     /// Whether this server took over a device left by a previous one.
@@ -386,6 +405,8 @@ pub fn remove_stale(name: &str) -> Result<()> {
         queue_size: 0,
         limits: limits(name, 1024, backend.as_ref()),
         poll: Duration::ZERO,
+        stats: None,
+        throttle: None,
     };
     let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
     let health = Arc::new(Health::default());
@@ -419,6 +440,7 @@ impl DeviceServer {
             recovered: true,
             detached: false,
             health,
+            stats: None,
         }
     }
 }
@@ -428,7 +450,15 @@ mod tests {
     use super::*;
 
     fn opts(num_queues: u16, queue_size: u16) -> DeviceOptions {
-        DeviceOptions { name: "t".into(), num_queues, queue_size, msg_timeout: 0, poll: DEFAULT_POLL }
+        DeviceOptions {
+            name: "t".into(),
+            num_queues,
+            queue_size,
+            msg_timeout: 0,
+            poll: DEFAULT_POLL,
+            counters: false,
+            qos: QosLimits::default(),
+        }
     }
 
     #[test]

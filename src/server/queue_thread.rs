@@ -15,6 +15,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use super::health::{Health, StopSignal};
 use crate::backend::Backend;
+use crate::blk::qos::Throttle;
+use crate::blk::stats::DeviceStats;
 use crate::blk::{DeviceLimits, QueueMemory, QueueWorker};
 use crate::vduse::uapi::vduse_vq_info;
 use crate::vduse::{IovaMemory, VduseDevice};
@@ -35,6 +37,8 @@ pub(super) struct QueueStart {
     /// Longest time to poll for more work after the last request before sleeping.
     pub poll: Duration,
     pub health: Arc<Health>,
+    pub stats: Option<Arc<DeviceStats>>,
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 /// The device's IOVA space as the blk worker sees it: the bounce range is the data window.
@@ -73,8 +77,12 @@ pub(super) fn run(start: QueueStart) {
     let name = start.dev.name().to_owned();
     let index = start.index;
     let health = Arc::clone(&start.health);
+    let stats = start.stats.clone();
     if let Err(e) = serve(start) {
         tracing::error!(device = %name, queue = index, error = %e, "queue stopped");
+        if let Some(stats) = stats {
+            stats.queue_faults.fetch_add(1, Ordering::Relaxed);
+        }
         health.degrade(format!("queue {index} stopped: {e}"));
     }
 }
@@ -123,6 +131,12 @@ fn serve(s: QueueStart) -> Result<(), String> {
 
     let io = s.backend.open_queue(size).map_err(|e| e.to_string())?;
     let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits.clone());
+    if let Some(stats) = &s.stats {
+        worker = worker.with_stats(Arc::clone(stats), s.index as usize);
+    }
+    if let Some(throttle) = &s.throttle {
+        worker = worker.with_throttle(Arc::clone(throttle));
+    }
     let dev = Arc::clone(&s.dev);
     let index = s.index;
     let mut notify = || {
@@ -206,7 +220,10 @@ fn serve_loop(
             continue;
         }
         last_work = None;
-        sleeper.sleep(worker.in_flight() > 0, worker.notifier())?;
+        let kicked = sleeper.sleep(worker.in_flight() > 0, worker.throttled_for(), worker.notifier())?;
+        if let Some(q) = worker.stats().filter(|_| kicked) {
+            q.kicks.add(1);
+        }
         worker.disable_notifications(mem).map_err(|e| e.to_string())?;
     }
 }
@@ -243,8 +260,14 @@ impl Sleeper {
         Ok(Self { epoll, watching_notifier: notifier.is_some() })
     }
 
-    /// Sleeps until a kick, a completion (if `in_flight`) or the stop signal.
-    fn sleep(&mut self, in_flight: bool, notifier: Option<BorrowedFd<'_>>) -> Result<(), String> {
+    /// Sleeps until a kick, a completion (if `in_flight`), the end of a throttle (`throttled`)
+    /// or the stop signal. Returns whether a kick woke it.
+    fn sleep(
+        &mut self,
+        in_flight: bool,
+        throttled: Option<Duration>,
+        notifier: Option<BorrowedFd<'_>>,
+    ) -> Result<bool, String> {
         if let Some(fd) = notifier.filter(|_| in_flight != self.watching_notifier) {
             let flags = if in_flight { EpollFlags::EPOLLIN | EpollFlags::EPOLLET } else { EpollFlags::empty() };
             self.epoll.modify(fd, &mut EpollEvent::new(flags, NOTIFIER)).map_err(|e| format!("epoll_ctl: {e}"))?;
@@ -253,10 +276,20 @@ impl Sleeper {
         // While operations are in flight, wake up now and then even without an event: a
         // completion's wake-up is the kernel's to deliver (io_uring task work interrupts the
         // wait, which then reaps it), and this bounds the cost should one ever be missed.
-        let timeout = if in_flight { EpollTimeout::from(IN_FLIGHT_WAIT_MS) } else { EpollTimeout::NONE };
+        let mut wait = in_flight.then_some(Duration::from_millis(IN_FLIGHT_WAIT_MS.into()));
+        if let Some(t) = throttled {
+            // Rounded up: waking before the tokens are due would only sleep again.
+            let t = t.max(Duration::from_millis(1));
+            wait = Some(wait.map_or(t, |w| w.min(t)));
+        }
+        let timeout = match wait {
+            Some(w) => EpollTimeout::try_from(w.as_micros().div_ceil(1000)).unwrap_or(EpollTimeout::MAX),
+            None => EpollTimeout::NONE,
+        };
         let mut events = [EpollEvent::empty(); 3];
         match self.epoll.wait(&mut events, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Ok(n) => Ok(events[..n].iter().any(|e| e.data() == KICK)),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
             Err(e) => Err(format!("epoll_wait: {e}")),
         }
     }

@@ -129,6 +129,10 @@ pub struct VolumeSpec {
     pub fs_type: Option<String>,
     pub parameters: BTreeMap<String, String>,
     pub source: Option<ContentSource>,
+    /// A CSI ephemeral inline volume: created by NodePublishVolume and deleted by the
+    /// NodeUnpublishVolume of its one pod.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 impl VolumeSpec {
@@ -173,11 +177,37 @@ impl VolumeStore {
         Ok(Self { root: root.to_owned(), overcommit_ratio: DEFAULT_OVERCOMMIT_RATIO })
     }
 
+    /// Opens an existing store to read it only: nothing is created or cleaned up, so a running
+    /// plugin's work in progress is left alone.
+    pub fn open_read_only(root: &Path) -> Result<Self> {
+        let volumes = root.join("volumes");
+        if !volumes.is_dir() {
+            return Err(Error::Io {
+                op: "open",
+                path: volumes,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a vduse-csi state dir"),
+            });
+        }
+        Ok(Self { root: root.to_owned(), overcommit_ratio: DEFAULT_OVERCOMMIT_RATIO })
+    }
+
     /// The same store with another overcommit ratio (at least 1: a ratio below it would
     /// refuse volumes that fit even if every byte were written).
     pub fn with_overcommit_ratio(mut self, ratio: f64) -> Self {
         self.overcommit_ratio = if ratio.is_finite() { ratio.max(1.0) } else { DEFAULT_OVERCOMMIT_RATIO };
         self
+    }
+
+    /// Where an ephemeral volume is staged: outside its volume folder, so deleting the volume
+    /// never walks into a mount.
+    pub fn ephemeral_staging_path(&self, id: &str) -> Result<PathBuf> {
+        validate_id("volume ID", id)?;
+        Ok(self.root.join("ephemeral").join(id))
+    }
+
+    /// The state dir.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The overcommit ratio in force.
@@ -252,6 +282,11 @@ impl VolumeStore {
     /// Path of a volume's image.
     pub fn image_path(&self, id: &str) -> Result<PathBuf> {
         Ok(self.volume_dir(id)?.join(IMAGE))
+    }
+
+    /// A snapshot's image file.
+    pub fn snapshot_image_path(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.snapshot_dir(id)?.join(IMAGE))
     }
 
     /// A volume's metadata, `None` if it does not exist.
@@ -612,6 +647,7 @@ mod tests {
             fs_type: None,
             parameters: BTreeMap::new(),
             source: None,
+            ephemeral: false,
         }
     }
 

@@ -30,12 +30,15 @@ impl PluginProcess {
         Self::start_with(socket, state, mode, &[])
     }
 
-    /// Starts the plugin with more `serve` flags.
+    /// Starts the plugin with more `serve` flags. Metrics are off unless `extra` turns them
+    /// on: plugins of tests that run at once would contend for the default port.
     pub fn start_with(socket: &Path, state: &Path, mode: &'static str, extra: &[&str]) -> Self {
+        let metrics_off = (!extra.iter().any(|a| a.starts_with("--metrics-address"))).then_some("--metrics-address=");
         let child = Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
             .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", NODE, "--mode", mode])
             .arg("--state-dir")
             .arg(state)
+            .args(metrics_off)
             .args(extra)
             .stdin(Stdio::null())
             .spawn()

@@ -374,6 +374,93 @@ test_bad_input_is_refused() {
     gone busy0
 }
 
+# metric NAME LABELS FILE: the value of the sample NAME{LABELS} in a scrape (0 if absent).
+metric() {
+    awk -v want="$1{$2}" '$1 == want { print $2; found = 1 } END { if (!found) print 0 }' "$3"
+}
+
+# within PCT A B: A is within PCT percent of B.
+within() {
+    awk -v p="$1" -v a="$2" -v b="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b > 0 && d * 100 <= p * b) }'
+}
+
+# The metrics endpoint after a fio run: requests and bytes by operation match what fio did
+# (within 1 %), and the other families are there.
+test_metrics_match_fio() {
+    local img=$WORK/metrics.img addr=127.0.0.1:9811
+    start_server m0 "$img" --size 256M --queues 2 --metrics-address $addr
+    curl -sf "http://$addr/metrics" >"$WORK/before"
+    fio --name=w --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+        --size=64M --io_size=24M --randrepeat=0 --output-format=json >"$WORK/w.json"
+    # Random, so the block layer merges (almost) nothing: one fio I/O is one request.
+    fio --name=r --filename="$DEV" --ioengine=libaio --direct=1 --rw=randread --bs=16k --iodepth=4 \
+        --size=64M --io_size=16M --randrepeat=0 --output-format=json >"$WORK/r.json"
+    curl -sf "http://$addr/metrics" >"$WORK/after"
+    grep -E '^vduse_csi_(requests|bytes)_total\{volume_id="m0",queue="[01]",op="(read|write)"\}' "$WORK/after"
+    local op job field fio_n got before
+    for op in read write; do
+        job=$WORK/w.json
+        [[ $op == read ]] && job=$WORK/r.json
+        for field in total_ios io_bytes; do
+            fio_n=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0][sys.argv[2]][sys.argv[3]])" \
+                "$job" $op $field)
+            got=0
+            for q in 0 1; do
+                local name=vduse_csi_requests_total
+                [[ $field == io_bytes ]] && name=vduse_csi_bytes_total
+                before=$(metric $name "volume_id=\"m0\",queue=\"$q\",op=\"$op\"" "$WORK/before")
+                got=$((got + $(metric $name "volume_id=\"m0\",queue=\"$q\",op=\"$op\"" "$WORK/after") - before))
+            done
+            echo "$op $field: fio $fio_n, metrics $got"
+            within 1 "$got" "$fio_n"
+        done
+    done
+    for family in requests_in_flight kicks_total interrupts_total request_duration_seconds_count \
+        device_takeovers_total queue_faults_total qos_throttled_seconds_total requests_failed_total; do
+        grep -q "^vduse_csi_$family{" "$WORK/after" || { echo "no $family"; return 1; }
+    done
+    # Every request is counted once in a latency bucket.
+    local reads_hist
+    reads_hist=$(metric vduse_csi_request_duration_seconds_count 'volume_id="m0",op="read"' "$WORK/after")
+    echo "read latency samples: $reads_hist"
+    [[ $reads_hist -gt 0 ]]
+    stop_server
+}
+
+# QoS: a device limited to 500 read IOPS measures 450-550 under fio 4k random read at QD32
+# while an unlimited device beside it runs free; a write-bytes limit holds for 1 MiB writes.
+test_qos_limits_hold() {
+    start_server slow "$WORK/slow.img" --size 256M --max-read-iops 500
+    local slow=$DEV slow_pid=$SERVER_PID
+    start_server fast "$WORK/fast.img" --size 256M
+    local fast=$DEV
+    # ramp_time spends the one-second burst a full bucket allows before measuring.
+    local common=(--ioengine=libaio --direct=1 --rw=randread --bs=4k --iodepth=32 --time_based
+        --ramp_time=2 --runtime=10 --output-format=json)
+    fio --name=slow --filename="$slow" "${common[@]}" >"$WORK/slow.json" &
+    local fio_slow=$!
+    fio --name=fast --filename="$fast" "${common[@]}" >"$WORK/fast.json"
+    wait $fio_slow
+    local slow_iops fast_iops
+    slow_iops=$(python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['jobs'][0]['read']['iops']))" "$WORK/slow.json")
+    fast_iops=$(python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['jobs'][0]['read']['iops']))" "$WORK/fast.json")
+    echo "limited to 500 read IOPS: $slow_iops IOPS; unlimited beside it: $fast_iops IOPS"
+    ((slow_iops >= 450 && slow_iops <= 550))
+    ((fast_iops > 2 * slow_iops))
+    kill -TERM $slow_pid
+    wait $slow_pid
+    stop_server
+
+    start_server wlim "$WORK/wlim.img" --size 256M --max-write-bytes-per-sec 8M
+    fio --name=wbytes --filename="$DEV" --ioengine=libaio --direct=1 --rw=write --bs=1M --iodepth=4 \
+        --time_based --ramp_time=2 --runtime=10 --output-format=json >"$WORK/wbytes.json"
+    local bw
+    bw=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['jobs'][0]['write']['bw_bytes'])" "$WORK/wbytes.json")
+    echo "limited to 8 MiB/s of writes: $((bw / 1024)) KiB/s"
+    within 10 "$bw" $((8 << 20))
+    stop_server
+}
+
 # --- runner --------------------------------------------------------------------
 
 run() {
