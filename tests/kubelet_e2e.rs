@@ -27,13 +27,14 @@ fn check(name: &str) {
     verdicts::check(e2e_run(), name);
 }
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "pod_writes_and_a_new_pod_reads_back",
     "block_claim_is_a_device_in_the_pod",
     "plugin_killed_while_a_pod_writes",
     "read_only_claim_and_two_pods_on_one_volume",
     "online_expansion_reaches_the_pod",
     "manifests_apply_to_kubernetes_1_20",
+    "ephemeral_inline_volume_lives_with_its_pod",
 ];
 
 #[test]
@@ -64,6 +65,11 @@ fn online_expansion_reaches_the_pod() {
 #[test]
 fn our_manifests_apply_to_kubernetes_1_20() {
     check(SCENARIOS[5]);
+}
+
+#[test]
+fn an_ephemeral_inline_volume_lives_with_its_pod() {
+    check(SCENARIOS[6]);
 }
 
 #[test]

@@ -261,6 +261,55 @@ scenario_online_expansion_reaches_the_pod() {
     unstaged $id
 }
 
+# An ephemeral inline volume in the pod spec: kubelet publishes it with no claim, the pod
+# writes and checks its data there, and when the pod goes the device and the image go too.
+scenario_ephemeral_inline_volume_lives_with_its_pod() {
+    kc apply -f - <<YAML || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: scratch}
+spec:
+  nodeName: $NODE
+  hostNetwork: true
+  automountServiceAccountToken: false
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: registry.local/e2e:busybox
+    imagePullPolicy: Never
+    command: [/bin/sh, -c, 'dd if=/dev/urandom of=/scratch/f bs=64k count=16 2>/dev/null && md5sum /scratch/f > /tmp/sum && sync && md5sum -c /tmp/sum && df -k /scratch | tail -n1 && ls /sys/class/vduse | grep -c ^csi- && sleep 600']
+    securityContext: {privileged: true}
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+  volumes:
+  - name: scratch
+    csi: {driver: $DRIVER, fsType: ext4, volumeAttributes: {size: 64Mi, maxIops: "5000"}}
+YAML
+    running scratch || return 1
+    local i out
+    for ((i = 0; i < 60; i++)); do
+        (($(podlog scratch | wc -l) >= 3)) && break
+        sleep 1
+    done
+    out=$(podlog scratch)
+    echo "pod: $(tr '\n' ';' <<<"$out")"
+    # The data checks out, and the pod saw one ephemeral device (its own).
+    [[ $(head -n1 <<<"$out") == "/scratch/f: OK" && $(tail -n1 <<<"$out") == 1 ]] || return 1
+    local id
+    id=$(ls /sys/class/vduse | grep ^csi-) || return 1
+    echo "ephemeral volume $id: $("$BIN" volume show "$id" --state-dir /var/lib/vduse-csi | tr -s ' ' | tr '\n' ';')"
+    gone scratch || return 1
+    for ((i = 0; i < 60; i++)); do
+        [[ ! -e /sys/class/vduse/$id && ! -e /var/lib/vduse-csi/volumes/$id ]] && break
+        sleep 1
+    done
+    if [[ -e /sys/class/vduse/$id || -e /var/lib/vduse-csi/volumes/$id ]]; then
+        echo "ephemeral volume $id outlived its pod"
+        return 1
+    fi
+    echo "device and image of $id are gone with the pod"
+}
+
 run_scenarios() {
     local name passed=0 failed=0 start
     for name in $(declare -F | awk '{print $3}' | grep '^scenario_' | sed 's/^scenario_//'); do

@@ -53,6 +53,7 @@ PLUGIN_ARGS = [
     "--mode=all",
     "--driver-name=vduse.csi.dev",
     "--overcommit-ratio=2",
+    "--metrics-address=$(POD_IP):9810",
 ]
 SIDECAR_IMAGES = {
     "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0",
@@ -429,6 +430,13 @@ def check_daemonset(objs: list[dict], kubelet: str = KUBELET_DIR, state: str = S
     want(env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
          == "spec.nodeName", "plugin env NODE_NAME from spec.nodeName")
     want("RUST_LOG" in env, "plugin env RUST_LOG (log level)")
+    metrics_args = [a for a in plugin.get("args", []) if a.startswith("--metrics-address=")]
+    plugin_ports = {p["name"]: p["containerPort"] for p in plugin.get("ports", [])}
+    if metrics_args and metrics_args[0] != "--metrics-address=":
+        want(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
+             "plugin env POD_IP from status.podIP (the metrics bind the node's address)")
+        want(metrics_args[0] == f"--metrics-address=$(POD_IP):{plugin_ports.get('metrics')}",
+             f"{metrics_args[0]} must bind $(POD_IP) on the container port named metrics")
     pm = mounts(plugin)
     expect_mounts = {
         "/csi": ("socket-dir", None, False),
@@ -596,10 +604,26 @@ def check_examples() -> list[str]:
                 problems.append(f"Pod {pod['metadata']['name']}: no readinessProbe (Ready = data verified)")
     if not snaps:
         problems.append("no snapshot + restore example")
+    inline = [v["csi"] for pod in find(example_objs, "Pod") for v in pod["spec"].get("volumes", []) if "csi" in v]
+    if not inline:
+        problems.append("no ephemeral inline volume example")
+    csidriver = one(deploy_objs, "CSIDriver")
+    for v in inline:
+        if v.get("driver") != DRIVER:
+            problems.append(f"inline volume of driver {v.get('driver')}")
+        attrs = v.get("volumeAttributes", {})
+        unknown = set(attrs) - {"size", "queues", "cache", "thick", "maxReadIops", "maxWriteIops", "maxIops",
+                                "maxReadBytesPerSec", "maxWriteBytesPerSec", "maxBytesPerSec"}
+        if unknown:
+            problems.append(f"inline volume attributes the plugin refuses: {sorted(unknown)}")
+        if not all(isinstance(x, str) for x in attrs.values()):
+            problems.append("volumeAttributes values must be strings")
+    if "Ephemeral" not in csidriver["spec"].get("volumeLifecycleModes", []):
+        problems.append("the CSIDriver does not allow Ephemeral volumes")
     return problems
 
 
-R.run("examples: PVC + pod, block PVC + pod, snapshot + restore", check_examples)
+R.run("examples: PVC + pod, block PVC + pod, snapshot + restore, ephemeral inline volume", check_examples)
 
 
 # ------------------------------------------------------------------- chart
@@ -744,6 +768,41 @@ else:
 
     R.run("chart with other values (kubeletDir, stateDir, logLevel, image, classes, toggles)",
           alt_values)
+
+    def metrics_values() -> list[str]:
+        problems = []
+        off = render({"metrics": {"enabled": False}})
+        problems += validate_all(off)
+        plugin = containers(one(off, "DaemonSet"))["vduse-csi"]
+        if "--metrics-address=" not in plugin["args"]:
+            problems.append(f"metrics.enabled=false does not turn the endpoint off: {plugin['args']}")
+        if any(p["name"] == "metrics" for p in plugin.get("ports", [])):
+            problems.append("metrics.enabled=false still declares the metrics port")
+        if find(off, "ServiceMonitor") or find(off, "Service"):
+            problems.append("metrics.enabled=false still renders a Service or ServiceMonitor")
+        on = render({"metrics": {"port": 9999, "serviceMonitor": {"enabled": True,
+                                                                  "labels": {"release": "prom"}}}})
+        # The ServiceMonitor is a Prometheus Operator CRD: no schema for it here.
+        problems += validate_all([o for o in on if o["kind"] != "ServiceMonitor"])
+        problems += check_daemonset(on, plugin_args=[a.replace(":9810", ":9999") for a in PLUGIN_ARGS])
+        svc, sm = find(on, "Service"), find(on, "ServiceMonitor")
+        if len(svc) != 1 or len(sm) != 1:
+            return problems + [f"want one Service and one ServiceMonitor, got {len(svc)} and {len(sm)}"]
+        svc, sm = svc[0], sm[0]
+        ds_labels = one(on, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+        if any(ds_labels.get(k) != v for k, v in svc["spec"]["selector"].items()):
+            problems.append(f"metrics Service selector {svc['spec']['selector']} misses the node pods")
+        if svc["spec"]["ports"][0].get("port") != 9999 or svc["spec"]["ports"][0].get("targetPort") != "metrics":
+            problems.append(f"metrics Service ports {svc['spec']['ports']}")
+        if any(svc["metadata"]["labels"].get(k) != v for k, v in sm["spec"]["selector"]["matchLabels"].items()):
+            problems.append("the ServiceMonitor does not select the metrics Service")
+        if sm["metadata"]["labels"].get("release") != "prom":
+            problems.append("metrics.serviceMonitor.labels are not applied")
+        if sm["spec"]["endpoints"][0].get("port") != "metrics" or sm["spec"]["endpoints"][0].get("path") != "/metrics":
+            problems.append(f"ServiceMonitor endpoints {sm['spec']['endpoints']}")
+        return problems
+
+    R.run("chart metrics values (off, another port, ServiceMonitor)", metrics_values)
 
 
 # ----------------------------------------------------- Dockerfile and scripts
