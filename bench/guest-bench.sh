@@ -11,6 +11,9 @@
 # frontend costs with the storage taken out:
 #   vduse-null  our device with `--null` (the kernel's VDUSE path + our queue engine)
 #   rublk-null  rublk's null target (the kernel's ublk path + rublk's queue loop)
+# With PEERS containing "metrics", our device runs the 4k jobs once more with its metrics
+# endpoint on (counting in every queue), to show what counting costs:
+#   vduse-metrics  `device serve --metrics-address ...` (the vduse-csi row counts nothing)
 # Every target has BENCH_QUEUES queues (loop has its own). One more row runs our device with
 # a single queue, to show what the second queue buys. Each round brings every target up in
 # turn and runs every job; the table shows each job's median over the rounds. Everything in
@@ -23,7 +26,7 @@ RUNTIME=${BENCH_RUNTIME:-5}
 SIZE_MB=${BENCH_SIZE_MB:-512}
 QUEUES=${BENCH_QUEUES:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
-PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop null}
+PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop null metrics}
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 W=/tmp/bench
 mkdir -p "$W"
@@ -80,7 +83,7 @@ ours() { # LABEL QUEUES [JOB...]; $BACKEND: what the device serves (default: the
     local label=$1 queues=$2 pid dev i
     shift 2
     # shellcheck disable=SC2086 # BACKEND is a list of arguments
-    "$BIN" device serve ${BACKEND:---image $img} --name bench0 --queues "$queues" --log-level warn >"$W/ours.out" &
+    "$BIN" device serve ${BACKEND:---image $img} --name bench0 --queues "$queues" --log-level warn ${EXTRA:-} >"$W/ours.out" &
     pid=$!
     for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
     dev=$(head -n1 "$W/ours.out")
@@ -130,6 +133,10 @@ loop_peer() {
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
     if peer vduse-csi; then ours vduse-csi "$QUEUES"; ours vduse-csi-1q 1 "${JOBS[1]}"; fi
+    if peer metrics; then
+        EXTRA="--metrics-address 127.0.0.1:9813" ours vduse-metrics "$QUEUES" "${JOBS[@]:0:4}"
+        curl -s http://127.0.0.1:9813/metrics >/dev/null 2>&1 || true
+    fi
     if peer qsd; then qsd; fi
     if peer rublk; then
         if have_rublk; then rublk_peer rublk loop -f "$img" --buffered-io; else echo "rublk: not available" >&2; fi
@@ -150,7 +157,7 @@ function median(key,    n, i, j, t, a) {
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return n ? a[int((n + 1) / 2)] : 0
 }
-{ if ($1 == "vduse-null") seen_null = 1; vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
+{ if ($1 == "vduse-null") seen_null = 1; if ($1 == "vduse-metrics") seen_metrics = 1; vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
 END {
     printf "%-18s %10s %7s %10s %7s %10s %7s %10s %7s %8s %8s %8s\n", "job", "vduse-csi", "MiB/s", "qsd", "MiB/s", "rublk", "MiB/s", "loop", "MiB/s", "vs qsd", "vs rublk", "vs loop"
     for (i = 0; i < n; i++) {
@@ -162,6 +169,14 @@ END {
     }
     one = median("vduse-csi-1q randread-4k-qd32"); two = median("vduse-csi randread-4k-2x32")
     if (one) printf "vduse-csi randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
+    # Counting on against off: the same device and jobs, with and without the metrics endpoint.
+    if (seen_metrics) {
+        printf "\nmetrics on vs off (IOPS):\n%-18s %10s %10s %8s\n", "job", "off", "on", "on/off"
+        for (i = 0; i < n; i++) {
+            j = order[i]; m = median("vduse-metrics "j); o = median("vduse-csi "j)
+            if (m) printf "%-18s %10d %10d %7.3fx\n", j, o, m, (o ? m/o : 0)
+        }
+    }
     if (!seen_null) exit
     # The frontends alone (no storage): what bounds each row. "ours/null" is how much of its
     # own ceiling our device reaches; "null/X" is the ceiling against the peers.

@@ -5,13 +5,25 @@
 #     `vduse-csi device serve`, qemu-storage-daemon's vduse-blk export, rublk's ublk loop
 #     target and the kernel loop device; the table shows medians and our ratio to each.
 #
-# Usage: bench/run.sh   (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3),
-#                       BENCH_SIZE_MB (512), BENCH_QUEUES (2), BENCH_PEERS, a subset of
-#                       "vduse-csi qsd rublk loop null"; "null" adds the storage-free
-#                       frontends vduse-null and rublk-null, which show what bounds a row)
+# Usage: bench/run.sh [--plot FILE.png]
+#        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
+#        BENCH_QUEUES (2), BENCH_PEERS, a subset of "vduse-csi qsd rublk loop null metrics";
+#        "null" adds the storage-free frontends vduse-null and rublk-null, which show what
+#        bounds a row; "metrics" reruns our 4k jobs with the metrics endpoint counting)
+# --plot draws the table as ratios (bench/plot.py, matplotlib) into FILE.png.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+plot=
+while (($#)); do
+    case $1 in
+    --plot) plot=$(realpath -m -- "${2:?--plot needs a file name}"); shift 2 ;;
+    *) echo "usage: bench/run.sh [--plot FILE.png]" >&2; exit 2 ;;
+    esac
+done
 cd "$repo"
+if [[ -n $plot ]] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+    apt-get install -y -qq --no-install-recommends python3-matplotlib >/dev/null
+fi
 
 # rublk (crates.io) needs libclang to build; the guest sees /usr/local/bin, not ~/.cargo/bin.
 if ! command -v rublk >/dev/null; then
@@ -32,3 +44,7 @@ rm -rf "$out"
 tests/guest/run.sh bench/guest-bench.sh "$out" >&2
 echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds, ${BENCH_QUEUES:-2} queue(s), image on guest tmpfs; IOPS:"
 cat "$out/bench.table"
+if [[ -n $plot ]]; then
+    bench/plot.py "$out/bench.raw" "$plot" \
+        "vduse-csi against its peers: fio ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} rounds, TCG guest"
+fi
