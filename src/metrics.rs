@@ -132,102 +132,105 @@ fn sample<S: prometheus_client::encoding::EncodeLabelSet>(
     value.encode(metric.encode_family(labels)?)
 }
 
-/// A per-queue counter or gauge: one sample per device and queue, labelled with `extra`.
-fn per_queue(
+/// A family with one sample per device and queue, and per value of `by` (a label name and its
+/// values) if given: `value` gets the queue and the index of the label value.
+fn per_queue<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder<'_>,
     devices: &[(String, Arc<DeviceStats>)],
     (name, help, kind): (&str, &str, MetricType),
-    value: impl Fn(&QueueStats) -> u64,
+    by: Option<(&str, &[&str])>,
+    value: impl Fn(&QueueStats, usize) -> M,
 ) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    let (label, values) = by.unwrap_or(("", &[""]));
     for (volume, stats) in devices {
         for (q, queue) in stats.queues.iter().enumerate() {
-            let labels = [("volume_id", volume.as_str()), ("queue", &q.to_string())];
-            match kind {
-                MetricType::Gauge => sample(&mut metric, &labels, ConstGauge::new(value(queue) as i64))?,
-                _ => sample(&mut metric, &labels, ConstCounter::new(value(queue)))?,
+            let q = q.to_string();
+            for (i, v) in values.iter().enumerate() {
+                let mut labels = vec![("volume_id", volume.as_str()), ("queue", q.as_str())];
+                if by.is_some() {
+                    labels.push((label, v));
+                }
+                sample(&mut metric, &labels, value(queue, i))?;
             }
         }
     }
     Ok(())
 }
 
+/// The names of the request kinds, in index order.
+const KIND_NAMES: [&str; RequestKind::ALL.len()] = {
+    let mut names = [""; RequestKind::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = RequestKind::ALL[i].name();
+        i += 1;
+    }
+    names
+};
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let devices = (self.devices)();
         let counter = MetricType::Counter;
-        let mut metric = encoder.encode_descriptor(
-            "vduse_csi_requests",
-            "Requests completed with status OK, by operation.",
-            None,
-            counter,
+        let statuses = FAILED_STATUSES.map(|(_, name)| name);
+        per_queue(
+            &mut encoder,
+            &devices,
+            ("vduse_csi_requests", "Requests completed with status OK, by operation.", counter),
+            Some(("op", &KIND_NAMES)),
+            |q, k| ConstCounter::new(q.completed[k].get()),
         )?;
-        for (volume, stats) in &devices {
-            for (q, queue) in stats.queues.iter().enumerate() {
-                for kind in RequestKind::ALL {
-                    let labels = [("volume_id", volume.as_str()), ("queue", &q.to_string()), ("op", kind.name())];
-                    sample(&mut metric, &labels, ConstCounter::new(queue.completed[kind.index()].get()))?;
-                }
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "vduse_csi_bytes",
-            "Bytes read or written (discard, write_zeroes: bytes covered) by requests completed with status OK.",
-            None,
-            counter,
+        per_queue(
+            &mut encoder,
+            &devices,
+            (
+                "vduse_csi_bytes",
+                "Bytes read or written (discard, write_zeroes: bytes covered) by requests completed with status OK.",
+                counter,
+            ),
+            Some(("op", &KIND_NAMES)),
+            |q, k| ConstCounter::new(q.bytes[k].get()),
         )?;
-        for (volume, stats) in &devices {
-            for (q, queue) in stats.queues.iter().enumerate() {
-                for kind in RequestKind::ALL {
-                    let labels = [("volume_id", volume.as_str()), ("queue", &q.to_string()), ("op", kind.name())];
-                    sample(&mut metric, &labels, ConstCounter::new(queue.bytes[kind.index()].get()))?;
-                }
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "vduse_csi_requests_failed",
-            "Requests completed with a failure status (ioerr, unsupp).",
-            None,
-            counter,
+        per_queue(
+            &mut encoder,
+            &devices,
+            ("vduse_csi_requests_failed", "Requests completed with a failure status (ioerr, unsupp).", counter),
+            Some(("status", &statuses)),
+            |q, i| ConstCounter::new(q.failed[i].get()),
         )?;
-        for (volume, stats) in &devices {
-            for (q, queue) in stats.queues.iter().enumerate() {
-                for (at, (_, status)) in FAILED_STATUSES.iter().enumerate() {
-                    let labels = [("volume_id", volume.as_str()), ("queue", &q.to_string()), ("status", status)];
-                    sample(&mut metric, &labels, ConstCounter::new(queue.failed[at].get()))?;
-                }
-            }
-        }
         per_queue(
             &mut encoder,
             &devices,
             ("vduse_csi_requests_in_flight", "Requests popped from the ring and not completed yet.", MetricType::Gauge),
-            |q| q.in_flight.get(),
+            None,
+            |q, _| ConstGauge::new(q.in_flight.get() as i64),
         )?;
         per_queue(
             &mut encoder,
             &devices,
             ("vduse_csi_kicks", "Wake-ups of the queue thread by the driver's kick.", counter),
-            |q| q.kicks.get(),
+            None,
+            |q, _| ConstCounter::new(q.kicks.get()),
         )?;
         per_queue(
             &mut encoder,
             &devices,
             ("vduse_csi_interrupts", "Interrupts injected into the driver.", counter),
-            |q| q.interrupts.get(),
-        )?;
-        let mut metric = encoder.encode_descriptor(
-            "vduse_csi_qos_throttled_seconds",
-            "Time the queue held requests back to keep the volume within its QoS limits.",
             None,
-            counter,
+            |q, _| ConstCounter::new(q.interrupts.get()),
         )?;
-        for (volume, stats) in &devices {
-            for (q, queue) in stats.queues.iter().enumerate() {
-                let labels = [("volume_id", volume.as_str()), ("queue", &q.to_string())];
-                sample(&mut metric, &labels, ConstCounter::new(queue.throttled_ns.get() as f64 / 1e9))?;
-            }
-        }
+        per_queue(
+            &mut encoder,
+            &devices,
+            (
+                "vduse_csi_qos_throttled_seconds",
+                "Time the queue held requests back to keep the volume within its QoS limits.",
+                counter,
+            ),
+            None,
+            |q, _| ConstCounter::new(q.throttled_ns.get() as f64 / 1e9),
+        )?;
         let mut metric = encoder.encode_descriptor(
             "vduse_csi_request_duration_seconds",
             "Time from popping a request off the ring to completing it, by operation (all queues).",

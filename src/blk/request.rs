@@ -118,7 +118,7 @@ impl RequestKind {
     }
 
     /// The name metrics use for it.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             RequestKind::Read => "read",
             RequestKind::Write => "write",

@@ -43,10 +43,16 @@ pod() {
     else
         attach="volumeMounts: [{name: v, mountPath: /data}]"
     fi
+    pod_with "$name" "$attach" "{name: v, persistentVolumeClaim: {claimName: $claim, readOnly: $read_only}}" "$script"
+}
+
+# pod_with NAME ATTACH VOLUME SCRIPT: a pod on our node running SCRIPT, with the volume VOLUME
+# (a pod-spec volume, in YAML flow style) attached as ATTACH says.
+pod_with() {
     kc apply -f - <<YAML
 apiVersion: v1
 kind: Pod
-metadata: {name: $name}
+metadata: {name: $1}
 spec:
   nodeName: $NODE
   hostNetwork: true
@@ -57,10 +63,10 @@ spec:
   - name: c
     image: registry.local/e2e:busybox
     imagePullPolicy: Never
-    command: [/bin/sh, -c, '$script']
+    command: [/bin/sh, -c, '$4']
     securityContext: {privileged: true}
-    $attach
-  volumes: [{name: v, persistentVolumeClaim: {claimName: $claim, readOnly: $read_only}}]
+    $2
+  volumes: [$3]
 YAML
 }
 
@@ -140,10 +146,17 @@ scenario_block_claim_is_a_device_in_the_pod() {
     unstaged $id
 }
 
-running() { # NAME: waits until the pod runs
-    local i
+running() { # NAME: waits until the pod runs; fails at once if it ended instead
+    local i phase
     for ((i = 0; i < 300; i++)); do
-        [[ $(kc get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null) == Running ]] && return 0
+        phase=$(kc get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null)
+        case $phase in
+        Running) return 0 ;;
+        Succeeded | Failed)
+            echo "pod $1 ended ($phase) instead of running: $(podlog "$1" | tr '\n' ';')"
+            break
+            ;;
+        esac
         sleep 1
     done
     kc describe pod "$1"
@@ -264,50 +277,47 @@ scenario_online_expansion_reaches_the_pod() {
 # An ephemeral inline volume in the pod spec: kubelet publishes it with no claim, the pod
 # writes and checks its data there, and when the pod goes the device and the image go too.
 scenario_ephemeral_inline_volume_lives_with_its_pod() {
-    kc apply -f - <<YAML || return 1
-apiVersion: v1
-kind: Pod
-metadata: {name: scratch}
-spec:
-  nodeName: $NODE
-  hostNetwork: true
-  automountServiceAccountToken: false
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: c
-    image: registry.local/e2e:busybox
-    imagePullPolicy: Never
-    command: [/bin/sh, -c, 'dd if=/dev/urandom of=/scratch/f bs=64k count=16 2>/dev/null && md5sum /scratch/f > /tmp/sum && sync && md5sum -c /tmp/sum && df -k /scratch | tail -n1 && ls /sys/class/vduse | grep -c ^csi- && sleep 600']
-    securityContext: {privileged: true}
-    volumeMounts: [{name: scratch, mountPath: /scratch}]
-  volumes:
-  - name: scratch
-    csi: {driver: $DRIVER, fsType: ext4, volumeAttributes: {size: 64Mi, maxIops: "5000"}}
-YAML
+    local devices_before
+    devices_before=$(ls /sys/class/vduse)
+    pod_with scratch "volumeMounts: [{name: scratch, mountPath: /scratch}]" \
+        "{name: scratch, csi: {driver: $DRIVER, fsType: ext4, volumeAttributes: {size: 64Mi, maxIops: \"5000\"}}}" \
+        'dd if=/dev/urandom of=/scratch/f bs=64k count=16 2>/dev/null && md5sum /scratch/f > /tmp/sum && sync && md5sum -c /tmp/sum && df -k /scratch | tail -n1 && sleep 600' ||
+        return 1
     running scratch || return 1
     local i out
     for ((i = 0; i < 60; i++)); do
-        (($(podlog scratch | wc -l) >= 3)) && break
+        (($(podlog scratch | wc -l) >= 2)) && break
         sleep 1
     done
     out=$(podlog scratch)
     echo "pod: $(tr '\n' ';' <<<"$out")"
-    # The data checks out, and the pod saw one ephemeral device (its own).
-    [[ $(head -n1 <<<"$out") == "/scratch/f: OK" && $(tail -n1 <<<"$out") == 1 ]] || return 1
-    local id
-    id=$(ls /sys/class/vduse | grep ^csi-) || return 1
-    echo "ephemeral volume $id: $("$BIN" volume show "$id" --state-dir /var/lib/vduse-csi | tr -s ' ' | tr '\n' ';')"
+    [[ $(head -n1 <<<"$out") == "/scratch/f: OK" ]] || return 1
+    # The plugin's inventory: one ephemeral volume of 64 MiB, staged and published once.
+    "$BIN" volume list --state-dir /var/lib/vduse-csi
+    "$BIN" volume list --state-dir /var/lib/vduse-csi --output json >"$OUT/ephemeral.json" || return 1
+    python3 - "$OUT/ephemeral.json" <<'PY' || return 1
+import json, sys
+vols = [v for v in json.load(open(sys.argv[1])) if v["kind"] == "ephemeral"]
+assert len(vols) == 1, vols
+v = vols[0]
+assert v["size_bytes"] == 64 << 20 and v["block_device"] and len(v["publications"]) == 1, v
+assert v["qos"] == {"maxIops": 5000} and v["condition"] == "normal", v
+print("ephemeral volume", v["id"], "served as", v["block_device"])
+PY
     gone scratch || return 1
     for ((i = 0; i < 60; i++)); do
-        [[ ! -e /sys/class/vduse/$id && ! -e /var/lib/vduse-csi/volumes/$id ]] && break
+        "$BIN" volume list --state-dir /var/lib/vduse-csi | grep -q ephemeral || break
         sleep 1
     done
-    if [[ -e /sys/class/vduse/$id || -e /var/lib/vduse-csi/volumes/$id ]]; then
-        echo "ephemeral volume $id outlived its pod"
+    if "$BIN" volume list --state-dir /var/lib/vduse-csi | grep ephemeral; then
+        echo "the ephemeral volume outlived its pod"
         return 1
     fi
-    echo "device and image of $id are gone with the pod"
+    if [[ $(ls /sys/class/vduse) != "$devices_before" ]]; then
+        echo "a VDUSE device outlived the pod: $(ls /sys/class/vduse)"
+        return 1
+    fi
+    echo "device and image are gone with the pod"
 }
 
 run_scenarios() {
