@@ -131,13 +131,15 @@ fn qos_text(q: &QosLimits) -> String {
 
 /// A table, one line per entry.
 pub fn table(entries: &[Entry]) -> String {
+    // As wide as the longest ID: kubelet names ephemeral volumes with 68 characters.
+    let w = entries.iter().map(|e| e.id.len()).max().unwrap_or(0).max(20);
     let mut out = format!(
-        "{:<40} {:<9} {:>6} {:>6} {:<5} {:<6} {:<9} {:>4} {:<24} CONDITION\n",
+        "{:<w$} {:<9} {:>6} {:>6} {:<5} {:<6} {:<9} {:>4} {:<24} CONDITION\n",
         "ID", "KIND", "SIZE", "ALLOC", "FS", "STAGED", "DEVICE", "PUBS", "QOS"
     );
     for e in entries {
         out.push_str(&format!(
-            "{:<40} {:<9} {:>6} {:>6} {:<5} {:<6} {:<9} {:>4} {:<24} {}\n",
+            "{:<w$} {:<9} {:>6} {:>6} {:<5} {:<6} {:<9} {:>4} {:<24} {}\n",
             e.id,
             e.kind,
             human(e.size_bytes),
