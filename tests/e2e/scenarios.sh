@@ -203,13 +203,12 @@ scenario_read_only_claim_and_two_pods_on_one_volume() {
     finished reader || return 1
     echo "read-only pod: $(podlog reader | tr '\n' ' ')"
     [[ $(podlog reader | tr '\n' ' ') == "from-second Read-only file system " ]] || return 1
-    # While the first pod still runs: kubelet's volume stats for it (its own endpoint on
-    # loopback; `kubectl get --raw .../proxy/stats/summary` needs a node address). kubelet
-    # measures volumes in the background (--volume-stats-agg-period), so the first summaries
-    # after a pod starts may not list the volume yet: ask until they do.
+    # While the first pod still runs: kubelet's volume stats for it, through the apiserver's
+    # node proxy. kubelet measures volumes in the background (--volume-stats-agg-period), so
+    # the first summaries after a pod starts may not list the volume yet: ask until they do.
     local i
     for ((i = 0; i < 60; i++)); do
-        curl -sk https://127.0.0.1:10250/stats/summary >"$OUT/stats-summary.json" || return 1
+        kc get --raw "/api/v1/nodes/$NODE/proxy/stats/summary" >"$OUT/stats-summary.json" || return 1
         python3 - "$OUT/stats-summary.json" $id >"$OUT/stats.out" 2>&1 <<'PY' && break
 import json, sys
 summary, claim = json.load(open(sys.argv[1])), sys.argv[2]
