@@ -134,9 +134,10 @@ say "node Ready"
 # kubelet 1.20 will not report a loopback address as the node's ("nodeIP can't be loopback
 # address") and leaves the node without addresses, so the apiserver could not reach it for
 # `kubectl logs` or the node proxy. Declare the address by hand in the node's status: kubelet's
-# address setter fails before it touches the field, so the value stays.
+# address setter fails before it touches the field, so the value stays. Only the IP: the
+# apiserver would try a Hostname address first, and the name resolves nowhere here.
 curl -sfk -X PATCH -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/merge-patch+json' \
-    -d '{"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"},{"type":"Hostname","address":"'$NODE'"}]}}' \
+    -d '{"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"}]}}' \
     "https://127.0.0.1:6443/api/v1/nodes/$NODE/status" >/dev/null || exit 1
 say "node address declared: $(kc get node $NODE -o jsonpath='{.status.addresses}')"
 wait_for 120 "CSINode with our driver" sh -c "'$K/kubectl' get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER" || exit 1
