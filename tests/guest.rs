@@ -116,6 +116,8 @@ fn every_guest_test_has_a_host_check() {
         "sigterm_under_load",
         "one_mib_request_is_one_request",
         "odirect_misaligned_verify",
+        "metrics_match_fio",
+        "qos_limits_hold",
     ];
     verdicts::all_known(guest_run(), &known);
 }
