@@ -267,9 +267,8 @@ impl UringQueue {
     fn push(&mut self, tag: usize) -> io::Result<()> {
         let sqe = self.sqe(tag);
         for _ in 0..2 {
-            // SAFETY: the SQE points at the slot's iovec table and at buffers in the worker's
-            // memory. The table is not touched again until this tag's CQE is reaped, and the
-            // worker keeps its memory mapped until every tag has been reaped.
+            // The SQE points at the slot's iovec table and at buffers in the worker's memory.
+            // SAFETY: the table is left alone and the memory stays mapped until the CQE is reaped.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }

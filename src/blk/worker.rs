@@ -400,15 +400,18 @@ impl QueueWorker {
         let popped_ns = self.counting.as_ref().map_or(0, Counting::now_ns);
         let throttle = self.throttle.clone();
         let mut gate = throttle.as_ref().map(|t| t.gate(Instant::now()));
-        // Chains waiting now: the throttle is asked only for a chain that is there, so an idle
-        // queue is never left throttled.
-        let avail = self
-            .queue
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-            .map_err(QueueError::Ring)?
-            .0
-            .wrapping_sub(self.queue.next_avail());
-        let limit = room.min(usize::from(avail));
+        // With a throttle, the chains waiting now: it is asked only for a chain that is there,
+        // so an idle queue is never left throttled.
+        let limit = match gate {
+            Some(_) => {
+                let avail =
+                    self.queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).map_err(QueueError::Ring)?;
+                room.min(usize::from(avail.0.wrapping_sub(self.queue.next_avail())))
+            }
+            None => room,
+        };
+        // Request sizes only for whoever reads them.
+        let sized = gate.is_some() || self.counting.is_some();
         let mut iter = self.queue.iter(mem).map_err(QueueError::Ring)?;
         while popped < limit {
             if let Some(Admission::Closed(wait)) = gate.as_mut().map(|g| g.admission()) {
@@ -433,7 +436,7 @@ impl QueueWorker {
             };
             let (status, bytes) = match &parsed.action {
                 Action::Complete(status) => (Some(*status), 0),
-                Action::Io(op) => (None, op_bytes(op, &self.bufs)),
+                Action::Io(op) => (None, if sized { op_bytes(op, &self.bufs) } else { 0 }),
             };
             if let Some(s) = status.filter(|s| *s != STATUS_OK) {
                 tracing::debug!(head, status = s, "request refused");

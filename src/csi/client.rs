@@ -67,21 +67,3 @@ pub async fn delete_volume(client: &mut ControllerClient<Channel>, id: String) -
         .map(drop)
         .map_err(|s| format!("DeleteVolume: {}", s.message()))
 }
-
-/// Every volume, following the paging tokens.
-pub async fn list_volumes(client: &mut ControllerClient<Channel>) -> Result<Vec<Volume>, String> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_volumes(ListVolumesRequest { max_entries: 100, starting_token: token })
-            .await
-            .map_err(|s| format!("ListVolumes: {}", s.message()))?
-            .into_inner();
-        out.extend(page.entries.into_iter().filter_map(|e| e.volume));
-        if page.next_token.is_empty() {
-            return Ok(out);
-        }
-        token = page.next_token;
-    }
-}

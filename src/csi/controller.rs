@@ -98,7 +98,7 @@ pub fn capacity_for(range: Option<&CapacityRange>) -> Result<u64> {
     Ok(size)
 }
 
-fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Result<Option<String>> {
+pub(super) fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Result<Option<String>> {
     let from_cap = caps.iter().find_map(|c| match &c.access_type {
         Some(volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => Some(m.fs_type.clone()),
         _ => None,

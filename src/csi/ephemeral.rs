@@ -9,17 +9,17 @@
 use std::collections::HashMap;
 use std::fs;
 
-use super::controller::check_parameters;
+use super::controller::{capacity_for, check_parameters, fs_type_of};
 use super::node::{publish as publish_staged, stage, unstage};
-use super::proto::{NodePublishVolumeRequest, VolumeCapability, volume_capability};
-use super::{DEFAULT_CAPACITY, Error, MIB, Plugin, Result};
+use super::proto::{CapacityRange, NodePublishVolumeRequest, VolumeCapability, volume_capability};
+use super::{Error, Plugin, Result};
 use crate::units::parse_size;
 use crate::volume::{VolumeMeta, VolumeSpec};
 
 /// The volume-context key kubelet sets on an ephemeral volume's publish.
 pub const CONTEXT_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 /// The volume attribute that sizes an ephemeral volume (bytes or a K, M, G, T / Ki, Mi, Gi,
-/// Ti suffix); [`DEFAULT_CAPACITY`] without it.
+/// Ti suffix); CreateVolume's default capacity without it.
 pub const ATTR_SIZE: &str = "size";
 /// Prefix of the keys kubelet adds to the volume context (pod name, namespace, ...).
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
@@ -31,26 +31,22 @@ pub fn requested(context: &HashMap<String, String>) -> bool {
 
 /// What the pod's attributes ask for: the same parameters a StorageClass takes, plus `size`.
 fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<VolumeSpec> {
-    let fs_type = match &cap.access_type {
-        Some(volume_capability::AccessType::Mount(m)) => Some(m.fs_type.clone()).filter(|f| !f.is_empty()),
-        _ => {
-            return Err(Error::InvalidArgument(
-                "an ephemeral inline volume is a filesystem: raw block access needs a PersistentVolumeClaim".into(),
-            ));
-        }
-    };
-    if let Some(fs) = fs_type.as_deref().filter(|f| !["ext4", "xfs"].contains(f)) {
-        return Err(Error::InvalidArgument(format!("fsType {fs:?} is not supported: use ext4 or xfs")));
+    if !matches!(cap.access_type, Some(volume_capability::AccessType::Mount(_))) {
+        return Err(Error::InvalidArgument(
+            "an ephemeral inline volume is a filesystem: raw block access needs a PersistentVolumeClaim".into(),
+        ));
     }
-    let capacity = match req.volume_context.get(ATTR_SIZE) {
-        None => DEFAULT_CAPACITY,
-        Some(size) => parse_size(size)
-            .ok()
-            .filter(|s| *s > 0)
-            .ok_or_else(|| Error::InvalidArgument(format!("volume attribute {ATTR_SIZE}={size:?} is not a size")))?,
+    // Sized like CreateVolume sizes a claim (whole MiB; the default without a size).
+    let range = match req.volume_context.get(ATTR_SIZE) {
+        None => None,
+        Some(size) => Some(CapacityRange {
+            required_bytes: parse_size(size).ok().filter(|s| *s > 0).and_then(|s| i64::try_from(s).ok()).ok_or_else(
+                || Error::InvalidArgument(format!("volume attribute {ATTR_SIZE}={size:?} is not a size")),
+            )?,
+            limit_bytes: 0,
+        }),
     };
-    // Whole MiB, like CreateVolume: the device's capacity is what the pod sees.
-    let capacity = capacity.div_ceil(MIB) * MIB;
+    let capacity = capacity_for(range.as_ref())?;
     let params: HashMap<String, String> = req
         .volume_context
         .iter()
@@ -58,6 +54,7 @@ fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<Vol
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let (queues, parameters) = check_parameters(&params)?;
+    let fs_type = fs_type_of(std::slice::from_ref(cap), &params)?;
     Ok(VolumeSpec {
         id: req.volume_id.clone(),
         capacity_bytes: capacity,

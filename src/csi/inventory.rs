@@ -3,7 +3,6 @@
 //! condition. Read from the state dir and sysfs only, never written, so it works while the
 //! plugin runs and on a node where it does not.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -45,15 +44,14 @@ pub enum Error {
 }
 
 fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+    crate::volume::allocated_bytes(path).unwrap_or(0)
 }
 
 fn volume_entry(store: &VolumeStore, meta: &VolumeMeta) -> Entry {
     let id = &meta.spec.id;
     let device = super::node::device_name(id);
     let block_device = sysfs::block_device_name(&device).map(|b| format!("/dev/{b}"));
-    let qos = QosLimits::from_parameters(meta.spec.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .unwrap_or_default();
+    let qos = super::volume_qos(&meta.spec).unwrap_or_default();
     let condition = match &meta.staged {
         None => "normal".to_owned(),
         Some(_) if !sysfs::device_exists(&device) => {
@@ -62,10 +60,8 @@ fn volume_entry(store: &VolumeStore, meta: &VolumeMeta) -> Entry {
         Some(_) if block_device.is_none() => "abnormal: staged, but its device is not attached to the host".to_owned(),
         Some(_) => "normal".to_owned(),
     };
-    let condition = match store.space() {
-        Ok(space) if meta.staged.is_some() && space.free < super::MIB && !meta.spec.thick() => {
-            format!("abnormal: backing store full ({} bytes free)", space.free)
-        }
+    let condition = match super::node::store_full(store, meta) {
+        Ok(Some(full)) if meta.staged.is_some() => format!("abnormal: {full}"),
         _ => condition,
     };
     Entry {

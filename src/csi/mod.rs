@@ -203,6 +203,11 @@ impl From<crate::server::Error> for Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Checks a required string field.
+/// A volume's QoS limits, from the parameters kept in its metadata.
+pub fn volume_qos(spec: &crate::volume::VolumeSpec) -> std::result::Result<crate::blk::qos::QosLimits, String> {
+    crate::blk::qos::QosLimits::from_parameters(spec.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
 pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
     if value.is_empty() { Err(Error::InvalidArgument(format!("{field} is required"))) } else { Ok(value) }
 }

@@ -15,7 +15,6 @@ use super::proto::*;
 use super::{Error, MIB, Plugin, Result, blocking, required, volume_id};
 use crate::backend::CacheMode;
 use crate::backend::FileBackend;
-use crate::blk::qos::QosLimits;
 use crate::host;
 use crate::server::{DeviceOptions, DeviceServer, HealthState};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
@@ -61,7 +60,7 @@ pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> 
     // Validated at CreateVolume; metadata from an older release has none.
     let cache = meta.spec.parameters.get(super::PARAM_CACHE).and_then(|c| CacheMode::parse(c)).unwrap_or_default();
     let backend = FileBackend::open(&image, None, false, cache).map_err(|e| Error::Internal(e.to_string()))?;
-    let qos = QosLimits::from_parameters(meta.spec.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let qos = super::volume_qos(&meta.spec)
         .map_err(|e| Error::FailedPrecondition(format!("volume {}: {e}", meta.spec.id)))?;
     let opts = DeviceOptions {
         name: device_name(&meta.spec.id),
@@ -484,8 +483,17 @@ const BACKING_FULL_BYTES: u64 = MIB;
 /// Whether writes of a thin volume can fail because the backing filesystem is full: the
 /// message for its condition, or `None`.
 fn backing_store_full(plugin: &Plugin, meta: &VolumeMeta) -> Result<Option<String>> {
-    let free = plugin.store.available_bytes()?;
-    let allocated = crate::volume::allocated_bytes(&plugin.store.image_path(&meta.spec.id)?)?;
+    Ok(store_full(&plugin.store, meta)?)
+}
+
+/// Whether writes of a thin volume can fail because its store's filesystem is full (see
+/// [`backing_store_full`]); for callers without a running plugin.
+pub(super) fn store_full(
+    store: &crate::volume::VolumeStore,
+    meta: &VolumeMeta,
+) -> crate::volume::Result<Option<String>> {
+    let free = store.available_bytes()?;
+    let allocated = crate::volume::allocated_bytes(&store.image_path(&meta.spec.id)?)?;
     Ok(full_message(&meta.spec.id, free, allocated, meta.spec.capacity_bytes))
 }
 
