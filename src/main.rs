@@ -190,8 +190,22 @@ fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Image file to serve; created sparse if absent and --size is given.
-    #[arg(long, required_unless_present = "null")]
+    #[arg(long, required_unless_present_any = ["null", "rbd"])]
     image: Option<PathBuf>,
+    /// Serve the Ceph RBD image POOL/IMAGE instead of a file, through librbd, holding its
+    /// exclusive lock; created with --size if absent. Needs --ceph-monitors and --name.
+    #[arg(long, value_name = "POOL/IMAGE", conflicts_with_all = ["image", "null", "read_only", "cache"], requires_all = ["name", "ceph_monitors"])]
+    rbd: Option<String>,
+    /// The Ceph monitors for --rbd, in `mon_host` syntax (`10.0.0.1:6789,10.0.0.2:6789`).
+    #[arg(long, value_name = "ADDRS")]
+    ceph_monitors: Option<String>,
+    /// The cephx user for --rbd, without `client.`.
+    #[arg(long, default_value = "admin")]
+    ceph_user: String,
+    /// A file holding the cephx key for --rbd (the key alone, as `ceph auth print-key` prints
+    /// it); none for a cluster without cephx.
+    #[arg(long, value_name = "FILE")]
+    ceph_key_file: Option<PathBuf>,
     /// For benchmarks, not data: serve a disk of --size bytes that stores nothing. Every
     /// request succeeds at once and reads return whatever the kernel's bounce pages held; it
     /// measures the VDUSE path and the queue engine with the storage taken out (like null_blk).
@@ -381,6 +395,33 @@ fn default_name(image: &std::path::Path) -> String {
     name
 }
 
+/// Opens `--rbd POOL/IMAGE`, creating it if absent and --size is given.
+fn open_rbd(args: &ServeArgs) -> Result<vduse_csi::backend::rbd::RbdBackend, String> {
+    use vduse_csi::backend::rbd::{Cluster, ClusterConfig, RbdBackend};
+    let spec = args.rbd.as_deref().unwrap_or_default();
+    let (pool, image) = spec.split_once('/').ok_or_else(|| format!("--rbd {spec:?}: use POOL/IMAGE"))?;
+    let key = match &args.ceph_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --ceph-key-file {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let config =
+        ClusterConfig { monitors: args.ceph_monitors.clone().unwrap_or_default(), user: args.ceph_user.clone(), key };
+    let cluster = Cluster::connect(&config).map_err(|e| e.to_string())?;
+    let pool = Arc::new(cluster.pool(pool).map_err(|e| e.to_string())?);
+    if let Some(size) = args.size {
+        match pool.create_image(image, size) {
+            Err(e) if e.errno() != Some(libc::EEXIST) => return Err(e.to_string()),
+            _ => {}
+        }
+    }
+    RbdBackend::open(&pool, image, None).map_err(|e| e.to_string())
+}
+
 fn serve_device(args: ServeArgs) -> Result<(), String> {
     let name = match (&args.name, &args.image) {
         (Some(name), _) => name.clone(),
@@ -421,6 +462,7 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
     let backend: Arc<dyn Backend> = match (&args.image, args.size) {
+        _ if args.rbd.is_some() => Arc::new(open_rbd(&args)?),
         (Some(image), size) => {
             Arc::new(FileBackend::open(image, size, args.read_only, args.cache).map_err(|e| e.to_string())?)
         }

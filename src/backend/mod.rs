@@ -9,6 +9,7 @@ pub mod file;
 mod instant;
 pub mod memory;
 pub mod null;
+pub mod rbd;
 mod uring;
 
 use std::io;

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# A one-node Ceph cluster for the RBD tests: one mon, one mgr and one BlueStore OSD on a
+# sparse file, bound to 127.0.0.1 only, no cephx, everything under one scratch directory.
+#
+# Usage: tests/ceph/cluster.sh start DIR   # prints nothing; DIR/ceph.conf is the client config
+#        tests/ceph/cluster.sh stop DIR    # kills the daemons, removes DIR
+#
+# The pool is "rbd". Runs on the host or in the test guest (Debian's ceph-mon, ceph-mgr,
+# ceph-osd and ceph-common). Timings under TCG are in tests/ceph/README-like comments below.
+set -euo pipefail
+
+log() { echo "ceph/cluster: $*" >&2; }
+die() {
+    log "$*"
+    exit 1
+}
+
+cmd=${1:-}
+dir=${2:-}
+[[ -n $cmd && -n $dir ]] || die "usage: $0 start|stop DIR"
+
+stop() {
+    local pidfile
+    for pidfile in "$dir"/run/*.pid; do
+        [[ -e $pidfile ]] || continue
+        kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+    done
+    # Daemons that died before writing a pid file are found by their config path.
+    pkill -9 -f -- "-c $dir/ceph.conf" 2>/dev/null || true
+    rm -rf -- "$dir"
+}
+
+# Runs the ceph CLI against this cluster, with a bound so a dead mon cannot hang a test.
+ceph_cli() { timeout 120 ceph -c "$dir/ceph.conf" --connect-timeout 60 "$@"; }
+
+start() {
+    [[ ! -e $dir/ceph.conf ]] || die "$dir already holds a cluster"
+    mkdir -p "$dir"/{run,log,mon-a,mgr-x,osd-0}
+    dir=$(realpath "$dir")
+    local fsid
+    fsid=$(cat /proc/sys/kernel/random/uuid)
+    cat >"$dir/ceph.conf" <<EOF
+[global]
+fsid = $fsid
+mon host = v2:127.0.0.1:3300,v1:127.0.0.1:6789
+mon initial members = a
+public addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg autoscale mode = off
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+osd crush chooseleaf type = 0
+run dir = $dir/run
+admin socket = $dir/run/\$name.asok
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
+keyring = $dir/keyring
+# A killed client's watch (and so its exclusive lock) is seen as dead after this long.
+osd client watch timeout = 10
+mon data = $dir/mon-\$id
+mgr data = $dir/mgr-\$id
+osd data = $dir/osd-\$id
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = 3221225472
+bluestore fsck on mkfs = false
+bluestore cache size = 67108864
+osd memory target = 536870912
+osd max object name len = 256
+osd max object namespace len = 64
+EOF
+    monmaptool --create --clobber --add a 127.0.0.1 --fsid "$fsid" "$dir/monmap" >/dev/null
+    ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" >/dev/null
+    ceph-mon -c "$dir/ceph.conf" -i a
+    ceph-mgr -c "$dir/ceph.conf" -i x
+    local id
+    id=$(ceph_cli osd create)
+    [[ $id == 0 ]] || die "expected osd id 0, got $id"
+    ceph-osd -c "$dir/ceph.conf" -i 0 --mkfs >/dev/null 2>&1 || die "ceph-osd --mkfs failed: see $dir/log/osd.0.log"
+    ceph-osd -c "$dir/ceph.conf" -i 0
+    ceph_cli osd crush add osd.0 1.0 host=localhost root=default >/dev/null 2>&1 || true
+    local i
+    for ((i = 0; i < 120; i++)); do
+        ceph_cli osd stat 2>/dev/null | grep -q "1 up" && break
+        sleep 1
+    done
+    ((i < 120)) || die "osd.0 did not come up: see $dir/log/osd.0.log"
+    ceph_cli osd pool create rbd 8 >/dev/null 2>&1
+    timeout 120 rbd -c "$dir/ceph.conf" pool init rbd
+    log "cluster up in $dir (fsid $fsid)"
+}
+
+case $cmd in
+start) start ;;
+stop) stop ;;
+*) die "unknown command $cmd" ;;
+esac
