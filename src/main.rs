@@ -125,7 +125,7 @@ enum DeviceCommand {
     /// left attached by a server that was killed is taken over and served again. If a queue
     /// or the control thread stops on a fault, it exits non-zero with the reason and leaves
     /// the device attached for the next server to take over.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List the VDUSE devices on this host.
     List,
     /// Remove a VDUSE device that no server is serving (a leftover of a killed server).
@@ -307,7 +307,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Serve(args) => serve_plugin(args),
-        Command::Device(DeviceCommand::Serve(args)) => serve_device(args),
+        Command::Device(DeviceCommand::Serve(args)) => serve_device(*args),
         Command::Device(DeviceCommand::List) => list_devices(),
         Command::Device(DeviceCommand::Remove { name }) => server::remove_stale(&name).map_err(|e| e.to_string()),
         Command::Volume(command) => volume_command(command),
