@@ -24,6 +24,7 @@ fn rbd_binding() -> Result<(), Box<dyn std::error::Error>> {
     let functions = [
         "rados_create",
         "rados_conf_set",
+        "rados_conf_parse_env",
         "rados_connect",
         "rados_shutdown",
         "rados_ioctx_create",
@@ -38,6 +39,9 @@ fn rbd_binding() -> Result<(), Box<dyn std::error::Error>> {
         "rbd_get_size",
         "rbd_resize",
         "rbd_flatten",
+        "rbd_get_parent",
+        "rbd_linked_image_spec_cleanup",
+        "rbd_snap_spec_cleanup",
         "rbd_clone",
         "rbd_metadata_get",
         "rbd_metadata_set",

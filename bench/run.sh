@@ -3,7 +3,10 @@
 #  1. a host microbenchmark of the queue engine (mock driver, null backend): requests/s/core;
 #  2. in one guest boot, interleaved rounds of the same fio jobs on the same image through
 #     `vduse-csi device serve`, qemu-storage-daemon's vduse-blk export, rublk's ublk loop
-#     target and the kernel loop device; the table shows medians and our ratio to each.
+#     target and the kernel loop device; the table shows medians and our ratio to each;
+#  3. in a second boot, the RBD rows: a one-node Ceph in the guest, one image, the same jobs
+#     through our device on librbd, the kernel's RBD client (krbd) and rbd-nbd
+#     (bench/guest-rbd-bench.sh; BENCH_RBD=0 skips it, BENCH_RBD_SIZE_MB sizes the image).
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -44,6 +47,14 @@ rm -rf "$out"
 tests/guest/run.sh bench/guest-bench.sh "$out" >&2
 echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds, ${BENCH_QUEUES:-2} queue(s), image on guest tmpfs; IOPS:"
 cat "$out/bench.table"
+if [[ ${BENCH_RBD:-1} != 0 ]]; then
+    rbd_out=$repo/target/guest/bench-rbd
+    rm -rf "$rbd_out"
+    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
+    echo
+    echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
+    cat "$rbd_out/bench.table"
+fi
 if [[ -n $plot ]]; then
     bench/plot.py "$out/bench.raw" "$plot" \
         "vduse-csi against its peers: fio ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} rounds, TCG guest"

@@ -177,6 +177,22 @@ struct PluginArgs {
     /// the datapath then counts nothing.
     #[arg(long, default_value = vduse_csi::metrics::DEFAULT_ADDRESS, value_parser = parse_metrics_address)]
     metrics_address: MetricsAddress,
+    /// Ceph clusters for RBD volumes (StorageClass `backend: rbd`): a JSON list of
+    /// `{"clusterID": "...", "monitors": ["host:port", ...]}`, the shape of ceph-csi's
+    /// config.json. With `--mode controller` this process is the cluster-wide RBD controller
+    /// and provisions RBD volumes only.
+    #[arg(long, value_name = "FILE")]
+    ceph_clusters: Option<PathBuf>,
+    /// Also serve the Node service at this endpoint (unix:///absolute/path) under
+    /// --rbd-driver-name, for RBD volumes: kubelet reaches each driver through its own
+    /// socket. Node plugins of clusters with an RBD StorageClass set it.
+    #[arg(long, requires = "ceph_clusters")]
+    rbd_endpoint: Option<String>,
+    /// The CSI driver name of RBD volumes (their StorageClass's provisioner), distinct from
+    /// --driver-name so the cluster-wide RBD controller and the per-node controllers never
+    /// both provision one claim.
+    #[arg(long, default_value = csi::rbd::RBD_DRIVER_NAME)]
+    rbd_driver_name: String,
 }
 
 /// `--metrics-address`: an address, or none.
@@ -533,6 +549,8 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         overcommit_ratio: args.overcommit_ratio,
         kubelet_registration,
         metrics_address: args.metrics_address.0,
+        ceph_clusters: args.ceph_clusters,
+        rbd_endpoint: args.rbd_endpoint.map(|e| (args.rbd_driver_name, e)),
     }))
 }
 

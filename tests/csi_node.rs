@@ -13,59 +13,24 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+use common::guest_node::{self, Harness, Node, Scenario, is_mount_point, syncfs, usage};
 use common::*;
 use tonic::Code;
 use vduse_csi::csi::proto::*;
 
-const IN_GUEST: &str = "VDUSE_CSI_IN_GUEST";
 /// Every scenario's plugin serves metrics (one plugin runs at a time), so the datapath
 /// counts in all of them.
 const METRICS: &str = "127.0.0.1:9812";
-const PLUGIN_FLAGS: &[&str] = &["--metrics-address=127.0.0.1:9812"];
+const HARNESS: Harness = Harness {
+    out_dir: "csi-node-tests",
+    plugin_flags: &["--metrics-address=127.0.0.1:9812"],
+    before: None,
+    after: None,
+};
 const MIB: i64 = 1 << 20;
 
 fn main() -> ExitCode {
-    if std::env::var_os(IN_GUEST).is_some() { in_guest() } else { on_host() }
-}
-
-fn on_host() -> ExitCode {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = std::env::current_exe().expect("own path");
-    let out = repo.join("target/guest/csi-node-tests");
-    let _ = std::fs::remove_dir_all(&out);
-    // Name filters (`cargo test --test csi_node -- NAME`) reach the scenarios in the guest.
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let status = Command::new(repo.join("tests/guest/run.sh"))
-        .arg(&exe)
-        .arg(&out)
-        .args(&filters)
-        .env(IN_GUEST, "1")
-        .env("GUEST_ENV", IN_GUEST)
-        .env("GUEST_QUIET", "1")
-        .status();
-    let log = std::fs::read_to_string(out.join("output.log")).unwrap_or_default();
-    print!("{log}");
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            if !log.contains(" passed, ") {
-                println!("0 passed, 1 failed");
-                eprintln!("the guest did not run the Node tests ({s}); see {}", out.display());
-            }
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            println!("0 passed, 1 failed");
-            eprintln!("cannot run tests/guest/run.sh: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-type Scenario = fn(&mut Node);
-
-fn in_guest() -> ExitCode {
-    let scenarios: [(&str, Scenario); 18] = [
+    let scenarios: &[(&str, Scenario)] = &[
         ("mount_volume_lifecycle_ext4", |n| mount_lifecycle(n, "ext4", 256)),
         ("mount_volume_lifecycle_xfs", |n| mount_lifecycle(n, "xfs", 512)),
         ("block_volume_lifecycle", block_lifecycle),
@@ -85,244 +50,7 @@ fn in_guest() -> ExitCode {
         ("failed_metadata_write_leaves_no_unserved_mount", failed_metadata_write),
         ("ephemeral_volume_lives_with_its_pod", ephemeral_volume),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, scenario) in scenarios {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let result = std::panic::catch_unwind(|| {
-            let mut node = Node::start(name);
-            scenario(&mut node);
-            node.finish();
-        });
-        cleanup();
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 && passed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-/// Unmounts whatever a failed scenario left under /tmp/csi-tests and removes leftover devices.
-/// Lazy unmounts first: a filesystem whose device server is gone would block a normal unmount
-/// on its journal; removing the device then fails that I/O instead of leaving it hanging.
-fn cleanup() {
-    let _ = Command::new("pkill").args(["-KILL", "-f", "vduse-csi serve"]).status();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
-        let mut points: Vec<&str> =
-            text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with("/tmp/csi-tests/")).collect();
-        points.reverse();
-        for p in points {
-            let _ = Command::new("umount").args(["-l", p]).status();
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir("/sys/class/vduse") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name != "control" {
-                let _ = Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(["device", "remove", &name]).status();
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all("/tmp/csi-tests");
-}
-
-struct Node {
-    rt: tokio::runtime::Runtime,
-    root: PathBuf,
-    plugin: Option<PluginProcess>,
-    c: Clients,
-}
-
-impl Node {
-    fn start(name: &str) -> Self {
-        let root = PathBuf::from("/tmp/csi-tests").join(name);
-        std::fs::create_dir_all(root.join("kubelet")).expect("kubelet dir");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let plugin = PluginProcess::start_with(&root.join("csi.sock"), &root.join("state"), "all", PLUGIN_FLAGS);
-        let c = rt.block_on(connect(&plugin.socket));
-        let mut node = Self { rt, root, plugin: Some(plugin), c };
-        let probe = node.rt.block_on(node.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-        assert_eq!(probe.ready, Some(true));
-        node
-    }
-
-    /// Kills the plugin with SIGKILL (no shutdown work at all) and starts a new one.
-    fn kill_and_restart(&mut self) {
-        let mut plugin = self.plugin.take().expect("plugin");
-        let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
-        plugin.child.kill().expect("SIGKILL");
-        plugin.child.wait().expect("wait");
-        drop(plugin);
-        let plugin = PluginProcess::start_with(&socket, &state, "all", PLUGIN_FLAGS);
-        self.c = self.rt.block_on(connect(&plugin.socket));
-        self.plugin = Some(plugin);
-        let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-        assert_eq!(probe.ready, Some(true));
-    }
-
-    /// Stops the plugin with SIGTERM and starts a new one on the same state dir.
-    fn restart(&mut self) {
-        self.restart_with(|| {});
-    }
-
-    /// Like `restart`, running `between` while no plugin runs.
-    fn restart_with(&mut self, between: impl FnOnce()) {
-        let plugin = self.plugin.take().expect("plugin");
-        let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
-        assert!(plugin.stop(), "plugin exits 0 on SIGTERM");
-        between();
-        let plugin = PluginProcess::start_with(&socket, &state, "all", PLUGIN_FLAGS);
-        self.c = self.rt.block_on(connect(&plugin.socket));
-        self.plugin = Some(plugin);
-        let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-        assert_eq!(probe.ready, Some(true), "ready only after staged volumes are served again");
-    }
-
-    fn finish(mut self) {
-        if let Some(p) = self.plugin.take() {
-            assert!(p.stop());
-        }
-        let devices: Vec<String> = std::fs::read_dir("/sys/class/vduse")
-            .map(|d| {
-                d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "control").collect()
-            })
-            .unwrap_or_default();
-        assert!(devices.is_empty(), "scenario left devices behind: {devices:?}");
-    }
-
-    /// kubelet's global staging path of a mount volume (the CO creates it).
-    fn staging(&self, pv: &str) -> PathBuf {
-        let p = self.root.join("kubelet/plugins/kubernetes.io/csi/vduse.csi.dev").join(pv).join("globalmount");
-        std::fs::create_dir_all(&p).expect("staging dir");
-        p
-    }
-
-    /// kubelet's staging path of a block volume.
-    fn block_staging(&self, pv: &str) -> PathBuf {
-        let p = self.root.join("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging").join(pv);
-        std::fs::create_dir_all(&p).expect("staging dir");
-        p
-    }
-
-    /// kubelet's pod mount target (the CO creates the parent; the plugin the target).
-    fn target(&self, pod: &str, pv: &str) -> PathBuf {
-        let parent = self.root.join("kubelet/pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
-        std::fs::create_dir_all(&parent).expect("target parent");
-        parent.join("mount")
-    }
-
-    /// kubelet's block publish path: a file the plugin creates.
-    fn block_target(&self, pod: &str, pv: &str) -> PathBuf {
-        let parent = self.root.join("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish").join(pv);
-        std::fs::create_dir_all(&parent).expect("target parent");
-        parent.join(pod)
-    }
-
-    fn create(&mut self, name: &str, mib: i64, cap: VolumeCapability) -> Volume {
-        let r = self.rt.block_on(self.c.controller.create_volume(create_request(name, mib * MIB, cap)));
-        r.expect("CreateVolume").into_inner().volume.expect("volume")
-    }
-
-    fn stage(&mut self, id: &str, path: &Path, cap: &VolumeCapability) -> Result<(), tonic::Status> {
-        let req = NodeStageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: path.to_string_lossy().into(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        };
-        self.rt.block_on(self.c.node.node_stage_volume(req)).map(drop)
-    }
-
-    fn unstage(&mut self, id: &str, path: &Path) -> Result<(), tonic::Status> {
-        let req = NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: path.to_string_lossy().into() };
-        self.rt.block_on(self.c.node.node_unstage_volume(req)).map(drop)
-    }
-
-    fn publish(
-        &mut self,
-        id: &str,
-        staging: &Path,
-        target: &Path,
-        cap: &VolumeCapability,
-        readonly: bool,
-    ) -> Result<(), tonic::Status> {
-        let req = NodePublishVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.to_string_lossy().into(),
-            target_path: target.to_string_lossy().into(),
-            volume_capability: Some(cap.clone()),
-            readonly,
-            ..Default::default()
-        };
-        self.rt.block_on(self.c.node.node_publish_volume(req)).map(drop)
-    }
-
-    fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
-        let req = NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.to_string_lossy().into() };
-        self.rt.block_on(self.c.node.node_unpublish_volume(req)).map(drop)
-    }
-
-    fn stats(&mut self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
-        let req = NodeGetVolumeStatsRequest {
-            volume_id: id.into(),
-            volume_path: path.to_string_lossy().into(),
-            staging_target_path: String::new(),
-        };
-        self.rt.block_on(self.c.node.node_get_volume_stats(req)).expect("stats").into_inner()
-    }
-
-    fn expand(&mut self, id: &str, path: &Path, mib: i64) -> i64 {
-        let range = Some(CapacityRange { required_bytes: mib * MIB, limit_bytes: 0 });
-        let c = self
-            .rt
-            .block_on(self.c.controller.controller_expand_volume(ControllerExpandVolumeRequest {
-                volume_id: id.into(),
-                capacity_range: range,
-                ..Default::default()
-            }))
-            .expect("ControllerExpandVolume")
-            .into_inner();
-        assert!(c.node_expansion_required);
-        let req = NodeExpandVolumeRequest {
-            volume_id: id.into(),
-            volume_path: path.to_string_lossy().into(),
-            capacity_range: range,
-            ..Default::default()
-        };
-        self.rt.block_on(self.c.node.node_expand_volume(req)).expect("NodeExpandVolume").into_inner().capacity_bytes
-    }
-
-    fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
-        let req = DeleteVolumeRequest { volume_id: id.into(), secrets: HashMap::new() };
-        self.rt.block_on(self.c.controller.delete_volume(req)).map(drop)
-    }
-}
-
-/// Flushes the filesystem holding `path` (through the plugin serving its device).
-fn syncfs(path: &Path) {
-    let dir = std::fs::File::open(path).expect("open dir");
-    nix::unistd::syncfs(&dir).expect("syncfs");
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or(""))))
-        .unwrap_or(false)
-}
-
-fn usage(resp: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> VolumeUsage {
-    *resp.usage.iter().find(|u| u.unit == unit as i32).expect("usage unit")
+    guest_node::main(&HARNESS, scenarios)
 }
 
 fn mount_lifecycle(n: &mut Node, fs: &str, mib: i64) {

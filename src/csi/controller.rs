@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::controller_server::Controller;
 use super::proto::*;
+use super::rbd;
 use super::{
     DEFAULT_CAPACITY, Error, MIB, PARAM_CACHE, PARAM_FS_TYPE, PARAM_QUEUES, PARAM_THICK, Plugin, Result, TOPOLOGY_KEY,
     blocking, required, volume_id,
@@ -145,6 +146,8 @@ pub(super) fn check_parameters(params: &HashMap<String, String>) -> Result<(u16,
                 kept.insert(k.to_owned(), v.clone());
             }
             k if METADATA_PARAMS.contains(&k) => {}
+            // RBD volumes are routed before their parameters get here.
+            crate::volume::PARAM_BACKEND if v == crate::volume::BACKEND_FILE => {}
             k => {
                 let qos: Vec<&str> = QosLimits::PARAMETERS.iter().map(|(name, _)| *name).collect();
                 return Err(Error::InvalidArgument(format!(
@@ -270,6 +273,40 @@ fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Res
     Ok((page, next))
 }
 
+impl ControllerService {
+    /// CreateVolume of an RBD StorageClass: the image lives in Ceph, reachable from every
+    /// node, so the volume has no topology.
+    async fn create_rbd_volume(
+        &self,
+        req: CreateVolumeRequest,
+        name: String,
+        capacity: u64,
+    ) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
+        let params = rbd::parameters(&req.parameters)?;
+        let content_source = req.volume_content_source.clone();
+        let source = rbd::source(req.volume_content_source.and_then(|s| s.r#type), &params.cluster_id)?;
+        let guard = self.plugin.guards.acquire(&name)?;
+        let plugin = Arc::clone(&self.plugin);
+        let secrets = req.secrets;
+        let context: HashMap<String, String> = params.kept.clone().into_iter().collect();
+        let created = blocking(move || {
+            let _guard = guard;
+            rbd::create_volume(&plugin, &name, capacity, &params, source, &secrets)
+        })
+        .await?;
+        tracing::info!(volume = %created.id, capacity = created.capacity, "CreateVolume (RBD)");
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(Volume {
+                capacity_bytes: created.capacity as i64,
+                volume_id: created.id,
+                volume_context: context,
+                content_source,
+                accessible_topology: vec![],
+            }),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -281,6 +318,18 @@ impl Controller for ControllerService {
         validate_id("volume name", &id).map_err(Error::from)?;
         check_capabilities(&req.volume_capabilities)?;
         let capacity = capacity_for(req.capacity_range.as_ref())?;
+        rbd::check_backend(&req.parameters)?;
+        if rbd::requested(&req.parameters) {
+            return self.create_rbd_volume(req, id, capacity).await;
+        }
+        if self.plugin.rbd_controller() {
+            return Err(Error::InvalidArgument(format!(
+                "this is the cluster-wide RBD controller: its StorageClasses need {}: {}",
+                crate::volume::PARAM_BACKEND,
+                rbd::BACKEND_RBD
+            ))
+            .into());
+        }
         let (queues, parameters) = check_parameters(&req.parameters)?;
         let fs_type = fs_type_of(&req.volume_capabilities, &req.parameters)?;
         if !topology_ok(&self.plugin, req.accessibility_requirements.as_ref()) {
@@ -343,6 +392,16 @@ impl Controller for ControllerService {
         let id = volume_id(&req.volume_id)?.to_owned();
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
+        if rbd::is_rbd_id(&id) {
+            let secrets = req.secrets;
+            blocking(move || {
+                let _guard = guard;
+                rbd::delete_volume(&plugin, &id, &secrets)
+            })
+            .await?;
+            tracing::info!(volume = %req.volume_id, "DeleteVolume (RBD)");
+            return Ok(Response::new(DeleteVolumeResponse {}));
+        }
         let existed = blocking(move || {
             let _guard = guard;
             if plugin.store.volume(&id)?.is_some_and(|meta| meta.staged.is_some()) {
@@ -381,10 +440,20 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(Error::InvalidArgument("volume_capabilities are required".into()).into());
         }
-        self.plugin.store.existing_volume(id).map_err(Error::from)?;
-        let (confirmed, message) = match check_capabilities(&req.volume_capabilities)
-            .and_then(|_| check_parameters(&req.parameters).map(drop))
-        {
+        let rbd_volume = rbd::is_rbd_id(id);
+        if rbd_volume {
+            let (plugin, id, secrets) = (Arc::clone(&self.plugin), id.to_owned(), req.secrets.clone());
+            blocking(move || rbd::check_exists(&plugin, &id, &secrets)).await?;
+        } else {
+            self.plugin.store.existing_volume(id).map_err(Error::from)?;
+        }
+        let (confirmed, message) = match check_capabilities(&req.volume_capabilities).and_then(|_| {
+            if rbd_volume {
+                rbd::parameters(&req.parameters).map(drop)
+            } else {
+                check_parameters(&req.parameters).map(drop)
+            }
+        }) {
             Ok(()) => (
                 Some(validate_volume_capabilities_response::Confirmed {
                     volume_context: req.volume_context,
@@ -465,6 +534,7 @@ impl Controller for ControllerService {
             T::SingleNodeMultiWriter,
         ]
         .into_iter()
+        .chain(self.plugin.rbd_controller().then_some(T::ExpandVolume))
         .map(|t| ControllerServiceCapability {
             r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
                 r#type: t as i32,
@@ -485,6 +555,15 @@ impl Controller for ControllerService {
         let guard = self.plugin.guards.acquire(&source)?;
         let snapshot_guard = self.plugin.guards.acquire(&format!("snapshot/{name}"))?;
         let plugin = Arc::clone(&self.plugin);
+        if rbd::is_rbd_id(&source) {
+            let secrets = req.secrets;
+            let snapshot = blocking(move || {
+                let _guards = (guard, snapshot_guard);
+                rbd::create_snapshot(&plugin, &source, &name, &secrets)
+            })
+            .await?;
+            return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(snapshot) }));
+        }
         let snapshot = blocking(move || {
             let _guards = (guard, snapshot_guard);
             if let Some(existing) = plugin.store.snapshot(&name)? {
@@ -515,6 +594,15 @@ impl Controller for ControllerService {
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
         let guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
+        if rbd::is_rbd_id(id) {
+            let (plugin, id, secrets) = (Arc::clone(&self.plugin), id.to_owned(), req.secrets);
+            blocking(move || {
+                let _guard = guard;
+                rbd::delete_snapshot(&plugin, &id, &secrets)
+            })
+            .await?;
+            return Ok(Response::new(DeleteSnapshotResponse {}));
+        }
         let (store, id) = (self.plugin.store.clone(), id.to_owned());
         blocking(move || {
             let _guard = guard;
@@ -554,6 +642,19 @@ impl Controller for ControllerService {
             check_capability(cap)?;
         }
         let guard = self.plugin.guards.acquire(&id)?;
+        if rbd::is_rbd_id(&id) {
+            let (plugin, secrets) = (Arc::clone(&self.plugin), req.secrets);
+            let size = blocking(move || {
+                let _guard = guard;
+                rbd::expand_volume(&plugin, &id, capacity, &secrets)
+            })
+            .await?;
+            return Ok(Response::new(ControllerExpandVolumeResponse {
+                capacity_bytes: size as i64,
+                // The device learns the new size on the node, which sends the config interrupt.
+                node_expansion_required: true,
+            }));
+        }
         let store = self.plugin.store.clone();
         // Growing the sparse image is cheap and safe while staged: the node step tells the
         // driver and grows the filesystem.

@@ -13,11 +13,22 @@ use super::proto::{
 
 pub struct IdentityService {
     plugin: Arc<Plugin>,
+    /// The driver name this endpoint answers for.
+    name: String,
+    /// Whether its volumes have topology (node-local ones do; RBD volumes do not).
+    topology: bool,
 }
 
 impl IdentityService {
+    /// The identity of the plugin's main endpoint.
     pub fn new(plugin: Arc<Plugin>) -> Self {
-        Self { plugin }
+        let (name, topology) = (plugin.driver_name.clone(), !plugin.rbd_controller());
+        Self { plugin, name, topology }
+    }
+
+    /// The identity of the node's RBD endpoint: another driver name, no topology.
+    pub fn rbd_node(plugin: Arc<Plugin>, name: String) -> Self {
+        Self { plugin, name, topology: false }
     }
 }
 
@@ -32,7 +43,7 @@ impl Identity for IdentityService {
         _: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
-            name: self.plugin.driver_name.clone(),
+            name: self.name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
             manifest: Default::default(),
         }))
@@ -44,8 +55,11 @@ impl Identity for IdentityService {
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         use plugin_capability::service::Type as S;
         use plugin_capability::volume_expansion::Type as E;
-        let mut capabilities = vec![service(S::VolumeAccessibilityConstraints)];
-        if self.plugin.mode.controller() {
+        let mut capabilities = Vec::new();
+        if self.topology {
+            capabilities.push(service(S::VolumeAccessibilityConstraints));
+        }
+        if self.plugin.mode.controller() && self.name == self.plugin.driver_name {
             capabilities.insert(0, service(S::ControllerService));
         }
         capabilities.push(PluginCapability {

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod node;
+pub mod rbd;
 pub mod registration;
 pub mod serve;
 pub mod token;
@@ -86,10 +87,12 @@ pub struct Plugin {
     pub not_ready_reason: Mutex<Option<String>>,
     /// Whether device servers count requests for the metrics endpoint.
     pub counters: AtomicBool,
+    /// The Ceph clusters RBD volumes may live in (`--ceph-clusters`).
+    pub ceph: rbd::Clusters,
 }
 
 impl Plugin {
-    pub fn new(driver_name: String, node_id: String, mode: Mode, store: VolumeStore) -> Arc<Self> {
+    pub fn new(driver_name: String, node_id: String, mode: Mode, store: VolumeStore, ceph: rbd::Clusters) -> Arc<Self> {
         Arc::new(Self {
             driver_name,
             node_id,
@@ -100,7 +103,14 @@ impl Plugin {
             recovered: AtomicBool::new(false),
             not_ready_reason: Mutex::new(None),
             counters: AtomicBool::new(false),
+            ceph,
         })
+    }
+
+    /// Whether this is the cluster-wide controller of RBD volumes (`--mode controller` with
+    /// Ceph clusters): it provisions RBD volumes only, and expands them itself.
+    pub fn rbd_controller(&self) -> bool {
+        self.mode == Mode::Controller && self.ceph.configured()
     }
 
     /// The topology segment of this node.

@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status};
 use super::controller::{capacity_for, check_capability};
 use super::proto::node_server::Node;
 use super::proto::*;
-use super::{Error, MIB, Plugin, Result, blocking, required, volume_id};
+use super::{Error, MIB, Plugin, Result, blocking, rbd, required, volume_id};
 use crate::backend::CacheMode;
-use crate::backend::FileBackend;
+use crate::backend::{Backend, FileBackend};
 use crate::host;
 use crate::server::{DeviceOptions, DeviceServer, HealthState};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
@@ -56,10 +56,14 @@ fn reader_only(mode: i32) -> bool {
 
 /// Starts serving a volume's image and returns the server.
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
-    let image = plugin.store.image_path(&meta.spec.id)?;
-    // Validated at CreateVolume; metadata from an older release has none.
-    let cache = meta.spec.parameters.get(super::PARAM_CACHE).and_then(|c| CacheMode::parse(c)).unwrap_or_default();
-    let backend = FileBackend::open(&image, None, false, cache).map_err(|e| Error::Internal(e.to_string()))?;
+    let backend: Arc<dyn Backend> = if rbd::is_rbd(&meta.spec) {
+        Arc::new(rbd::open_backend(plugin, meta)?)
+    } else {
+        let image = plugin.store.image_path(&meta.spec.id)?;
+        // Validated at CreateVolume; metadata from an older release has none.
+        let cache = meta.spec.parameters.get(super::PARAM_CACHE).and_then(|c| CacheMode::parse(c)).unwrap_or_default();
+        Arc::new(FileBackend::open(&image, None, false, cache).map_err(|e| Error::Internal(e.to_string()))?)
+    };
     let qos = super::volume_qos(&meta.spec)
         .map_err(|e| Error::FailedPrecondition(format!("volume {}: {e}", meta.spec.id)))?;
     let opts = DeviceOptions {
@@ -71,7 +75,28 @@ pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> 
         counters: plugin.counters.load(std::sync::atomic::Ordering::Relaxed),
         qos,
     };
-    Ok(DeviceServer::start(&opts, Arc::new(backend))?)
+    Ok(DeviceServer::start(&opts, backend)?)
+}
+
+/// NodeStageVolume of an RBD volume: records it on this node (its image lives in Ceph), then
+/// stages it like any volume. A record made for a stage that fails is removed again.
+fn stage_rbd(
+    plugin: &Plugin,
+    id: &str,
+    path: &Path,
+    cap: &VolumeCapability,
+    context: &HashMap<String, String>,
+    secrets: &HashMap<String, String>,
+) -> Result<()> {
+    let fresh = plugin.store.volume(id)?.is_none();
+    rbd::record_for_stage(plugin, id, context, secrets)?;
+    let staged = stage(plugin, id, path, cap);
+    if staged.is_err() && fresh {
+        if let Err(e) = plugin.store.delete_volume(id) {
+            tracing::warn!(volume = id, error = %e, "cannot remove the record of a failed stage");
+        }
+    }
+    staged
 }
 
 /// The block device of a staged volume, if its server runs.
@@ -192,6 +217,12 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
     }
     let recorded_before = meta.staged.is_some();
     meta.staged = Some(stage);
+    if rbd::is_rbd(&meta.spec) {
+        // The image's size is Ceph's to say; the record follows it.
+        if let Ok(size) = host::block_device_size(&dev) {
+            meta.spec.capacity_bytes = size;
+        }
+    }
     if let Err(e) = plugin.store.save_volume(&meta) {
         // Never leave a mounted disk that nobody serves (every access to it would hang).
         if recorded_before {
@@ -217,7 +248,18 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
 }
 
 pub(super) fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
-    let mut meta = plugin.store.existing_volume(id)?;
+    let mut meta = match plugin.store.volume(id)? {
+        Some(meta) => meta,
+        // An RBD volume this node forgot (unstaged already): nothing is served; only a mount
+        // that kubelet still sees could be left.
+        None if rbd::is_rbd_id(id) => {
+            if host::mount_at(path)?.is_some() {
+                host::unmount(path)?;
+            }
+            return Ok(());
+        }
+        None => return Err(crate::volume::Error::NotFound { what: "volume", id: id.to_owned() }.into()),
+    };
     if let Some(staged) = &meta.staged {
         if staged.staging_path != path {
             return Err(Error::FailedPrecondition(format!(
@@ -252,7 +294,12 @@ pub(super) fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     }
     meta.staged = None;
     meta.published.clear();
-    plugin.store.save_volume(&meta)?;
+    if rbd::is_rbd(&meta.spec) {
+        // Its lock is released (the server closed the image); the node keeps nothing.
+        plugin.store.delete_volume(id)?;
+    } else {
+        plugin.store.save_volume(&meta)?;
+    }
     tracing::info!(volume = id, "unstaged");
     Ok(())
 }
@@ -395,7 +442,15 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
         Some(r) => capacity_for(Some(r))?,
         None => meta.spec.capacity_bytes,
     };
-    let meta = plugin.store.grow_volume(id, wanted)?;
+    let meta = if rbd::is_rbd(&meta.spec) {
+        // The controller resized the image; the device server learns it below.
+        let mut meta = meta;
+        meta.spec.capacity_bytes = meta.spec.capacity_bytes.max(wanted);
+        plugin.store.save_volume(&meta)?;
+        meta
+    } else {
+        plugin.store.grow_volume(id, wanted)?
+    };
     let dev = {
         let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
         let server = servers
@@ -492,6 +547,9 @@ pub(super) fn store_full(
     store: &crate::volume::VolumeStore,
     meta: &VolumeMeta,
 ) -> crate::volume::Result<Option<String>> {
+    if !meta.spec.is_local() {
+        return Ok(None);
+    }
     let free = store.available_bytes()?;
     let allocated = crate::volume::allocated_bytes(&store.image_path(&meta.spec.id)?)?;
     Ok(full_message(&meta.spec.id, free, allocated, meta.spec.capacity_bytes))
@@ -542,6 +600,9 @@ impl Node for NodeService {
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {
             let _guard = guard;
+            if rbd::is_rbd_id(&id) {
+                return stage_rbd(&plugin, &id, &path, &cap, &req.volume_context, &req.secrets);
+            }
             stage(&plugin, &id, &path, &cap)
         })
         .await?;

@@ -39,6 +39,11 @@ pub struct ServeOptions {
     pub kubelet_registration: Option<(PathBuf, PathBuf)>,
     /// Where to serve `/metrics`; `None` serves none and counts nothing in the datapath.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The `--ceph-clusters` file, if RBD volumes are served.
+    pub ceph_clusters: Option<PathBuf>,
+    /// A second endpoint serving the Node service under the RBD driver's name (driver name,
+    /// endpoint): kubelet knows each driver by its own socket.
+    pub rbd_endpoint: Option<(String, String)>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -72,6 +77,36 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// Serves the Node service under the RBD driver's name on its own socket. Returns the socket
+/// and the sender that stops it.
+fn serve_rbd_node(
+    plugin: &Arc<Plugin>,
+    name: &str,
+    endpoint: &str,
+    calls: super::metrics::CallMetricsLayer,
+) -> Result<(PathBuf, tokio::sync::oneshot::Sender<()>), String> {
+    let socket = socket_path(endpoint)?;
+    let listener = bind(&socket)?;
+    let identity = IdentityServer::new(IdentityService::rbd_node(Arc::clone(plugin), name.to_owned()));
+    let node = NodeServer::new(NodeService::new(Arc::clone(plugin)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let served = Server::builder()
+            .layer(calls)
+            .add_service(identity)
+            .add_service(node)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the RBD node endpoint failed");
+        }
+    });
+    tracing::info!(endpoint, driver = name, "serving RBD volumes' Node service");
+    Ok((socket, stop_tx))
 }
 
 /// Serves kubelet's plugin registration API on a socket in its `plugins_registry` folder `dir`.
@@ -255,7 +290,17 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     let path = socket_path(&opts.endpoint)?;
     let store =
         VolumeStore::open(&opts.state_dir).map_err(|e| e.to_string())?.with_overcommit_ratio(opts.overcommit_ratio);
-    let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store);
+    let ceph = match &opts.ceph_clusters {
+        Some(path) => {
+            // Read now only to report a broken file early; it is read again at each use.
+            if let Err(e) = super::rbd::Clusters::load(path) {
+                tracing::warn!(error = %e, "the Ceph clusters file is not usable yet; RBD calls fail until it is");
+            }
+            super::rbd::Clusters::from_file(path)
+        }
+        None => super::rbd::Clusters::default(),
+    };
+    let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store, ceph);
     let listener = bind(&path)?;
     // Before any device starts, so every device counts from its first request.
     plugin.counters.store(opts.metrics_address.is_some(), Ordering::Relaxed);
@@ -300,6 +345,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     });
     tracing::info!(endpoint = %opts.endpoint, node = %opts.node_id, mode = ?opts.mode, state = %opts.state_dir.display(), "serving CSI");
 
+    let rbd_node = match &opts.rbd_endpoint {
+        Some((name, endpoint)) if opts.mode.node() => Some(serve_rbd_node(&plugin, name, endpoint, calls.clone())?),
+        _ => None,
+    };
     let controller = opts.mode.controller().then(|| ControllerServer::new(ControllerService::new(Arc::clone(&plugin))));
     let node = opts.mode.node().then(|| NodeServer::new(NodeService::new(Arc::clone(&plugin))));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -317,6 +366,14 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         Some((dir, endpoint)) => Some(register_with_kubelet(dir, endpoint, &opts.driver_name)?),
         None => None,
     };
+    // The RBD driver's socket is registered at its own path (no container path mapping).
+    let rbd_registration = match (&opts.kubelet_registration, &rbd_node) {
+        (Some((dir, _)), Some((socket, _))) => {
+            let name = opts.rbd_endpoint.as_ref().map(|(n, _)| n.as_str()).unwrap_or_default();
+            Some(register_with_kubelet(dir, socket, name)?)
+        }
+        _ => None,
+    };
     let served = tokio::select! {
         result = &mut server => result,
         () = shutdown_signal() => {
@@ -333,7 +390,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         }
     };
     let _ = std::fs::remove_file(&path);
-    if let Some((socket, stop)) = registration {
+    for (socket, stop) in [registration, rbd_registration, rbd_node].into_iter().flatten() {
         let _ = stop.send(());
         let _ = std::fs::remove_file(socket);
     }

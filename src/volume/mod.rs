@@ -27,6 +27,11 @@ const NEW_PREFIX: &str = ".new-";
 /// Volume parameter: reserve the whole image at creation (`"true"`) instead of allocating
 /// it as it is written.
 pub const PARAM_THICK: &str = "thick";
+/// StorageClass parameter: where the volume's data lives (`file`, the default: an image in
+/// this store; `rbd`: a Ceph RBD image).
+pub const PARAM_BACKEND: &str = "backend";
+/// The default backend.
+pub const BACKEND_FILE: &str = "file";
 /// Default of `serve --overcommit-ratio`: volumes may promise twice the backing
 /// filesystem's size in all, since sparse images hold only what was written.
 pub const DEFAULT_OVERCOMMIT_RATIO: f64 = 2.0;
@@ -136,6 +141,12 @@ pub struct VolumeSpec {
 }
 
 impl VolumeSpec {
+    /// Whether the volume's image is a file of this store (not an RBD image that this node
+    /// only stages).
+    pub fn is_local(&self) -> bool {
+        self.parameters.get(PARAM_BACKEND).is_none_or(|b| b == BACKEND_FILE)
+    }
+
     /// Whether the image is reserved in full ([`PARAM_THICK`]).
     pub fn thick(&self) -> bool {
         self.parameters.get(PARAM_THICK).is_some_and(|v| v == "true")
@@ -223,7 +234,7 @@ impl VolumeStore {
             source: e.into(),
         })?;
         let block = st.fragment_size() as u64;
-        let provisioned = self.volumes()?.iter().map(|v| v.spec.capacity_bytes).sum();
+        let provisioned = self.volumes()?.iter().filter(|v| v.spec.is_local()).map(|v| v.spec.capacity_bytes).sum();
         Ok(Space { total: st.blocks() as u64 * block, free: st.blocks_available() as u64 * block, provisioned })
     }
 
@@ -434,6 +445,28 @@ impl VolumeStore {
         write_meta(&dir.join(META), meta)
     }
 
+    /// Records a volume that lives elsewhere (an RBD image) while this node stages it: its
+    /// folder holds the metadata and no image.
+    pub fn record_volume(&self, meta: &VolumeMeta) -> Result<()> {
+        let dir = self.volume_dir(&meta.spec.id)?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        }
+        write_meta(&dir.join(META), meta)
+    }
+
+    /// Writes `value` as `name` in a volume's folder, readable by root only (credentials).
+    pub fn write_private<T: Serialize>(&self, id: &str, name: &str, value: &T) -> Result<()> {
+        let dir = self.volume_dir(id)?;
+        write_file(&dir.join(name), value, 0o600)
+    }
+
+    /// Reads what [`Self::write_private`] wrote; `None` if it is absent.
+    pub fn read_private<T: serde::de::DeserializeOwned>(&self, id: &str, name: &str) -> Result<Option<T>> {
+        read_meta(&self.volume_dir(id)?.join(name))
+    }
+
     /// Deletes a volume; `false` if it did not exist.
     pub fn delete_volume(&self, id: &str) -> Result<bool> {
         remove_entry(&self.volume_dir(id)?)
@@ -618,12 +651,21 @@ fn read_meta<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
 
 /// Writes `value` as JSON atomically: a crash leaves either the old or the new file.
 fn write_meta<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_file(path, value, 0o644)
+}
+
+/// Writes `value` as JSON at `path` atomically and durably, with permissions `mode`.
+fn write_file<T: Serialize>(path: &Path, value: &T, mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     // Named after the file, so records written side by side in one folder never share it.
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Corrupt { path: path.to_owned(), source })?;
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    // A leftover of a crash may have other permissions; start afresh.
+    let _ = fs::remove_file(&tmp);
+    let mut f =
+        fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err("create", &tmp))?;
     f.write_all(&bytes).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(f);

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod guest_node;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,9 +35,22 @@ impl PluginProcess {
     /// Starts the plugin with more `serve` flags. Metrics are off unless `extra` turns them
     /// on: plugins of tests that run at once would contend for the default port.
     pub fn start_with(socket: &Path, state: &Path, mode: &'static str, extra: &[&str]) -> Self {
+        Self::start_as(NODE, socket, state, mode, extra)
+    }
+
+    /// Like `start_with`, as node `node_id` (a second "node" on the same machine).
+    pub fn start_as(node_id: &str, socket: &Path, state: &Path, mode: &'static str, extra: &[&str]) -> Self {
         let metrics_off = (!extra.iter().any(|a| a.starts_with("--metrics-address"))).then_some("--metrics-address=");
         let child = Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
-            .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", NODE, "--mode", mode])
+            .args([
+                "serve",
+                "--endpoint",
+                &format!("unix://{}", socket.display()),
+                "--node-id",
+                node_id,
+                "--mode",
+                mode,
+            ])
             .arg("--state-dir")
             .arg(state)
             .args(metrics_off)

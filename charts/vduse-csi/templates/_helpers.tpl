@@ -22,6 +22,39 @@
 vduse.csi.dev
 {{- end }}
 
+{{/* The CSI driver name of Ceph RBD volumes, also fixed (their PVs and StorageClasses use it). */}}
+{{- define "vduse-csi.rbdDriverName" -}}
+rbd.vduse.csi.dev
+{{- end }}
+
+{{/* The ConfigMap of Ceph clusters (clusters.json) that the node pods and the RBD controller mount. */}}
+{{- define "vduse-csi.cephClustersName" -}}
+{{- printf "%s-ceph-clusters" (include "vduse-csi.fullname" .) }}
+{{- end }}
+
+{{/* The Secret with the cephx identity that RBD StorageClasses and the VolumeSnapshotClass name. */}}
+{{- define "vduse-csi.rbdSecretName" -}}
+{{- default (printf "%s-rbd-secret" (include "vduse-csi.fullname" .)) .Values.rbd.secret.name }}
+{{- end }}
+
+{{- define "vduse-csi.rbdSecretNamespace" -}}
+{{- default .Release.Namespace .Values.rbd.secret.namespace }}
+{{- end }}
+
+{{- define "vduse-csi.rbdControllerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "vduse-csi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: rbd-controller
+{{- end }}
+
+{{- define "vduse-csi.rbdServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-rbd-controller" (include "vduse-csi.fullname" .)) .Values.rbd.controller.serviceAccountName }}
+{{- else }}
+{{- default "default" .Values.rbd.controller.serviceAccountName }}
+{{- end }}
+{{- end }}
+
 {{- define "vduse-csi.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/name: {{ include "vduse-csi.name" . }}

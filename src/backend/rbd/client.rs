@@ -73,6 +73,10 @@ impl Cluster {
             // valid and not connected yet.
             check("rados_conf_set", unsafe { sys::rados_conf_set(cluster.handle, n.as_ptr(), v.as_ptr()) })?;
         }
+        // Last, so an operator's CEPH_ARGS (e.g. `--debug-rbd=20 --log-file=...`) can override
+        // any option above for a diagnosis.
+        // SAFETY: the handle is valid and not connected; a null name means CEPH_ARGS.
+        check("rados_conf_parse_env", unsafe { sys::rados_conf_parse_env(cluster.handle, ptr::null()) })?;
         // SAFETY: the handle is valid and configured.
         check("rados_connect", unsafe { sys::rados_connect(cluster.handle) })
             .map_err(|e| Error::Connect { monitors: config.monitors.clone(), source: Box::new(e) })?;
@@ -242,6 +246,26 @@ impl Image {
         // SAFETY: the image is open.
         check("rbd_flatten", unsafe { sys::rbd_flatten(self.handle) })?;
         Ok(())
+    }
+
+    /// Whether the image is a clone that still reads from its parent (not flattened yet).
+    pub fn has_parent(&self) -> Result<bool> {
+        // SAFETY: both specs are plain C structs for which all-zero is a valid (empty) value.
+        let (mut image, mut snap) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: the image is open; `image` and `snap` are out-pointers that librbd fills
+        // with strings it allocates, freed below.
+        match unsafe { sys::rbd_get_parent(self.handle, &mut image, &mut snap) } {
+            r if r == -libc::ENOENT => Ok(false),
+            r => {
+                check("rbd_get_parent", r)?;
+                // SAFETY: librbd filled both specs; each is cleaned up once.
+                unsafe {
+                    sys::rbd_linked_image_spec_cleanup(&mut image);
+                    sys::rbd_snap_spec_cleanup(&mut snap);
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Makes every completed write durable.

@@ -1,0 +1,518 @@
+//! RBD volumes against a real Ceph, on a real kernel.
+//!
+//! On the host this binary boots the VDUSE test guest and runs itself inside it (see
+//! `common::guest_node`). Inside, it first starts a one-node Ceph bound to the guest's
+//! loopback (tests/ceph/cluster.sh: a mon, a mgr and a BlueStore OSD on a file), and each
+//! scenario drives the plugin's Controller and Node services the way the CSI sidecars and
+//! kubelet do, checking the images, locks and blocklist in Ceph with its own CLI.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest_node::{self, Harness, Node, Scenario, syncfs};
+use common::*;
+use tonic::Code;
+use vduse_csi::csi::proto::*;
+
+const CEPH_DIR: &str = "/tmp/ceph";
+const CLUSTERS_FILE: &str = "/tmp/ceph-clusters.json";
+const CLUSTER_ID: &str = "test";
+const MIB: i64 = 1 << 20;
+const HARNESS: Harness = Harness {
+    out_dir: "rbd-tests",
+    plugin_flags: &["--ceph-clusters=/tmp/ceph-clusters.json"],
+    before: Some(start_ceph),
+    after: Some(stop_ceph),
+};
+
+fn main() -> ExitCode {
+    let scenarios: &[(&str, Scenario)] = &[
+        ("rbd_volume_survives_restage_and_plugin_restart", lifecycle),
+        ("rbd_fio_verify_at_qd32", fio_verify),
+        ("rbd_snapshot_and_clones_hold_the_same_data", snapshot_and_clones),
+        ("rbd_online_resize", online_resize),
+        ("rbd_plugin_sigkill_under_fio_verify", sigkill_under_fio),
+        ("rbd_two_nodes_contend_for_one_image", two_nodes),
+        ("rbd_bad_requests_get_clear_errors", bad_requests),
+    ];
+    guest_node::main(&HARNESS, scenarios)
+}
+
+fn start_ceph() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ceph/cluster.sh");
+    let started = Instant::now();
+    let status = Command::new(&script).args(["start", CEPH_DIR]).status().expect("run tests/ceph/cluster.sh");
+    assert!(status.success(), "the test Ceph did not start");
+    println!("ceph: one-node cluster up in {:.0?}", started.elapsed());
+    let clusters = format!(r#"[{{"clusterID": "{CLUSTER_ID}", "monitors": ["127.0.0.1:6789"]}}]"#);
+    std::fs::write(CLUSTERS_FILE, clusters).expect("write the clusters file");
+}
+
+fn stop_ceph() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ceph/cluster.sh");
+    let _ = Command::new(&script).args(["stop", CEPH_DIR]).status();
+}
+
+/// Runs a Ceph CLI (`rbd` or `ceph`) against the test cluster; its stdout.
+fn ceph_cli(tool: &str, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(tool)
+        .args(["-c", &format!("{CEPH_DIR}/ceph.conf")])
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the ceph CLI");
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn images() -> Vec<String> {
+    ceph_cli("rbd", &["ls", "rbd"]).lines().map(str::to_owned).collect()
+}
+
+/// The image name inside an RBD volume ID (`rbd.<cluster>.<pool>.<image>`).
+fn image_of(id: &str) -> String {
+    id.rsplit('.').next().expect("image").to_owned()
+}
+
+fn rbd_params() -> HashMap<String, String> {
+    HashMap::from([
+        ("backend".into(), "rbd".into()),
+        ("clusterID".into(), CLUSTER_ID.into()),
+        ("pool".into(), "rbd".into()),
+    ])
+}
+
+fn create_rbd(
+    n: &mut Node,
+    name: &str,
+    mib: i64,
+    cap: &VolumeCapability,
+    params: HashMap<String, String>,
+    source: Option<volume_content_source::Type>,
+) -> Result<Volume, tonic::Status> {
+    let req = CreateVolumeRequest {
+        parameters: params,
+        volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
+        ..create_request(name, mib * MIB, cap.clone())
+    };
+    n.rt.block_on(n.c.controller.create_volume(req)).map(|r| r.into_inner().volume.expect("volume"))
+}
+
+/// NodeStageVolume with the volume context CreateVolume returned, as kubelet sends it.
+fn stage_with(
+    c: &mut Clients,
+    rt: &tokio::runtime::Runtime,
+    v: &Volume,
+    path: &Path,
+    cap: &VolumeCapability,
+) -> Result<(), tonic::Status> {
+    let req = NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path.to_string_lossy().into(),
+        volume_capability: Some(cap.clone()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    rt.block_on(c.node.node_stage_volume(req)).map(drop)
+}
+
+fn snapshot(n: &mut Node, source: &str, name: &str) -> Snapshot {
+    let req = CreateSnapshotRequest { source_volume_id: source.into(), name: name.into(), ..Default::default() };
+    n.rt.block_on(n.c.controller.create_snapshot(req)).expect("CreateSnapshot").into_inner().snapshot.expect("snapshot")
+}
+
+fn delete_snapshot(n: &mut Node, id: &str) -> Result<(), tonic::Status> {
+    let req = DeleteSnapshotRequest { snapshot_id: id.into(), secrets: HashMap::new() };
+    n.rt.block_on(n.c.controller.delete_snapshot(req)).map(drop)
+}
+
+/// The record a node keeps of a staged RBD volume (its lock owner).
+fn lock_owner(state: &Path, id: &str) -> String {
+    let text = std::fs::read_to_string(state.join("volumes").join(id).join("rbd.json")).expect("node record");
+    let record: serde_json::Value = serde_json::from_str(&text).expect("record JSON");
+    record["lock_owner"].as_str().expect("lock owner").to_owned()
+}
+
+fn blocklisted(address: &str) -> bool {
+    ceph_cli("ceph", &["osd", "blocklist", "ls"]).lines().any(|l| l.split_whitespace().next() == Some(address))
+}
+
+fn md5(path: &Path, mib: u64) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("dd if={} bs=1M count={mib} iflag=direct status=none | md5sum", path.display()))
+        .output()
+        .expect("md5");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("sum").to_owned()
+}
+
+fn run(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn kernel_lines() -> usize {
+    run("dmesg").1.lines().count()
+}
+
+/// Kernel log lines after the first `since` that report I/O errors.
+fn kernel_errors_since(since: usize) -> Vec<String> {
+    run("dmesg")
+        .1
+        .lines()
+        .skip(since)
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("i/o error") || l.contains("blk_update_request") || l.contains("buffer i/o")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn lifecycle(n: &mut Node) {
+    let pv = "pvc-rbd-life";
+    let cap = mount_cap("ext4", writer());
+    let v = create_rbd(n, pv, 64, &cap, rbd_params(), None).expect("CreateVolume");
+    assert!(v.volume_id.starts_with("rbd.test."), "{}", v.volume_id);
+    assert!(v.accessible_topology.is_empty(), "RBD volumes are reachable from every node");
+    assert_eq!(v.capacity_bytes, 64 * MIB);
+    let image = image_of(&v.volume_id);
+    assert!(images().contains(&image));
+    assert_eq!(ceph_cli("rbd", &["image-meta", "get", &format!("rbd/{image}"), "vduse-csi.name"]).trim(), pv);
+    // Idempotent by name; another size for the same name is a conflict.
+    let again = create_rbd(n, pv, 64, &cap, rbd_params(), None).expect("CreateVolume again");
+    assert_eq!(again.volume_id, v.volume_id);
+    assert_code(create_rbd(n, pv, 128, &cap, rbd_params(), None).map(tonic::Response::new), Code::AlreadyExists);
+
+    let staging = n.staging(pv);
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(target.join("before"), &data).expect("write");
+    syncfs(&target);
+    let locks = ceph_cli("rbd", &["lock", "ls", &format!("rbd/{image}")]);
+    assert!(locks.contains("auto"), "the served image holds its exclusive lock: {locks}");
+    assert_code(n.delete(&v.volume_id).map(tonic::Response::new), Code::FailedPrecondition);
+
+    // A restarted plugin takes the device and the image's lock over; the mount never breaks.
+    n.restart();
+    std::fs::write(target.join("after"), b"written after the restart").expect("write after restart");
+    syncfs(&target);
+    let stats = n.stats(&v.volume_id, &target);
+    assert!(!stats.volume_condition.expect("condition").abnormal);
+    n.unpublish(&v.volume_id, &target).expect("unpublish");
+    n.unstage(&v.volume_id, &staging).expect("unstage");
+    let state = n.root.join("state");
+    assert!(!state.join("volumes").join(&v.volume_id).exists(), "the node keeps nothing of an unstaged RBD volume");
+    n.unstage(&v.volume_id, &staging).expect("unstage is idempotent");
+
+    n.restart();
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage again");
+    n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish again");
+    assert_eq!(std::fs::read(target.join("before")).expect("read"), data);
+    assert_eq!(std::fs::read(target.join("after")).expect("read"), b"written after the restart");
+    n.unpublish(&v.volume_id, &target).expect("unpublish");
+    n.unstage(&v.volume_id, &staging).expect("unstage");
+    n.delete(&v.volume_id).expect("delete");
+    assert!(!images().contains(&image));
+    n.delete(&v.volume_id).expect("delete is idempotent");
+}
+
+/// A block volume staged and published; its published device node.
+fn block_volume(n: &mut Node, pv: &str, mib: i64, params: HashMap<String, String>) -> (Volume, PathBuf, PathBuf) {
+    let cap = block_cap(writer());
+    let v = create_rbd(n, pv, mib, &cap, params, None).expect("CreateVolume");
+    let staging = n.block_staging(pv);
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage");
+    let target = n.block_target("pod-a", pv);
+    n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish");
+    (v, staging, target)
+}
+
+fn retire(n: &mut Node, v: &Volume, staging: &Path, target: &Path) {
+    n.unpublish(&v.volume_id, target).expect("unpublish");
+    n.unstage(&v.volume_id, staging).expect("unstage");
+    n.delete(&v.volume_id).expect("delete");
+}
+
+fn fio_verify_cmd(dev: &Path, out: &str) -> String {
+    format!(
+        "fio --name=rbd --filename={} --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 \
+         --numjobs=2 --size=6M --offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --verify_state_save=0 --randrepeat=0 --group_reporting --output={out}",
+        dev.display()
+    )
+}
+
+fn fio_verify(n: &mut Node) {
+    let (v, staging, target) = block_volume(n, "pvc-rbd-fio", 64, rbd_params());
+    let lines = kernel_lines();
+    let (ok, _) = run(&fio_verify_cmd(&target, "/tmp/rbd-fio.out"));
+    let report = std::fs::read_to_string("/tmp/rbd-fio.out").unwrap_or_default();
+    println!("{}", report.lines().filter(|l| l.contains("IOPS") || l.contains("err=")).collect::<Vec<_>>().join("\n"));
+    assert!(ok, "fio failed: {report}");
+    assert!(!report.contains("verify: bad") && report.contains("err= 0"), "{report}");
+    assert!(kernel_errors_since(lines).is_empty(), "{:?}", kernel_errors_since(lines));
+    retire(n, &v, &staging, &target);
+}
+
+fn snapshot_and_clones(n: &mut Node) {
+    let (v, staging, target) = block_volume(n, "pvc-rbd-src", 32, rbd_params());
+    let (ok, text) = run(&format!(
+        "head -c 16M /dev/urandom > /tmp/rbd-pattern && dd if=/tmp/rbd-pattern of={} bs=1M oflag=direct status=none",
+        target.display()
+    ));
+    assert!(ok, "{text}");
+    let original = md5(&target, 16);
+    // Taken while the volume is served: librbd has the lock owner (our device server) take it.
+    let snap = snapshot(n, &v.volume_id, "snap-rbd-1");
+    assert!(snap.ready_to_use && snap.size_bytes == 32 * MIB, "{snap:?}");
+    assert_eq!(snapshot(n, &v.volume_id, "snap-rbd-1").snapshot_id, snap.snapshot_id, "idempotent");
+    assert_code(n.delete(&v.volume_id).map(tonic::Response::new), Code::FailedPrecondition);
+
+    let cap = block_cap(writer());
+    let from_snap = create_rbd(
+        n,
+        "pvc-rbd-from-snap",
+        32,
+        &cap,
+        rbd_params(),
+        Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    )
+    .expect("CreateVolume from the snapshot");
+    let from_vol = create_rbd(
+        n,
+        "pvc-rbd-from-vol",
+        64,
+        &cap,
+        rbd_params(),
+        Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+            volume_id: v.volume_id.clone(),
+        })),
+    )
+    .expect("CreateVolume from the volume");
+    assert_eq!(from_vol.capacity_bytes, 64 * MIB);
+    // The source changes afterwards; the copies do not.
+    let (ok, text) = run(&format!("dd if=/dev/zero of={} bs=1M count=1 oflag=direct status=none", target.display()));
+    assert!(ok, "{text}");
+    // Clones are flattened: the snapshot can go before them.
+    delete_snapshot(n, &snap.snapshot_id).expect("DeleteSnapshot");
+    delete_snapshot(n, &snap.snapshot_id).expect("DeleteSnapshot is idempotent");
+    for (clone, pv) in [(&from_snap, "pvc-rbd-from-snap"), (&from_vol, "pvc-rbd-from-vol")] {
+        let staging = n.block_staging(pv);
+        stage_with(&mut n.c, &n.rt, clone, &staging, &cap).expect("stage the clone");
+        let target = n.block_target("pod-b", pv);
+        n.publish(&clone.volume_id, &staging, &target, &cap, false).expect("publish the clone");
+        assert_eq!(md5(&target, 16), original, "{pv} holds the source's data at the snapshot");
+        n.unpublish(&clone.volume_id, &target).expect("unpublish");
+        n.unstage(&clone.volume_id, &staging).expect("unstage");
+        n.delete(&clone.volume_id).expect("delete the clone");
+    }
+    assert_ne!(md5(&target, 16), original, "the source changed after the snapshot");
+    retire(n, &v, &staging, &target);
+    let left: Vec<String> = images().into_iter().filter(|i| i.starts_with("csi-")).collect();
+    assert!(left.is_empty(), "images left: {left:?}");
+}
+
+fn online_resize(n: &mut Node) {
+    let pv = "pvc-rbd-grow";
+    let cap = mount_cap("ext4", writer());
+    let v = create_rbd(n, pv, 64, &cap, rbd_params(), None).expect("CreateVolume");
+    let staging = n.staging(pv);
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish");
+    std::fs::write(target.join("kept"), b"before the resize").expect("write");
+    let before = host_fs_total(&target);
+    let caps = n.rt.block_on(n.c.controller.controller_get_capabilities(ControllerGetCapabilitiesRequest {}));
+    println!("controller capabilities: {:?}", caps.map(|c| c.into_inner().capabilities.len()));
+    let grown = n.expand(&v.volume_id, &target, 128);
+    assert_eq!(grown, 128 * MIB);
+    let info = ceph_cli("rbd", &["info", &format!("rbd/{}", image_of(&v.volume_id))]);
+    assert!(info.contains("size 128 MiB"), "{info}");
+    let after = host_fs_total(&target);
+    assert!(after > before + 50 * MIB as u64, "the filesystem grew online: {before} -> {after}");
+    assert_eq!(std::fs::read(target.join("kept")).expect("read"), b"before the resize");
+    n.unpublish(&v.volume_id, &target).expect("unpublish");
+    n.unstage(&v.volume_id, &staging).expect("unstage");
+    n.delete(&v.volume_id).expect("delete");
+}
+
+fn host_fs_total(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+fn sigkill_under_fio(n: &mut Node) {
+    let mut params = rbd_params();
+    params.insert("queues".into(), "2".into());
+    let (v, staging, target) = block_volume(n, "pvc-rbd-kill", 64, params);
+    let lines = kernel_lines();
+    let mut fio = Command::new("sh").arg("-c").arg(fio_verify_cmd(&target, "/tmp/rbd-kill.out")).spawn().expect("fio");
+    let state = n.root.join("state");
+    let mut kills = 0;
+    while kills < 2 {
+        std::thread::sleep(Duration::from_secs(4));
+        if fio.try_wait().expect("fio status").is_some() {
+            break;
+        }
+        let previous = lock_owner(&state, &v.volume_id);
+        n.kill_and_restart();
+        kills += 1;
+        // The successor broke its dead predecessor's lock, which blocklists it: nothing the
+        // dead one still had in flight can land after the re-run requests.
+        assert!(blocklisted(&previous), "{previous} is blocklisted after the takeover");
+        assert_ne!(lock_owner(&state, &v.volume_id), previous);
+        println!("kill {kills}: {previous} broken and blocklisted");
+    }
+    let status = fio.wait().expect("fio");
+    let report = std::fs::read_to_string("/tmp/rbd-kill.out").unwrap_or_default();
+    println!("{}", report.lines().filter(|l| l.contains("IOPS") || l.contains("err=")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(kills, 2, "fio ended before the second kill; make it longer");
+    assert!(status.success(), "fio failed: {report}");
+    assert!(!report.contains("verify: bad") && report.contains("err= 0"), "{report}");
+    let errors = kernel_errors_since(lines);
+    assert!(errors.is_empty(), "kernel I/O errors: {errors:?}");
+    retire(n, &v, &staging, &target);
+}
+
+fn two_nodes(n: &mut Node) {
+    let pv = "pvc-rbd-shared";
+    let cap = mount_cap("ext4", writer());
+    let v = create_rbd(n, pv, 64, &cap, rbd_params(), None).expect("CreateVolume");
+    let staging_a = n.staging(pv);
+    stage_with(&mut n.c, &n.rt, &v, &staging_a, &cap).expect("stage on node A");
+    let target_a = n.target("pod-a", pv);
+    n.publish(&v.volume_id, &staging_a, &target_a, &cap, false).expect("publish on node A");
+    std::fs::write(target_a.join("from-a"), b"node A wrote this").expect("write on A");
+    syncfs(&target_a);
+
+    // Node B: its own plugin, state dir and kubelet paths.
+    let root_b = n.root.join("node-b");
+    std::fs::create_dir_all(&root_b).expect("node B dir");
+    let plugin_b = PluginProcess::start_as(
+        "node-2",
+        &root_b.join("csi.sock"),
+        &root_b.join("state"),
+        "node",
+        HARNESS.plugin_flags,
+    );
+    let mut b = n.rt.block_on(connect(&plugin_b.socket));
+    let staging_b = root_b.join("globalmount");
+    std::fs::create_dir_all(&staging_b).expect("staging B");
+    let refused =
+        stage_with(&mut b, &n.rt, &v, &staging_b, &cap).expect_err("node B must not stage a volume node A serves");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("locked"), "{}", refused.message());
+    assert!(!root_b.join("state/volumes").join(&v.volume_id).exists(), "a refused stage leaves no record");
+    // Node A is undisturbed.
+    std::fs::write(target_a.join("still-a"), b"node A still writes").expect("A still writes");
+    syncfs(&target_a);
+
+    // Node A dies: its plugin is killed and (as with a lost machine) its device and mounts go.
+    let owner_a = lock_owner(&n.root.join("state"), &v.volume_id);
+    let mut plugin_a = n.plugin.take().expect("plugin A");
+    plugin_a.child.kill().expect("SIGKILL A");
+    plugin_a.child.wait().expect("wait A");
+    let _ = Command::new("umount").arg("-l").arg(&target_a).status();
+    let _ = Command::new("umount").arg("-l").arg(&staging_a).status();
+    let device = vduse_csi::csi::node::device_name(&v.volume_id);
+    let removed = Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(["device", "remove", &device]).status();
+    assert!(removed.expect("device remove").success());
+
+    // Node B takes over once Ceph sees A's client dead: librbd breaks the lock and
+    // blocklists A.
+    let started = Instant::now();
+    loop {
+        match stage_with(&mut b, &n.rt, &v, &staging_b, &cap) {
+            Ok(()) => break,
+            Err(e) if started.elapsed() < Duration::from_secs(90) => {
+                println!("node B stage: {} ({:.0?})", e.message(), started.elapsed());
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => panic!("node B never took over: {e:?}"),
+        }
+    }
+    println!("node B took the image over {:.1?} after node A died", started.elapsed());
+    assert!(blocklisted(&owner_a), "node A's client {owner_a} is blocklisted");
+    assert_eq!(std::fs::read(staging_b.join("from-a")).expect("read on B"), b"node A wrote this");
+    assert_eq!(std::fs::read(staging_b.join("still-a")).expect("read on B"), b"node A still writes");
+    let req = NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging_b.to_string_lossy().into(),
+    };
+    n.rt.block_on(b.node.node_unstage_volume(req)).expect("unstage on B");
+    assert!(plugin_b.stop());
+    // Node A's plugin comes back (its node rebooted): it knows it no longer serves the
+    // volume once kubelet unstages it there.
+    let plugin_a =
+        PluginProcess::start_with(&n.root.join("csi.sock"), &n.root.join("state"), "all", HARNESS.plugin_flags);
+    n.c = n.rt.block_on(connect(&plugin_a.socket));
+    n.plugin = Some(plugin_a);
+    n.unpublish(&v.volume_id, &target_a).expect("unpublish on A");
+    n.unstage(&v.volume_id, &staging_a).expect("unstage on A");
+    n.delete(&v.volume_id).expect("delete");
+}
+
+fn bad_requests(n: &mut Node) {
+    let cap = mount_cap("ext4", writer());
+    let with = |k: &str, v: &str| {
+        let mut p = rbd_params();
+        p.insert(k.into(), v.into());
+        p
+    };
+    let without = |k: &str| {
+        let mut p = rbd_params();
+        p.remove(k);
+        p
+    };
+    for (params, code) in [
+        (with("clusterID", "elsewhere"), Code::InvalidArgument),
+        (with("clusterID", "../x"), Code::InvalidArgument),
+        (without("pool"), Code::InvalidArgument),
+        (without("clusterID"), Code::InvalidArgument),
+        (with("cache", "writeback"), Code::InvalidArgument),
+        (with("backend", "nfs"), Code::InvalidArgument),
+        (with("pool", "no-such-pool"), Code::NotFound),
+    ] {
+        let result = create_rbd(n, "pvc-rbd-bad", 64, &cap, params.clone(), None);
+        assert_code(result.map(tonic::Response::new), code);
+    }
+    // Deleting what does not exist (any more) succeeds; malformed IDs are refused.
+    n.delete("rbd.test.1.csi-vol-00000000deadbeef").expect("absent image");
+    n.delete("rbd.test.999.csi-vol-00000000deadbeef").expect("absent pool");
+    assert_code(n.delete("rbd.test.1.csi-vol/../../x").map(tonic::Response::new), Code::InvalidArgument);
+    assert_code(n.delete("rbd.elsewhere.1.csi-vol-0").map(tonic::Response::new), Code::InvalidArgument);
+    delete_snapshot(n, "rbd.test.1.csi-vol-00000000deadbeef.csi-snap-0").expect("absent snapshot");
+    let req = CreateSnapshotRequest {
+        source_volume_id: "rbd.test.1.csi-vol-00000000deadbeef".into(),
+        name: "snap-of-nothing".into(),
+        ..Default::default()
+    };
+    assert_code(n.rt.block_on(n.c.controller.create_snapshot(req)), Code::NotFound);
+    let source = volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+        snapshot_id: "not-an-rbd-snapshot".into(),
+    });
+    assert_code(
+        create_rbd(n, "pvc-rbd-bad", 64, &cap, rbd_params(), Some(source)).map(tonic::Response::new),
+        Code::NotFound,
+    );
+    let staging = n.staging("pvc-rbd-bad");
+    assert_code(
+        n.stage("rbd.test.1.csi-vol-00000000deadbeef", &staging, &cap).map(tonic::Response::new),
+        Code::NotFound,
+    );
+    assert!(!n.root.join("state/volumes/rbd.test.1.csi-vol-00000000deadbeef").exists());
+    assert!(images().iter().all(|i| !i.starts_with("csi-")), "no image was created");
+}
