@@ -6,7 +6,8 @@
 #     target and the kernel loop device; the table shows medians and our ratio to each;
 #  3. in a second boot, the RBD rows: a one-node Ceph in the guest, one image, the same jobs
 #     through our device on librbd, the kernel's RBD client (krbd) and rbd-nbd
-#     (bench/guest-rbd-bench.sh; BENCH_RBD=0 skips it, BENCH_RBD_SIZE_MB sizes the image).
+#     (bench/guest-rbd-bench.sh; BENCH_RBD=0 skips it, BENCH_RBD_SIZE_MB sizes the image;
+#     BENCH_MAIN=0 runs it alone).
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -37,16 +38,29 @@ if ! command -v rublk >/dev/null; then
     cp "$(command -v rublk || echo "$HOME/.cargo/bin/rublk")" /usr/local/bin/rublk
 fi
 
-cargo bench --quiet --bench engine 2>/dev/null | tee "$repo/target/engine-bench.txt"
+# The RBD rows need a one-node Ceph and the two kernel-side peers' tools in the guest.
+if [[ ${BENCH_RBD:-1} != 0 ]]; then
+    missing=()
+    for p in ceph-mon ceph-mgr ceph-osd ceph-common rbd-nbd; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
 cargo build --release --quiet
 export VDUSE_CSI_BIN=$repo/target/release/vduse-csi
 export GUEST_ENV="VDUSE_CSI_BIN BENCH_RUNTIME BENCH_ROUNDS BENCH_SIZE_MB BENCH_QUEUES BENCH_PEERS"
 export GUEST_QUIET=1
 out=$repo/target/guest/bench
-rm -rf "$out"
-tests/guest/run.sh bench/guest-bench.sh "$out" >&2
-echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds, ${BENCH_QUEUES:-2} queue(s), image on guest tmpfs; IOPS:"
-cat "$out/bench.table"
+if [[ ${BENCH_MAIN:-1} != 0 ]]; then
+    cargo bench --quiet --bench engine 2>/dev/null | tee "$repo/target/engine-bench.txt"
+    rm -rf "$out"
+    tests/guest/run.sh bench/guest-bench.sh "$out" >&2
+    echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds, ${BENCH_QUEUES:-2} queue(s), image on guest tmpfs; IOPS:"
+    cat "$out/bench.table"
+fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
@@ -55,7 +69,7 @@ if [[ ${BENCH_RBD:-1} != 0 ]]; then
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$rbd_out/bench.table"
 fi
-if [[ -n $plot ]]; then
+if [[ -n $plot && ${BENCH_MAIN:-1} != 0 ]]; then
     bench/plot.py "$out/bench.raw" "$plot" \
         "vduse-csi against its peers: fio ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} rounds, TCG guest"
 fi

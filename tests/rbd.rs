@@ -420,19 +420,14 @@ fn two_nodes(n: &mut Node) {
     std::fs::write(target_a.join("still-a"), b"node A still writes").expect("A still writes");
     syncfs(&target_a);
 
-    // Node A dies: its plugin is killed and (as with a lost machine) its device and mounts go.
+    // Node A's plugin dies (killed: its queued I/O waits, as on a node that hangs).
     let owner_a = lock_owner(&n.root.join("state"), &v.volume_id);
     let mut plugin_a = n.plugin.take().expect("plugin A");
     plugin_a.child.kill().expect("SIGKILL A");
     plugin_a.child.wait().expect("wait A");
-    let _ = Command::new("umount").arg("-l").arg(&target_a).status();
-    let _ = Command::new("umount").arg("-l").arg(&staging_a).status();
-    let device = vduse_csi::csi::node::device_name(&v.volume_id);
-    let removed = Command::new(env!("CARGO_BIN_EXE_vduse-csi")).args(["device", "remove", &device]).status();
-    assert!(removed.expect("device remove").success());
 
-    // Node B takes over once Ceph sees A's client dead: librbd breaks the lock and
-    // blocklists A.
+    // Node B takes over once Ceph sees A's client dead (its watch times out): librbd breaks
+    // the lock and blocklists A.
     let started = Instant::now();
     loop {
         match stage_with(&mut b, &n.rt, &v, &staging_b, &cap) {
@@ -448,20 +443,31 @@ fn two_nodes(n: &mut Node) {
     assert!(blocklisted(&owner_a), "node A's client {owner_a} is blocklisted");
     assert_eq!(std::fs::read(staging_b.join("from-a")).expect("read on B"), b"node A wrote this");
     assert_eq!(std::fs::read(staging_b.join("still-a")).expect("read on B"), b"node A still writes");
+    std::fs::write(staging_b.join("from-b"), b"node B wrote this").expect("write on B");
+    syncfs(&staging_b);
     let req = NodeUnstageVolumeRequest {
         volume_id: v.volume_id.clone(),
         staging_target_path: staging_b.to_string_lossy().into(),
     };
     n.rt.block_on(b.node.node_unstage_volume(req)).expect("unstage on B");
     assert!(plugin_b.stop());
-    // Node A's plugin comes back (its node rebooted): it knows it no longer serves the
-    // volume once kubelet unstages it there.
+
+    // Node A's plugin comes back. It served the volume before, but node B took it over since:
+    // A's device is fenced (what the kernel still queued there fails instead of landing on
+    // B's data), its condition says so, and kubelet's unstage clears it.
     let plugin_a =
         PluginProcess::start_with(&n.root.join("csi.sock"), &n.root.join("state"), "all", HARNESS.plugin_flags);
     n.c = n.rt.block_on(connect(&plugin_a.socket));
     n.plugin = Some(plugin_a);
+    let condition = n.stats(&v.volume_id, &staging_a).volume_condition.expect("condition");
+    assert!(condition.abnormal && condition.message.contains("fenced"), "{condition:?}");
     n.unpublish(&v.volume_id, &target_a).expect("unpublish on A");
     n.unstage(&v.volume_id, &staging_a).expect("unstage on A");
+    // B's write survived A's comeback.
+    let staging_c = n.staging("pvc-rbd-shared-again");
+    stage_with(&mut n.c, &n.rt, &v, &staging_c, &cap).expect("stage again on A");
+    assert_eq!(std::fs::read(staging_c.join("from-b")).expect("read on A"), b"node B wrote this");
+    n.unstage(&v.volume_id, &staging_c).expect("unstage on A");
     n.delete(&v.volume_id).expect("delete");
 }
 

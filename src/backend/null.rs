@@ -2,6 +2,11 @@
 //! written. It measures what the rest of the path costs (the kernel's VDUSE frontend and
 //! bounce copy, our queue engine, the interrupt) with the storage taken out, like the
 //! kernel's null_blk or rublk's null target. Reads return whatever the bounce pages held.
+//!
+//! Its failing form ([`NullBackend::fenced`]) fails every request instead: it serves a device
+//! whose storage this node must not write any more (its RBD image was taken over by another
+//! node while this node's server was down), so that I/O the kernel still queued ends with
+//! errors rather than waiting for ever, and the filesystem on it can be unmounted.
 
 use std::io;
 
@@ -12,6 +17,8 @@ use super::{Backend, Error, IoBuf, IoOp, QueueIo, Result, SECTOR_SIZE, SliceSour
 #[derive(Debug, Clone, Copy)]
 pub struct NullBackend {
     capacity: u64,
+    /// The errno every request fails with; `None`: every request succeeds.
+    fails_with: Option<i32>,
 }
 
 impl NullBackend {
@@ -20,13 +27,22 @@ impl NullBackend {
         if capacity == 0 || capacity % SECTOR_SIZE != 0 {
             return Err(Error::InvalidSize { size: capacity });
         }
-        Ok(Self { capacity })
+        Ok(Self { capacity, fails_with: None })
+    }
+
+    /// A fenced disk of `capacity` bytes: every request fails with EIO. Its `flush` succeeds:
+    /// no write was ever acknowledged, so none is owed.
+    pub fn fenced(capacity: u64) -> Self {
+        Self { capacity, fails_with: Some(libc::EIO) }
     }
 }
 
 impl Execute for NullBackend {
     fn execute(&mut self, _: &dyn SliceSource, _: &[IoBuf], _: &IoOp) -> io::Result<()> {
-        Ok(())
+        match self.fails_with {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -71,5 +87,28 @@ mod tests {
         queue.reap(&mut out);
         assert_eq!(out.iter().map(|c| (c.tag, c.result.is_ok())).collect::<Vec<_>>(), [(3, true), (1, true)]);
         assert_eq!(queue.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_fenced_disk_fails_every_request_and_owes_nothing() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("memory");
+        let backend = NullBackend::fenced(1 << 20);
+        let bufs = [IoBuf { addr: GuestAddress(0), len: 512 }];
+        let mut queue = backend.open_queue(4).expect("queue");
+        let ops = [
+            IoOp::Read { offset: 0, bufs: super::super::BufRange { start: 0, end: 1 } },
+            IoOp::Write { offset: 0, bufs: super::super::BufRange { start: 0, end: 1 } },
+            IoOp::Flush,
+            IoOp::Discard { offset: 0, len: 512 },
+        ];
+        for (tag, op) in ops.into_iter().enumerate() {
+            queue.submit(&mem, &bufs, op, tag as u16);
+        }
+        let mut out = Vec::new();
+        queue.reap(&mut out);
+        assert_eq!(out.len(), 4);
+        assert!(out.iter().all(|c| c.result.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EIO)));
+        assert!(backend.flush().is_ok(), "no write was acknowledged, so none is owed");
+        assert!(backend.grow(2 << 20).is_err());
     }
 }

@@ -89,6 +89,8 @@ pub struct Plugin {
     pub counters: AtomicBool,
     /// The Ceph clusters RBD volumes may live in (`--ceph-clusters`).
     pub ceph: rbd::Clusters,
+    /// RBD volumes whose device this node serves fenced (every request fails), with why.
+    pub fenced: Mutex<HashMap<String, String>>,
 }
 
 impl Plugin {
@@ -104,6 +106,7 @@ impl Plugin {
             not_ready_reason: Mutex::new(None),
             counters: AtomicBool::new(false),
             ceph,
+            fenced: Mutex::new(HashMap::new()),
         })
     }
 

@@ -14,7 +14,7 @@ use super::proto::node_server::Node;
 use super::proto::*;
 use super::{Error, MIB, Plugin, Result, blocking, rbd, required, volume_id};
 use crate::backend::CacheMode;
-use crate::backend::{Backend, FileBackend};
+use crate::backend::{Backend, FileBackend, NullBackend};
 use crate::host;
 use crate::server::{DeviceOptions, DeviceServer, HealthState};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
@@ -57,7 +57,16 @@ fn reader_only(mode: i32) -> bool {
 /// Starts serving a volume's image and returns the server.
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
     let backend: Arc<dyn Backend> = if rbd::is_rbd(&meta.spec) {
-        Arc::new(rbd::open_backend(plugin, meta)?)
+        match rbd::open_backend(plugin, meta)? {
+            rbd::Opened::Served(backend) => Arc::new(backend),
+            rbd::Opened::Fenced(reason) => {
+                tracing::error!(volume = %meta.spec.id, reason, "fenced: every request to this device fails until it is unstaged");
+                if let Ok(mut fenced) = plugin.fenced.lock() {
+                    fenced.insert(meta.spec.id.clone(), reason);
+                }
+                Arc::new(NullBackend::fenced(meta.spec.capacity_bytes))
+            }
+        }
     } else {
         let image = plugin.store.image_path(&meta.spec.id)?;
         // Validated at CreateVolume; metadata from an older release has none.
@@ -294,6 +303,9 @@ pub(super) fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
     }
     meta.staged = None;
     meta.published.clear();
+    if let Ok(mut fenced) = plugin.fenced.lock() {
+        fenced.remove(id);
+    }
     if rbd::is_rbd(&meta.spec) {
         // Its lock is released (the server closed the image); the node keeps nothing.
         plugin.store.delete_volume(id)?;
@@ -494,6 +506,9 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
         // A queue or control thread of the server stopped on a fault: the reason says which.
         _ if let Some(HealthState::Degraded(reason)) = &health => {
             abnormal(format!("the device server of volume {id} is degraded: {reason}"))
+        }
+        _ if let Some(reason) = plugin.fenced.lock().ok().and_then(|f| f.get(id).cloned()) => {
+            abnormal(format!("volume {id} is fenced on this node, every request fails: {reason}; unstage it"))
         }
         Some(d) if !d.exists() => abnormal(format!("{} of volume {id} is gone", d.display())),
         Some(d) if !staged.block && !mounted_from(&staged.staging_path, d) => abnormal(format!(

@@ -46,6 +46,9 @@ pub const NAME_KEY: &str = "vduse-csi.name";
 /// resized). A clone inherits its parent's metadata, so both keys hold the parent's name
 /// until the clone is made ours.
 const READY_KEY: &str = "vduse-csi.ready";
+/// Image metadata: the node that last took the image's lock to serve it. A node whose server
+/// restarts finds another node's name there if the image was taken over meanwhile.
+const HOLDER_KEY: &str = "vduse-csi.holder";
 /// The node's private record beside a staged RBD volume's metadata.
 const NODE_RECORD: &str = "rbd.json";
 const ID_PREFIX: &str = "rbd";
@@ -634,9 +637,21 @@ pub fn record_for_stage(
     Ok(meta)
 }
 
+/// How a staged volume's image opened for its device server.
+pub enum Opened {
+    Served(RbdBackend),
+    /// Another node took the image over since this node served it: whatever this node still
+    /// has queued for it must fail, not land (the reason says who).
+    Fenced(String),
+}
+
 /// Opens a staged (or being staged) RBD volume's image for its device server, taking its
 /// lock (from this node's dead previous server if need be), and records the new lock owner.
-pub fn open_backend(plugin: &Plugin, meta: &VolumeMeta) -> Result<RbdBackend> {
+///
+/// A volume this node served before (its record names a lock owner) is fenced rather than
+/// served if another node holds the lock or took it since: the kernel here may still queue
+/// writes from before the takeover, and replaying them would overwrite the other node's.
+pub fn open_backend(plugin: &Plugin, meta: &VolumeMeta) -> Result<Opened> {
     let id = &meta.spec.id;
     let loc = location(id)?;
     let mut record: NodeRecord = plugin.store.read_private(id, NODE_RECORD)?.ok_or_else(|| {
@@ -644,12 +659,25 @@ pub fn open_backend(plugin: &Plugin, meta: &VolumeMeta) -> Result<RbdBackend> {
     })?;
     let cluster = connect(plugin, &loc.cluster_id, record.user.clone(), record.key.clone())?;
     let pool = Arc::new(cluster.pool_by_id(loc.pool_id)?);
-    let backend = RbdBackend::open(&pool, &loc.image, record.lock_owner.as_deref())?;
+    let served_before = record.lock_owner.is_some();
+    if served_before {
+        let holder = pool.open(&loc.image)?.metadata(HOLDER_KEY)?;
+        if let Some(other) = holder.filter(|h| *h != plugin.node_id) {
+            return Ok(Opened::Fenced(format!("node {other} took image {} over since this node served it", loc.image)));
+        }
+    }
+    let backend = match RbdBackend::open(&pool, &loc.image, record.lock_owner.as_deref()) {
+        Err(ceph::Error::Locked { owners, .. }) if served_before => {
+            return Ok(Opened::Fenced(format!("client {owners} of another node holds image {}", loc.image)));
+        }
+        other => other?,
+    };
+    backend.image().set_metadata(HOLDER_KEY, &plugin.node_id)?;
     if record.lock_owner.as_deref() != Some(backend.lock_owner()) {
         record.lock_owner = Some(backend.lock_owner().to_owned());
         plugin.store.write_private(id, NODE_RECORD, &record)?;
     }
-    Ok(backend)
+    Ok(Opened::Served(backend))
 }
 
 /// Whether a volume record is an RBD volume's.
