@@ -6,7 +6,8 @@
 #        tests/ceph/cluster.sh stop DIR    # kills the daemons, removes DIR
 #
 # The pool is "rbd". Runs on the host or in the test guest (Debian's ceph-mon, ceph-mgr,
-# ceph-osd and ceph-common). Timings under TCG are in tests/ceph/README-like comments below.
+# ceph-osd and ceph-common); under TCG the cluster is up in about 40 s. A start whose OSD does
+# not come up is retried from scratch (twice), with the OSD's log shown.
 set -euo pipefail
 
 log() { echo "ceph/cluster: $*" >&2; }
@@ -33,8 +34,7 @@ stop() {
 # Runs the ceph CLI against this cluster, with a bound so a dead mon cannot hang a test.
 ceph_cli() { timeout 120 ceph -c "$dir/ceph.conf" --connect-timeout 60 "$@"; }
 
-start() {
-    [[ ! -e $dir/ceph.conf ]] || die "$dir already holds a cluster"
+start_once() {
     mkdir -p "$dir"/{run,log,mon-a,mgr-x,osd-0}
     dir=$(realpath "$dir")
     local fsid
@@ -77,23 +77,35 @@ osd max object namespace len = 64
 EOF
     monmaptool --create --clobber --add a 127.0.0.1 --fsid "$fsid" "$dir/monmap" >/dev/null
     ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" >/dev/null
-    ceph-mon -c "$dir/ceph.conf" -i a
-    ceph-mgr -c "$dir/ceph.conf" -i x
+    ceph-mon -c "$dir/ceph.conf" -i a 2>>"$dir/log/mon.stderr"
+    ceph-mgr -c "$dir/ceph.conf" -i x 2>>"$dir/log/mgr.stderr"
     local id
     id=$(ceph_cli osd create)
     [[ $id == 0 ]] || die "expected osd id 0, got $id"
-    ceph-osd -c "$dir/ceph.conf" -i 0 --mkfs >/dev/null 2>&1 || die "ceph-osd --mkfs failed: see $dir/log/osd.0.log"
-    ceph-osd -c "$dir/ceph.conf" -i 0
+    ceph-osd -c "$dir/ceph.conf" -i 0 --mkfs >/dev/null 2>&1 || { log "ceph-osd --mkfs failed"; return 1; }
+    ceph-osd -c "$dir/ceph.conf" -i 0 2>>"$dir/log/osd.0.stderr"
     ceph_cli osd crush add osd.0 1.0 host=localhost root=default >/dev/null 2>&1 || true
     local i
-    for ((i = 0; i < 120; i++)); do
+    for ((i = 0; i < 90; i++)); do
         ceph_cli osd stat 2>/dev/null | grep -q "1 up" && break
         sleep 1
     done
-    ((i < 120)) || die "osd.0 did not come up: see $dir/log/osd.0.log"
+    ((i < 90)) || { log "osd.0 did not come up"; return 1; }
     ceph_cli osd pool create rbd 8 >/dev/null 2>&1
     timeout 120 rbd -c "$dir/ceph.conf" pool init rbd
     log "cluster up in $dir (fsid $fsid)"
+}
+
+start() {
+    [[ ! -e $dir/ceph.conf ]] || die "$dir already holds a cluster"
+    local attempt
+    for attempt in 1 2 3; do
+        start_once && return 0
+        log "attempt $attempt failed; the OSD's log ends:"
+        tail -n 20 "$dir"/log/osd.0.log "$dir"/log/osd.0.stderr >&2 2>/dev/null || true
+        stop
+    done
+    die "no cluster after 3 attempts"
 }
 
 case $cmd in
