@@ -330,6 +330,12 @@ impl Controller for ControllerService {
             ))
             .into());
         }
+        if rbd::is_rbd_id(&id) {
+            // A node-local volume's ID is its name; this prefix names RBD volumes.
+            return Err(
+                Error::InvalidArgument(format!("volume names starting with \"rbd.\" are reserved: {id:?}")).into()
+            );
+        }
         let (queues, parameters) = check_parameters(&req.parameters)?;
         let fs_type = fs_type_of(&req.volume_capabilities, &req.parameters)?;
         if !topology_ok(&self.plugin, req.accessibility_requirements.as_ref()) {

@@ -612,7 +612,8 @@ pub fn record_for_stage(
     // The volume context is what CreateVolume kept; check it like parameters.
     let mut params: HashMap<String, String> = context
         .iter()
-        .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
+        // kubelet may add its own keys (pod info); the filesystem type is one of ours.
+        .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/") || k.as_str() == super::PARAM_FS_TYPE)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     params.insert(PARAM_BACKEND.into(), BACKEND_RBD.into());
