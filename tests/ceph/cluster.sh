@@ -68,7 +68,11 @@ mgr data = $dir/mgr-\$id
 osd data = $dir/osd-\$id
 osd objectstore = bluestore
 bluestore block create = true
-bluestore block size = 3221225472
+# Smaller than the test guest's /tmp (a 1500 MiB tmpfs, RAM): BlueStore then reuses the space
+# it frees. A larger sparse file keeps taking fresh tmpfs pages for new extents until the
+# tmpfs is full and the OSD's writes fail (a benchmark run hung in its third round, most
+# likely so).
+bluestore block size = 1073741824
 bluestore fsck on mkfs = false
 bluestore cache size = 67108864
 osd memory target = 536870912
