@@ -817,3 +817,99 @@ fn metrics_count_calls_by_method_and_code_and_report_the_store() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("cannot bind metrics address"), "{stderr}");
 }
+
+/// The cluster-wide RBD controller and the node's RBD endpoint, as far as they need no Ceph:
+/// their identities, capabilities and refusals. Calls that reach Ceph are in tests/rbd.rs.
+#[test]
+fn the_rbd_controller_and_the_rbd_node_endpoint_answer_for_their_driver() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clusters = dir.path().join("clusters.json");
+        let controller = PluginProcess::start_with(
+            &dir.path().join("rbd-controller.sock"),
+            &dir.path().join("controller-state"),
+            "controller",
+            &["--driver-name=rbd.vduse.csi.dev", &format!("--ceph-clusters={}", clusters.display())],
+        );
+        let mut c = connect(&controller.socket).await;
+        let info = c.identity.get_plugin_info(GetPluginInfoRequest {}).await.expect("info").into_inner();
+        assert_eq!(info.name, "rbd.vduse.csi.dev");
+        let caps =
+            c.identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.expect("caps").into_inner();
+        use plugin_capability::service::Type as S;
+        let services: Vec<i32> = caps
+            .capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(services, [S::ControllerService as i32], "RBD volumes have no topology");
+        let caps = c.controller.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.expect("caps");
+        let rpcs: Vec<i32> = caps
+            .into_inner()
+            .capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        use controller_service_capability::rpc::Type as T;
+        assert!(rpcs.contains(&(T::ExpandVolume as i32)) && rpcs.contains(&(T::CloneVolume as i32)), "{rpcs:?}");
+        for absent in [T::ListVolumes, T::ListSnapshots, T::GetCapacity] {
+            assert!(!rpcs.contains(&(absent as i32)), "{absent:?} offered: {rpcs:?}");
+        }
+        // A class without `backend: rbd` is not this controller's; a missing clusters file is
+        // the operator's to fix.
+        let cap = mount_cap("ext4", writer());
+        assert_code(
+            c.controller.create_volume(create_request("pvc-local", 1 << 20, cap.clone())).await,
+            Code::InvalidArgument,
+        );
+        let rbd = HashMap::from([
+            ("backend".to_string(), "rbd".to_string()),
+            ("clusterID".to_string(), "ceph".to_string()),
+            ("pool".to_string(), "rbd".to_string()),
+        ]);
+        let req = CreateVolumeRequest { parameters: rbd, ..create_request("pvc-rbd", 1 << 20, cap) };
+        assert_code(c.controller.create_volume(req).await, Code::FailedPrecondition);
+
+        // A node plugin serves RBD volumes' Node service on a second socket, under the RBD name.
+        let rbd_socket = dir.path().join("rbd-node.sock");
+        let node = PluginProcess::start_with(
+            &dir.path().join("node.sock"),
+            &dir.path().join("node-state"),
+            "all",
+            &[
+                &format!("--ceph-clusters={}", clusters.display()),
+                &format!("--rbd-endpoint=unix://{}", rbd_socket.display()),
+            ],
+        );
+        // The second socket is bound after the first (which start_with waits for).
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(&rbd_socket).is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mut n = connect(&rbd_socket).await;
+        let info = n.identity.get_plugin_info(GetPluginInfoRequest {}).await.expect("info").into_inner();
+        assert_eq!(info.name, "rbd.vduse.csi.dev");
+        let caps =
+            n.identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.expect("caps").into_inner();
+        assert!(
+            !caps.capabilities.iter().any(|c| matches!(&c.r#type, Some(plugin_capability::Type::Service(_)))),
+            "the RBD endpoint offers neither topology nor a controller: {:?}",
+            caps.capabilities
+        );
+        let node_caps = n.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.expect("node caps");
+        assert!(!node_caps.into_inner().capabilities.is_empty());
+        let mut main = connect(&node.socket).await;
+        let info = main.identity.get_plugin_info(GetPluginInfoRequest {}).await.expect("info").into_inner();
+        assert_eq!(info.name, "vduse.csi.dev", "the main socket keeps the node-local driver's name");
+        drop(node);
+        drop(controller);
+    });
+}

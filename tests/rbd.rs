@@ -17,6 +17,7 @@ use common::guest_node::{self, Harness, Node, Scenario, syncfs};
 use common::*;
 use tonic::Code;
 use vduse_csi::csi::proto::*;
+use vduse_csi::csi::rbd::image_name;
 
 const CEPH_DIR: &str = "/tmp/ceph";
 const CLUSTERS_FILE: &str = "/tmp/ceph-clusters.json";
@@ -244,10 +245,11 @@ fn retire(n: &mut Node, v: &Volume, staging: &Path, target: &Path) {
     n.delete(&v.volume_id).expect("delete");
 }
 
-fn fio_verify_cmd(dev: &Path, out: &str) -> String {
+/// fio writing `mib` MiB per job (2 jobs × QD32, 4k random) and verifying all of it.
+fn fio_verify_cmd(dev: &Path, mib: u32, out: &str) -> String {
     format!(
         "fio --name=rbd --filename={} --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 \
-         --numjobs=2 --size=6M --offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --numjobs=2 --size={mib}M --offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 \
          --verify_state_save=0 --randrepeat=0 --group_reporting --output={out}",
         dev.display()
     )
@@ -256,7 +258,7 @@ fn fio_verify_cmd(dev: &Path, out: &str) -> String {
 fn fio_verify(n: &mut Node) {
     let (v, staging, target) = block_volume(n, "pvc-rbd-fio", 64, rbd_params());
     let lines = kernel_lines();
-    let (ok, _) = run(&fio_verify_cmd(&target, "/tmp/rbd-fio.out"));
+    let (ok, _) = run(&fio_verify_cmd(&target, 6, "/tmp/rbd-fio.out"));
     let report = std::fs::read_to_string("/tmp/rbd-fio.out").unwrap_or_default();
     println!("{}", report.lines().filter(|l| l.contains("IOPS") || l.contains("err=")).collect::<Vec<_>>().join("\n"));
     assert!(ok, "fio failed: {report}");
@@ -321,7 +323,8 @@ fn snapshot_and_clones(n: &mut Node) {
     }
     assert_ne!(md5(&target, 16), original, "the source changed after the snapshot");
     retire(n, &v, &staging, &target);
-    let left: Vec<String> = images().into_iter().filter(|i| i.starts_with("csi-")).collect();
+    let ours = ["pvc-rbd-src", "pvc-rbd-from-snap", "pvc-rbd-from-vol"].map(image_name);
+    let left: Vec<String> = images().into_iter().filter(|i| ours.contains(i)).collect();
     assert!(left.is_empty(), "images left: {left:?}");
 }
 
@@ -359,11 +362,13 @@ fn sigkill_under_fio(n: &mut Node) {
     params.insert("queues".into(), "2".into());
     let (v, staging, target) = block_volume(n, "pvc-rbd-kill", 64, params);
     let lines = kernel_lines();
-    let mut fio = Command::new("sh").arg("-c").arg(fio_verify_cmd(&target, "/tmp/rbd-kill.out")).spawn().expect("fio");
+    // Long enough (about 30 s of writes under TCG) for both kills to land while fio writes.
+    let mut fio =
+        Command::new("sh").arg("-c").arg(fio_verify_cmd(&target, 14, "/tmp/rbd-kill.out")).spawn().expect("fio");
     let state = n.root.join("state");
     let mut kills = 0;
     while kills < 2 {
-        std::thread::sleep(Duration::from_secs(4));
+        std::thread::sleep(Duration::from_secs(3));
         if fio.try_wait().expect("fio status").is_some() {
             break;
         }
@@ -520,5 +525,5 @@ fn bad_requests(n: &mut Node) {
         Code::NotFound,
     );
     assert!(!n.root.join("state/volumes/rbd.test.1.csi-vol-00000000deadbeef").exists());
-    assert!(images().iter().all(|i| !i.starts_with("csi-")), "no image was created");
+    assert!(!images().contains(&image_name("pvc-rbd-bad")), "no image was created");
 }

@@ -521,26 +521,31 @@ impl Controller for ControllerService {
         }))
     }
 
-    /// EXPAND_VOLUME is deliberately not advertised: csi-resizer has no per-node mode, so its
-    /// one leader would send ControllerExpandVolume for every node's volumes to its own node's
-    /// plugin, which only knows its own. Without the capability the resizer does node-only
-    /// expansion and NodeExpandVolume, on the volume's node, grows the image.
+    /// For node-local volumes EXPAND_VOLUME is deliberately not advertised: csi-resizer has no
+    /// per-node mode, so its one leader would send ControllerExpandVolume for every node's
+    /// volumes to its own node's plugin, which only knows its own. Without the capability the
+    /// resizer does node-only expansion and NodeExpandVolume, on the volume's node, grows the
+    /// image. The cluster-wide RBD controller advertises it: any replica can resize an image.
     async fn controller_get_capabilities(
         &self,
         _: Request<ControllerGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         use controller_service_capability::rpc::Type as T;
+        // The RBD controller lists nothing (its listings would be of the node-local store it
+        // does not use) and knows no pool's capacity; it expands images itself.
+        let rbd = self.plugin.rbd_controller();
         let capabilities = [
-            T::CreateDeleteVolume,
-            T::ListVolumes,
-            T::GetCapacity,
-            T::CreateDeleteSnapshot,
-            T::ListSnapshots,
-            T::CloneVolume,
-            T::SingleNodeMultiWriter,
+            (T::CreateDeleteVolume, true),
+            (T::ListVolumes, !rbd),
+            (T::GetCapacity, !rbd),
+            (T::CreateDeleteSnapshot, true),
+            (T::ListSnapshots, !rbd),
+            (T::CloneVolume, true),
+            (T::SingleNodeMultiWriter, true),
+            (T::ExpandVolume, rbd),
         ]
         .into_iter()
-        .chain(self.plugin.rbd_controller().then_some(T::ExpandVolume))
+        .filter_map(|(t, offered)| offered.then_some(t))
         .map(|t| ControllerServiceCapability {
             r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
                 r#type: t as i32,

@@ -329,6 +329,33 @@ pub fn create_volume(
     let pool = Arc::new(cluster.pool(&params.pool)?);
     let image = image_name(name);
     let loc = ImageLocation { cluster_id: params.cluster_id.clone(), pool_id: pool.id(), image: image.clone() };
+    // Refused before anything is made: a clone stays in its source's pool, and cannot be
+    // smaller than what it copies.
+    let source_pool = match &source {
+        None => None,
+        Some(Source::Snapshot(snap)) => Some(snap.volume.pool_id),
+        Some(Source::Volume(vol)) => Some(vol.pool_id),
+    };
+    if source_pool.is_some_and(|p| p != loc.pool_id) {
+        return Err(Error::InvalidArgument(format!(
+            "the source lives in another pool than {}: clones stay in their source's pool",
+            params.pool
+        )));
+    }
+    let source_size = match &source {
+        None => 0,
+        Some(Source::Snapshot(snap)) => {
+            let parent = pool.open(&snap.volume.image)?;
+            let found = parent.snapshots()?.into_iter().find(|s| s.name == snap.snap);
+            found.ok_or_else(|| Error::NotFound(format!("snapshot {} does not exist", snap.snapshot_id())))?.size
+        }
+        Some(Source::Volume(vol)) => pool.open(&vol.image)?.size()?,
+    };
+    if source_size > capacity {
+        return Err(Error::OutOfRange(format!(
+            "the source holds {source_size} bytes, more than the requested {capacity}"
+        )));
+    }
     let created = match &source {
         None => pool.create_image(&image, capacity),
         Some(Source::Snapshot(snap)) => clone_snapshot(&pool, snap, &image),
@@ -364,13 +391,8 @@ pub fn create_volume(
                 _ => {}
             }
         }
-        let size = img.size()?;
-        if size < capacity {
+        if img.size()? < capacity {
             img.resize(capacity)?;
-        } else if size > capacity && source.is_some() {
-            return Err(Error::OutOfRange(format!(
-                "the source holds {size} bytes, more than the requested {capacity}"
-            )));
         }
         img.set_metadata(READY_KEY, name)?;
     }
