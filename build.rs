@@ -58,7 +58,6 @@ fn rbd_binding() -> Result<(), Box<dyn std::error::Error>> {
         "rbd_lock_get_owners",
         "rbd_lock_get_owners_cleanup",
         "rbd_lock_break",
-        "rbd_is_exclusive_lock_owner",
         "rbd_flush",
         "rbd_aio_create_completion",
         "rbd_aio_get_return_value",

@@ -232,6 +232,12 @@ pub fn volume_id(id: &str) -> Result<&str> {
     Ok(id)
 }
 
+/// A hash of `s` that stays the same across releases and machines (a std hasher does not):
+/// FNV-1a, 64 bits. It names things that must be found again (devices, RBD images).
+pub(crate) fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// Runs blocking work (netlink attach, mkfs, copies) off the async runtime.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("worker task failed: {e}")))?

@@ -40,10 +40,7 @@ pub fn device_name(volume_id: &str) -> String {
     if crate::vduse::validate_device_name(volume_id).is_ok() {
         return volume_id.to_owned();
     }
-    // FNV-1a: stable across releases, which a std hasher is not.
-    let hash =
-        volume_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
-    format!("vcsi-{hash:016x}")
+    format!("vcsi-{:016x}", super::stable_hash(volume_id))
 }
 
 fn mode_of(cap: &VolumeCapability) -> i32 {

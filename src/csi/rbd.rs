@@ -176,11 +176,9 @@ pub fn location(id: &str) -> Result<ImageLocation> {
     ImageLocation::parse(id).ok_or_else(|| Error::InvalidArgument(format!("{id:?} is not an RBD volume ID")))
 }
 
-/// Stable across releases (a std hasher is not): FNV-1a, 64 bits.
+/// The hash that names a CSI name's image or snapshot.
 fn name_hash(name: &str) -> String {
-    let hash =
-        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
-    format!("{hash:016x}")
+    format!("{:016x}", super::stable_hash(name))
 }
 
 /// The image name of the volume called `name`.
@@ -412,14 +410,8 @@ pub fn create_volume(
     Ok(Created { id: loc.volume_id(), capacity: size })
 }
 
-/// Clones `snap` as `child` in `pool` (the snapshot must be in the same pool).
+/// Clones `snap` as `child` in `pool`, the snapshot's own (CreateVolume checked that).
 fn clone_snapshot(pool: &Arc<Pool>, snap: &SnapshotLocation, child: &str) -> ceph::Result<()> {
-    if snap.volume.pool_id != pool.id() {
-        return Err(ceph::Error::Call {
-            op: "clone across pools",
-            source: std::io::Error::from_raw_os_error(libc::EXDEV),
-        });
-    }
     let parent = pool.open(&snap.volume.image)?;
     parent.protect_snapshot(&snap.snap)?;
     drop(parent);
@@ -443,12 +435,6 @@ fn clone_snapshot_name(name: &str) -> String {
 /// Clones the volume `source` as `child`, through a snapshot taken for this clone alone
 /// ([`remove_clone_snapshot`] removes it once the clone is flattened).
 fn clone_volume(pool: &Arc<Pool>, source: &ImageLocation, name: &str, child: &str) -> ceph::Result<()> {
-    if source.pool_id != pool.id() {
-        return Err(ceph::Error::Call {
-            op: "clone across pools",
-            source: std::io::Error::from_raw_os_error(libc::EXDEV),
-        });
-    }
     let snap = clone_snapshot_name(name);
     let parent = pool.open(&source.image)?;
     match parent.create_snapshot(&snap) {

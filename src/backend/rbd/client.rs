@@ -90,7 +90,7 @@ impl Cluster {
         // SAFETY: the cluster is connected, `cname` outlives the call, `io` is an out-pointer.
         check("rados_ioctx_create", unsafe { sys::rados_ioctx_create(self.handle, cname.as_ptr(), &mut io) })
             .map_err(|e| e.context(format!("pool {name}")))?;
-        Ok(Pool { cluster: Arc::clone(self), io })
+        Ok(Pool { _cluster: Arc::clone(self), io })
     }
 
     /// An I/O context on the pool with ID `id`.
@@ -99,7 +99,7 @@ impl Cluster {
         // SAFETY: the cluster is connected and `io` is an out-pointer.
         check("rados_ioctx_create2", unsafe { sys::rados_ioctx_create2(self.handle, id, &mut io) })
             .map_err(|e| e.context(format!("pool id {id}")))?;
-        Ok(Pool { cluster: Arc::clone(self), io })
+        Ok(Pool { _cluster: Arc::clone(self), io })
     }
 }
 
@@ -113,7 +113,8 @@ impl Drop for Cluster {
 
 /// A pool's I/O context.
 pub struct Pool {
-    cluster: Arc<Cluster>,
+    /// Keeps the connection up while the pool is in use.
+    _cluster: Arc<Cluster>,
     io: sys::rados_ioctx_t,
 }
 
@@ -183,11 +184,6 @@ impl Pool {
             .map_err(|e| e.context(format!("image {name}")))?;
         Ok(Image { _pool: Arc::clone(self), handle: image, name: name.to_owned() })
     }
-
-    /// The cluster this pool belongs to.
-    pub fn cluster(&self) -> &Arc<Cluster> {
-        &self.cluster
-    }
 }
 
 impl Drop for Pool {
@@ -221,10 +217,6 @@ unsafe impl Send for Image {}
 unsafe impl Sync for Image {}
 
 impl Image {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Size in bytes.
     pub fn size(&self) -> Result<u64> {
         let mut size = 0u64;
@@ -390,14 +382,6 @@ impl Image {
         check("rbd_lock_acquire", unsafe { sys::rbd_lock_acquire(self.handle, sys::RBD_LOCK_MODE_EXCLUSIVE) })
             .map_err(|e| e.context(format!("exclusive lock of image {}", self.name)))?;
         Ok(())
-    }
-
-    /// Whether this handle holds the exclusive lock.
-    pub fn owns_lock(&self) -> Result<bool> {
-        let mut owner: c_int = 0;
-        // SAFETY: the image is open and `owner` an out-pointer.
-        check("rbd_is_exclusive_lock_owner", unsafe { sys::rbd_is_exclusive_lock_owner(self.handle, &mut owner) })?;
-        Ok(owner != 0)
     }
 
     /// The addresses of the clients holding the image's lock (empty when unlocked).

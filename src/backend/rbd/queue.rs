@@ -2,16 +2,19 @@
 //! buffers (the VDUSE bounce pages), one engine per queue worker.
 //!
 //! librbd runs each completion callback on one of its own threads. The callback only records
-//! `(tag, result)` in the engine's shared list and signals the engine's eventfd; the queue
-//! thread reaps the list. No thread exists per request, and the callback never calls back
-//! into librbd beyond reading and releasing its completion.
+//! the result in the operation's record, hands the record to the engine's shared list, and
+//! signals the engine's eventfd if the list was empty; the queue thread reaps the list. No
+//! thread exists per request, and the callback never calls back into librbd beyond reading
+//! and releasing its completion. Records (and their iovec tables) are kept per tag and
+//! reused, so a request allocates nothing of ours.
 
 use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::client::Image;
@@ -21,15 +24,19 @@ use crate::backend::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 /// What completions the callbacks have posted, shared between librbd's threads and the
 /// queue thread.
 struct Posted {
-    done: Mutex<Vec<Completion>>,
-    /// Completions in `done`, readable without the lock.
+    /// Records of finished operations, their results filled in. Boxed: a record's address is
+    /// its operation's callback argument, so it moves between owners without moving.
+    #[allow(clippy::vec_box)]
+    done: Mutex<Vec<Box<InFlight>>>,
+    /// Records in `done`, readable without the lock.
     count: AtomicUsize,
-    ready: Condvar,
+    /// Written when `done` stops being empty (never read by the queue thread, which watches
+    /// it for edges; [`RbdQueue::wait`] reads it).
     notifier: EventFd,
 }
 
-/// One operation in librbd's hands: owned by the completion's callback argument from
-/// submission until the callback runs.
+/// One tag's operation record: owned by the completion's callback argument from submission
+/// until the callback hands it to [`Posted::done`], then reused for the tag's next operation.
 struct InFlight {
     posted: Arc<Posted>,
     tag: u16,
@@ -37,7 +44,14 @@ struct InFlight {
     iovecs: Vec<libc::iovec>,
     /// Bytes a read must return; 0 for anything else.
     read_len: u64,
+    /// Set by the callback.
+    result: io::Result<()>,
 }
+
+// SAFETY: the raw pointers in `iovecs` point into the worker's mapped memory and are only
+// handed to librbd, never dereferenced here; a record is used by one thread at a time (the
+// queue thread, librbd while in flight, the callback), handed over through librbd or the lock.
+unsafe impl Send for InFlight {}
 
 /// A queue worker's librbd engine.
 pub struct RbdQueue {
@@ -47,6 +61,8 @@ pub struct RbdQueue {
     submitted: usize,
     /// Completions decided without librbd (unresolvable buffers, refused submissions).
     ready: Vec<Completion>,
+    /// Each tag's record while it is not in flight (made at the tag's first use).
+    spare: Vec<Option<Box<InFlight>>>,
 }
 
 impl RbdQueue {
@@ -55,24 +71,24 @@ impl RbdQueue {
         let posted = Arc::new(Posted {
             done: Mutex::new(Vec::with_capacity(depth.into())),
             count: AtomicUsize::new(0),
-            ready: Condvar::new(),
             notifier,
         });
-        Ok(Self { image, posted, capacity: depth.into(), submitted: 0, ready: Vec::new() })
+        let spare = (0..depth).map(|_| None).collect();
+        Ok(Self { image, posted, capacity: depth.into(), submitted: 0, ready: Vec::new(), spare })
     }
 
     fn fail(&mut self, tag: u16, errno: i32) {
         self.ready.push(Completion { tag, result: Err(io::Error::from_raw_os_error(errno)) });
     }
 
-    /// The iovec table of `bufs` in `mem`, or `None` if a buffer is not mapped.
-    fn iovecs(mem: &dyn SliceSource, bufs: &[IoBuf]) -> Option<Vec<libc::iovec>> {
-        bufs.iter()
-            .map(|b| {
-                let slice = mem.slice(b.addr, b.len as usize)?;
-                Some(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast::<c_void>(), iov_len: slice.len() })
-            })
-            .collect()
+    /// Fills `table` with the iovecs of `bufs` in `mem`; false if a buffer is not mapped.
+    fn fill_iovecs(table: &mut Vec<libc::iovec>, mem: &dyn SliceSource, bufs: &[IoBuf]) -> bool {
+        table.clear();
+        for b in bufs {
+            let Some(slice) = mem.slice(b.addr, b.len as usize) else { return false };
+            table.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast::<c_void>(), iov_len: slice.len() });
+        }
+        true
     }
 }
 
@@ -80,33 +96,34 @@ impl RbdQueue {
 extern "C" fn on_complete(completion: sys::rbd_completion_t, arg: *mut c_void) {
     // SAFETY: `arg` is the `Box<InFlight>` leaked at submission for exactly this completion,
     // and librbd calls this once per completion.
-    let op = unsafe { Box::from_raw(arg.cast::<InFlight>()) };
+    let mut op = unsafe { Box::from_raw(arg.cast::<InFlight>()) };
     // SAFETY: `completion` is the finished completion this callback belongs to; its return
     // value is read before it is released, and it is not used afterwards.
     let ret = unsafe { sys::rbd_aio_get_return_value(completion) };
     // SAFETY: as above; released once, here.
     unsafe { sys::rbd_aio_release(completion) };
     // Writes return 0 on Pacific and the byte count on later releases; reads the byte count.
-    let result = if ret < 0 {
+    op.result = if ret < 0 {
         Err(io::Error::from_raw_os_error(-ret as i32))
     } else if op.read_len != 0 && ret as u64 != op.read_len {
         Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("short read: {ret} of {} bytes", op.read_len)))
     } else {
         Ok(())
     };
+    // The record goes back to the queue thread; this clone keeps the list and the eventfd
+    // alive until we are done with them, even if the engine is dropped meanwhile.
     let posted = Arc::clone(&op.posted);
-    let tag = op.tag;
-    // The iovec table may go now: the operation is over.
-    drop(op);
     // A poisoned lock only means another callback panicked; the list itself is intact.
     let mut done = posted.done.lock().unwrap_or_else(|e| e.into_inner());
-    done.push(Completion { tag, result });
-    posted.count.fetch_add(1, Ordering::Release);
+    done.push(op);
+    let was_empty = posted.count.fetch_add(1, Ordering::Release) == 0;
     drop(done);
-    posted.ready.notify_one();
-    // The counter is never read (the queue thread watches for edges): a full counter
-    // (EAGAIN) still left an edge pending.
-    let _ = posted.notifier.write(1);
+    // One signal per batch: the queue thread reaps the whole list, and a completion that
+    // finds it non-empty is reaped with the one that signalled. A full counter (EAGAIN)
+    // still left an edge pending.
+    if was_empty {
+        let _ = posted.notifier.write(1);
+    }
 }
 
 impl QueueIo for RbdQueue {
@@ -118,24 +135,35 @@ impl QueueIo for RbdQueue {
         if usize::from(tag) >= self.capacity {
             return self.fail(tag, libc::EINVAL);
         }
-        let (iovecs, read_len) = match op {
-            IoOp::Read { bufs: range, .. } | IoOp::Write { bufs: range, .. } => {
-                let Some(iovecs) = buffers(bufs, range).ok().and_then(|b| Self::iovecs(mem, b)) else {
-                    return self.fail(tag, libc::EFAULT);
-                };
-                let len = iovecs.iter().map(|v| v.iov_len as u64).sum();
-                (iovecs, if matches!(op, IoOp::Read { .. }) { len } else { 0 })
+        let mut record = self.spare[usize::from(tag)].take().unwrap_or_else(|| {
+            Box::new(InFlight {
+                posted: Arc::clone(&self.posted),
+                tag,
+                iovecs: Vec::new(),
+                read_len: 0,
+                result: Ok(()),
+            })
+        });
+        record.iovecs.clear();
+        record.read_len = 0;
+        if let IoOp::Read { bufs: range, .. } | IoOp::Write { bufs: range, .. } = op {
+            let mapped = buffers(bufs, range).is_ok_and(|b| Self::fill_iovecs(&mut record.iovecs, mem, b));
+            if !mapped {
+                self.spare[usize::from(tag)] = Some(record);
+                return self.fail(tag, libc::EFAULT);
             }
-            _ => (Vec::new(), 0),
-        };
-        let arg = Box::into_raw(Box::new(InFlight { posted: Arc::clone(&self.posted), tag, iovecs, read_len }));
+            if matches!(op, IoOp::Read { .. }) {
+                record.read_len = record.iovecs.iter().map(|v| v.iov_len as u64).sum();
+            }
+        }
+        let arg = Box::into_raw(record);
         let mut completion: sys::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` stays valid until the callback reclaims it (or we do, below, if the
         // completion is never handed to librbd); `completion` is an out-pointer.
         let ret = unsafe { sys::rbd_aio_create_completion(arg.cast::<c_void>(), Some(on_complete), &mut completion) };
         if ret < 0 {
             // SAFETY: librbd did not take `arg`; it is still ours.
-            drop(unsafe { Box::from_raw(arg) });
+            self.spare[usize::from(tag)] = Some(unsafe { Box::from_raw(arg) });
             return self.fail(tag, -ret);
         }
         let image = self.image.handle;
@@ -143,9 +171,8 @@ impl QueueIo for RbdQueue {
         let table = unsafe { &(*arg).iovecs };
         // bindgen declares its own `struct iovec`, laid out as libc's.
         let (iov, iovcnt) = (table.as_ptr().cast::<sys::iovec>(), table.len() as i32);
-        // SAFETY: the image is open; the iovec table and the buffers it points to (the
-        // worker's mapped memory) stay valid until the callback runs: the table is owned by
-        // `arg`, and workers reap every operation before unmapping.
+        // SAFETY: the image is open; the table (owned by `arg`) and the buffers it names (mapped
+        // until every operation is reaped) stay valid until the callback runs.
         let ret = unsafe {
             match op {
                 IoOp::Read { offset, .. } => sys::rbd_aio_readv(image, iov, iovcnt, offset, completion),
@@ -163,10 +190,10 @@ impl QueueIo for RbdQueue {
             // argument back.
             // SAFETY: librbd did not start the operation, so the completion is unused and
             // `arg` is ours again.
-            unsafe {
+            self.spare[usize::from(tag)] = Some(unsafe {
                 sys::rbd_aio_release(completion);
-                drop(Box::from_raw(arg));
-            }
+                Box::from_raw(arg)
+            });
             return self.fail(tag, -ret);
         }
         self.submitted += 1;
@@ -182,10 +209,14 @@ impl QueueIo for RbdQueue {
             return;
         }
         let mut done = self.posted.done.lock().unwrap_or_else(|e| e.into_inner());
-        let n = done.len();
-        self.posted.count.fetch_sub(n, Ordering::Release);
-        self.submitted -= n;
-        out.append(&mut done);
+        self.posted.count.fetch_sub(done.len(), Ordering::Release);
+        self.submitted -= done.len();
+        for mut record in done.drain(..) {
+            let result = std::mem::replace(&mut record.result, Ok(()));
+            out.push(Completion { tag: record.tag, result });
+            let tag = usize::from(record.tag);
+            self.spare[tag] = Some(record);
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -197,11 +228,15 @@ impl QueueIo for RbdQueue {
     }
 
     fn wait(&mut self) {
-        if !self.ready.is_empty() || self.submitted == 0 {
-            return;
+        // The eventfd is written when the list stops being empty: consume its count, then
+        // sleep until the next write unless the list has filled meanwhile.
+        while !self.has_completions() && self.submitted > 0 {
+            let mut fds = [PollFd::new(self.posted.notifier.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::NONE).is_err_and(|e| e != nix::errno::Errno::EINTR) {
+                return;
+            }
+            let _ = self.posted.notifier.read();
         }
-        let done = self.posted.done.lock().unwrap_or_else(|e| e.into_inner());
-        let _done = self.posted.ready.wait_while(done, |d| d.is_empty()).unwrap_or_else(|e| e.into_inner());
     }
 
     fn notifier(&self) -> Option<BorrowedFd<'_>> {
