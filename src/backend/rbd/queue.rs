@@ -48,9 +48,8 @@ struct InFlight {
     result: io::Result<()>,
 }
 
-// SAFETY: the raw pointers in `iovecs` point into the worker's mapped memory and are only
-// handed to librbd, never dereferenced here; a record is used by one thread at a time (the
-// queue thread, librbd while in flight, the callback), handed over through librbd or the lock.
+// SAFETY: `iovecs` only names worker memory for librbd (never dereferenced here), and a
+// record has one user at a time, handed over through librbd's callback or the `done` lock.
 unsafe impl Send for InFlight {}
 
 /// A queue worker's librbd engine.
