@@ -7,6 +7,7 @@ pub mod blk;
 pub mod csi;
 pub mod host;
 pub mod metrics;
+pub mod node;
 pub mod server;
 pub mod units;
 pub mod vduse;

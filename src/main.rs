@@ -157,6 +157,17 @@ struct PluginArgs {
     /// volumes in full instead. 1 promises no more than the filesystem's size.
     #[arg(long, default_value_t = vduse_csi::volume::DEFAULT_OVERCOMMIT_RATIO, value_parser = parse_ratio)]
     overcommit_ratio: f64,
+    /// Largest ephemeral inline volume a pod may declare (its `size` attribute; bytes or
+    /// K/M/G/T, Ki/Mi/Gi/Ti). Pod authors, not the admin, write inline volumes and
+    /// ResourceQuota does not count them, so their only other attribute is none: queues,
+    /// thickness and QoS are the node's defaults.
+    #[arg(long, default_value = "10Gi", value_parser = parse_size)]
+    ephemeral_max_size: u64,
+    /// Seconds between two rounds of the node agent's healing: staged volumes without a
+    /// healthy device server are served again, and filesystems a killed plugin left frozen
+    /// are thawed.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_interval)]
+    heal_interval: f64,
     /// Register the driver with kubelet from this process, as node-driver-registrar would:
     /// serve kubelet's plugin registration API in this folder (kubelet's
     /// `plugins_registry`, e.g. /var/lib/kubelet/plugins_registry). For nodes without the
@@ -193,6 +204,12 @@ struct PluginArgs {
     /// both provision one claim.
     #[arg(long, default_value = csi::rbd::RBD_DRIVER_NAME)]
     rbd_driver_name: String,
+}
+
+/// `--heal-interval`: 0.05 to 3600 seconds.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.05..=3600.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not between 0.05 and 3600 seconds")) }
 }
 
 /// `--metrics-address`: an address, or none.
@@ -547,6 +564,8 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         mode: args.mode,
         driver_name: args.driver_name,
         overcommit_ratio: args.overcommit_ratio,
+        ephemeral_max_bytes: args.ephemeral_max_size,
+        heal_interval: std::time::Duration::from_secs_f64(args.heal_interval),
         kubelet_registration,
         metrics_address: args.metrics_address.0,
         ceph_clusters: args.ceph_clusters,

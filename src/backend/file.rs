@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::uring::{ImageFiles, UringQueue};
-use super::{Backend, Error, QueueIo, Result, SECTOR_SIZE};
+use super::{Backend, Error, QueueIo, Result, SECTOR_SIZE, image_lock};
 
 /// How image I/O uses the host page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,6 +114,14 @@ impl FileBackend {
             CacheMode::Writeback => None,
         };
         let memory = on_tmpfs(&file);
+        // Before the first request: see image_lock for why.
+        let locked = std::iter::once(&file).chain(direct.as_deref()).zip(image_lock::LOCK_OFFSETS);
+        for (f, offset) in locked {
+            image_lock::lock(f, offset, read_only, image_lock::DEFAULT_WAIT).map_err(|e| match e {
+                nix::errno::Errno::EAGAIN => Error::Locked(path.to_owned()),
+                other => Error::Io { op: "lock the image", source: other.into() },
+            })?;
+        }
         Ok(Self {
             files: ImageFiles { buffered: Arc::new(file), direct, memory },
             capacity: AtomicU64::new(size),

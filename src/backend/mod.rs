@@ -6,6 +6,7 @@
 //! backend moves bytes between those buffers and its storage without an intermediate copy.
 
 pub mod file;
+pub mod image_lock;
 mod instant;
 pub mod memory;
 pub mod null;
@@ -42,6 +43,9 @@ pub enum Error {
     /// Shrinking would lose data.
     #[error("cannot shrink image from {current} to {requested} bytes")]
     Shrink { current: u64, requested: u64 },
+    /// Another server's I/O on the image has not ended.
+    #[error("image {0} is still in use by another server (its I/O has not ended); try again")]
+    Locked(PathBuf),
     /// Any other I/O failure.
     #[error("{op}: {source}")]
     Io { op: &'static str, source: io::Error },

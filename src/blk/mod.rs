@@ -9,7 +9,7 @@ pub mod stats;
 pub mod worker;
 
 pub use request::DeviceLimits;
-pub use worker::{Pass, QueueError, QueueMemory, QueueWorker};
+pub use worker::{FlushFailure, Pass, QueueError, QueueMemory, QueueWorker};
 
 #[cfg(test)]
 mod fuzz;

@@ -670,3 +670,81 @@ fn a_throttled_queue_pops_what_its_bucket_admits_and_counts_everything() {
     h.process().expect("process");
     assert_eq!(h.worker.throttled_for(), None);
 }
+
+/// An engine whose flushes fail (a writeback error of the image), everything else as the
+/// memory backend does it.
+struct FailingFlushIo {
+    inner: Box<dyn QueueIo>,
+    flushes: Vec<u16>,
+}
+
+impl QueueIo for FailingFlushIo {
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn submit(&mut self, mem: &dyn SliceSource, bufs: &[IoBuf], op: IoOp, tag: u16) {
+        if op == IoOp::Flush {
+            self.flushes.push(tag);
+        }
+        self.inner.submit(mem, bufs, op, tag);
+    }
+    fn commit(&mut self) {
+        self.inner.commit();
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let start = out.len();
+        self.inner.reap(out);
+        for c in &mut out[start..] {
+            if let Some(i) = self.flushes.iter().position(|t| *t == c.tag) {
+                self.flushes.remove(i);
+                c.result = Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn has_completions(&mut self) -> bool {
+        self.inner.has_completions()
+    }
+    fn wait(&mut self) {
+        self.inner.wait();
+    }
+    fn notifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// A failed FLUSH is answered IOERR and stays recorded: later flushes that succeed (the
+/// kernel reports a writeback error only once) do not clear it, and failed reads do not set it.
+#[test]
+fn a_failed_flush_is_remembered() {
+    let mem = memory();
+    let backend = MemoryBackend::new(CAPACITY, false);
+    let io = Box::new(FailingFlushIo { inner: backend.open_queue(QUEUE_SIZE).expect("io"), flushes: Vec::new() });
+    let mut h = Harness::with_io(&mem, backend, io);
+    let failure = Arc::new(super::FlushFailure::default());
+    h.worker = std::mem::replace(
+        &mut h.worker,
+        QueueWorker::new(
+            h.mock.create_queue().expect("queue"),
+            Arc::new(MemoryBackend::new(CAPACITY, false)),
+            MemoryBackend::new(CAPACITY, false).open_queue(QUEUE_SIZE).expect("io"),
+            limits(false),
+        ),
+    )
+    .with_flush_failure(Arc::clone(&failure));
+    // A read past the end fails, and is no flush.
+    header(&mem, HDR, VIRTIO_BLK_T_IN, CAPACITY / 512);
+    h.add(&[D(HDR, 16, false), D(BUF, 512, true), D(STATUS, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS), STATUS_IOERR);
+    assert_eq!(failure.get(), None, "a failed read is not a failed flush");
+    header(&mem, HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
+    h.add(&[D(HDR + 0x100, 16, false), D(STATUS + 1, 1, true)]);
+    h.process().expect("process");
+    assert_eq!(status(&mem, STATUS + 1), STATUS_IOERR, "the driver is told");
+    let first = failure.get().expect("recorded");
+    failure.record("a later one".into());
+    assert_eq!(failure.get(), Some(first), "the first failure is kept");
+}

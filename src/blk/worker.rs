@@ -41,6 +41,31 @@ pub enum QueueError {
     Backend,
 }
 
+/// A device's sticky record of a failed flush. The kernel reports a writeback error of the
+/// image once per file (errseq): the next fsync succeeds although the writes it stood for are
+/// lost. So the first failure is kept here for the device's life, for its owner to refuse a
+/// clean teardown and to show in the volume's condition.
+#[derive(Debug, Default)]
+pub struct FlushFailure {
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl FlushFailure {
+    /// Records a failure; the first one is kept.
+    pub fn record(&self, why: String) {
+        let mut first = self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if first.is_none() {
+            tracing::error!(error = %why, "a flush failed: completed writes may be lost");
+            *first = Some(why);
+        }
+    }
+
+    /// The first failure, if any.
+    pub fn get(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
 /// The memory a worker runs on: the vrings, and the data window its requests' buffers must
 /// lie in. The window may appear only after the rings (VDUSE creates the bounce range at the
 /// driver's first DMA mapping), so the worker asks for it before it pops.
@@ -147,6 +172,7 @@ pub struct QueueWorker {
     throttle: Option<Arc<Throttle>>,
     /// Set while the throttle holds the queue: nothing is popped before it.
     throttled_until: Option<Instant>,
+    flush_failure: Option<Arc<FlushFailure>>,
 }
 
 impl QueueWorker {
@@ -170,12 +196,19 @@ impl QueueWorker {
             counting: None,
             throttle: None,
             throttled_until: None,
+            flush_failure: None,
         }
     }
 
     /// Counts into queue `index` of `device`.
     pub fn with_stats(mut self, device: Arc<DeviceStats>, index: usize) -> Self {
         self.counting = Some(Counting { device, index, epoch: Instant::now() });
+        self
+    }
+
+    /// Records every failed FLUSH in `failure`.
+    pub fn with_flush_failure(mut self, failure: Arc<FlushFailure>) -> Self {
+        self.flush_failure = Some(failure);
         self
     }
 
@@ -362,6 +395,9 @@ impl QueueWorker {
                 Err(e) => {
                     if failed == 0 {
                         tracing::warn!(error = %e, head, "backend I/O failed");
+                    }
+                    if let Some(record) = self.flush_failure.as_ref().filter(|_| slot.kind == RequestKind::Flush) {
+                        record.record(e.to_string());
                     }
                     failed += 1;
                     STATUS_IOERR

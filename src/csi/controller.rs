@@ -160,31 +160,38 @@ pub(super) fn check_parameters(params: &HashMap<String, String>) -> Result<(u16,
     Ok((queues, kept))
 }
 
-/// A volume held still while it is copied: a staged filesystem is frozen (which flushes it
-/// and holds new writes) and the image flushed, so the copy is one point in time; a block
-/// volume is flushed. The freeze is recorded first, so a plugin killed before it thaws
-/// thaws it when it starts again. Thawed when dropped.
+/// A volume held still while it is copied, so the copy is one point in time: a staged
+/// filesystem is frozen (which flushes it and holds its writers) and its image flushed; a
+/// staged block volume's queues are held (no request taken off a ring, none in flight) and
+/// its image flushed. The freeze is recorded first, so a plugin killed before it thaws thaws
+/// it when it starts again. Both happen only on a device that is served and healthy (a
+/// freeze on a device nobody answers would never return): otherwise UNAVAILABLE. Released
+/// when dropped. The caller holds the volume's guard for as long as this lives, which keeps
+/// the heal loop's thaw away from this freeze.
 struct Quiesced<'a> {
     plugin: &'a Plugin,
     volume_id: String,
     freeze: Option<host::Freeze>,
+    _hold: Option<crate::server::Hold>,
 }
+
+/// Longest wait for a block volume's in-flight requests before a snapshot gives up.
+const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl<'a> Quiesced<'a> {
     fn new(plugin: &'a Plugin, meta: &VolumeMeta) -> Result<Self> {
         let volume_id = meta.spec.id.clone();
-        let mut quiet = Self { plugin, volume_id, freeze: None };
+        let mut quiet = Self { plugin, volume_id, freeze: None, _hold: None };
         let Some(stage) = &meta.staged else { return Ok(quiet) };
-        if !stage.block {
+        let server = super::node::served_or_unavailable(plugin, meta)?;
+        if stage.block {
+            quiet._hold = Some(server.hold(HOLD_TIMEOUT).map_err(|e| Error::Unavailable(e.to_string()))?);
+        } else {
             plugin.store.record_freeze(&quiet.volume_id, &stage.staging_path)?;
             // On failure `quiet` drops and clears the record.
             quiet.freeze = Some(host::Freeze::new(&stage.staging_path)?);
-        }
-        let servers = plugin.servers.lock().map_err(|_| Error::Internal("device server table poisoned".into()))?;
-        if let Some(server) = servers.get(&quiet.volume_id) {
             server.flush()?;
         }
-        drop(servers);
         Ok(quiet)
     }
 }
@@ -192,10 +199,10 @@ impl<'a> Quiesced<'a> {
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
         // Thawed first (Freeze's drop), then forgotten; a failed thaw keeps its record for
-        // the next start.
+        // the heal loop.
         if let Some(freeze) = self.freeze.take() {
             if let Err(e) = freeze.thaw() {
-                tracing::error!(volume = %self.volume_id, error = %e, "cannot thaw the filesystem; the next start retries");
+                tracing::error!(volume = %self.volume_id, error = %e, "cannot thaw the filesystem; the heal loop retries");
                 return;
             }
         }

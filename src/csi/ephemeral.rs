@@ -23,18 +23,29 @@ pub const CONTEXT_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 pub const ATTR_SIZE: &str = "size";
 /// Prefix of the keys kubelet adds to the volume context (pod name, namespace, ...).
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+/// Default of `serve --ephemeral-max-size`.
+pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 
 /// Whether a publish is for an ephemeral inline volume.
 pub fn requested(context: &HashMap<String, String>) -> bool {
     context.get(CONTEXT_EPHEMERAL).is_some_and(|v| v == "true")
 }
 
-/// What the pod's attributes ask for: the same parameters a StorageClass takes, plus `size`.
-fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<VolumeSpec> {
+/// What the pod's attributes ask for. A pod author writes them, not the admin, and
+/// ResourceQuota does not count inline volumes: so `size` (at most `max_bytes`) is the only
+/// attribute, the filesystem type comes from the pod's `fsType`, and everything a
+/// StorageClass could set (queues, thickness, cache, QoS) is the node's default. Keys kubelet
+/// adds (`csi.storage.k8s.io/...`) are its own and ignored.
+fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability, max_bytes: u64) -> Result<VolumeSpec> {
     if !matches!(cap.access_type, Some(volume_capability::AccessType::Mount(_))) {
         return Err(Error::InvalidArgument(
             "an ephemeral inline volume is a filesystem: raw block access needs a PersistentVolumeClaim".into(),
         ));
+    }
+    if let Some(key) = req.volume_context.keys().find(|k| k.as_str() != ATTR_SIZE && !k.starts_with(KUBELET_PREFIX)) {
+        return Err(Error::InvalidArgument(format!(
+            "volume attribute {key:?} is not allowed on an ephemeral inline volume: only {ATTR_SIZE:?} is (use a PersistentVolumeClaim and a StorageClass for more)"
+        )));
     }
     // Sized like CreateVolume sizes a claim (whole MiB; the default without a size).
     let range = match req.volume_context.get(ATTR_SIZE) {
@@ -47,14 +58,13 @@ fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<Vol
         }),
     };
     let capacity = capacity_for(range.as_ref())?;
-    let params: HashMap<String, String> = req
-        .volume_context
-        .iter()
-        .filter(|(k, _)| k.as_str() != ATTR_SIZE && !k.starts_with(KUBELET_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let (queues, parameters) = check_parameters(&params)?;
-    let fs_type = fs_type_of(std::slice::from_ref(cap), &params)?;
+    if capacity > max_bytes {
+        return Err(Error::OutOfRange(format!(
+            "an ephemeral inline volume may have at most {max_bytes} bytes on this node (serve --ephemeral-max-size), not {capacity}"
+        )));
+    }
+    let (queues, parameters) = check_parameters(&HashMap::new())?;
+    let fs_type = fs_type_of(std::slice::from_ref(cap), &HashMap::new())?;
     Ok(VolumeSpec {
         id: req.volume_id.clone(),
         capacity_bytes: capacity,
@@ -69,7 +79,7 @@ fn spec_of(req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<Vol
 /// Creates, stages and publishes an ephemeral volume; idempotent. On failure nothing of a
 /// volume this call created is left.
 pub fn publish(plugin: &Plugin, req: &NodePublishVolumeRequest, cap: &VolumeCapability) -> Result<()> {
-    let spec = spec_of(req, cap)?;
+    let spec = spec_of(req, cap, plugin.ephemeral_max_bytes)?;
     let id = spec.id.clone();
     if let Some(existing) = plugin.store.volume(&id)? {
         if !existing.spec.ephemeral {
@@ -116,4 +126,50 @@ pub fn remove_if_unused(plugin: &Plugin, meta: &VolumeMeta) -> Result<()> {
     plugin.store.delete_volume(id)?;
     tracing::info!(volume = %id, "ephemeral volume deleted");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csi::proto::volume_capability::{AccessMode, MountVolume, access_mode};
+
+    fn request(attributes: &[(&str, &str)]) -> NodePublishVolumeRequest {
+        let mut volume_context: HashMap<String, String> =
+            attributes.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        volume_context.insert(CONTEXT_EPHEMERAL.into(), "true".into());
+        volume_context.insert("csi.storage.k8s.io/pod.name".into(), "web-0".into());
+        NodePublishVolumeRequest { volume_id: "csi-0123abcd".into(), volume_context, ..Default::default() }
+    }
+
+    fn mount(fs_type: &str) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: access_mode::Mode::SingleNodeWriter as i32 }),
+            access_type: Some(volume_capability::AccessType::Mount(MountVolume {
+                fs_type: fs_type.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_pod_may_choose_only_the_size_and_the_filesystem() {
+        let spec = spec_of(&request(&[("size", "256Mi")]), &mount("xfs"), 1 << 30).expect("size only");
+        assert_eq!(spec.capacity_bytes, 256 << 20);
+        assert_eq!(spec.fs_type.as_deref(), Some("xfs"));
+        assert!(spec.parameters.is_empty() && !spec.thick(), "{spec:?}");
+        for attribute in [("thick", "true"), ("queues", "16"), ("maxIops", "1"), ("cache", "writeback")] {
+            let refused = spec_of(&request(&[attribute]), &mount("ext4"), 1 << 30).expect_err("refused");
+            assert!(matches!(refused, Error::InvalidArgument(_)), "{attribute:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn the_admin_caps_the_size() {
+        let big = spec_of(&request(&[("size", "2Gi")]), &mount("ext4"), 1 << 30).expect_err("over the cap");
+        assert!(matches!(big, Error::OutOfRange(_)), "{big}");
+        assert!(big.to_string().contains("--ephemeral-max-size"), "{big}");
+        assert!(spec_of(&request(&[("size", "1Gi")]), &mount("ext4"), 1 << 30).is_ok(), "at the cap");
+        // Without a size: CreateVolume's default, which must fit the cap too.
+        assert!(spec_of(&request(&[]), &mount("ext4"), 512 << 20).is_err());
+    }
 }

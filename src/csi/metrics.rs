@@ -67,8 +67,7 @@ pub fn registry(plugin: &Arc<Plugin>) -> (Registry, CallMetricsLayer) {
     );
     let p = Arc::clone(plugin);
     registry.register_collector(Box::new(DatapathCollector::new(Box::new(move || {
-        let Ok(servers) = p.servers.lock() else { return Vec::new() };
-        servers.iter().filter_map(|(id, s)| s.stats().map(|st| (id.clone(), Arc::clone(st)))).collect()
+        p.servers.all().into_iter().filter_map(|(id, s)| s.stats().map(|st| (id, Arc::clone(st)))).collect()
     }))));
     registry.register_collector(Box::new(NodeCollector(Arc::clone(plugin))));
     (registry, CallMetricsLayer(calls))
@@ -85,10 +84,10 @@ impl std::fmt::Debug for NodeCollector {
 
 impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let (served, unhealthy) = match self.0.servers.lock() {
-            Ok(servers) => (servers.len(), servers.values().filter(|s| s.health() != HealthState::Serving).count()),
-            Err(_) => (0, 0),
-        };
+        let servers = self.0.servers.all();
+        let served = servers.len();
+        let unhealthy = servers.iter().filter(|(_, s)| s.health() != HealthState::Serving).count();
+        drop(servers);
         let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| -> std::fmt::Result {
             ConstGauge::new(v as i64).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
         };

@@ -7,7 +7,6 @@
 pub mod client;
 pub mod controller;
 pub mod ephemeral;
-pub mod guard;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
@@ -23,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use tonic::{Code, Status};
 
-use crate::server::DeviceServer;
+use crate::node::{ServerTable, VolumeGuards};
 use crate::volume::VolumeStore;
 
 /// Generated CSI v1 types and service traits.
@@ -78,9 +77,9 @@ pub struct Plugin {
     pub node_id: String,
     pub mode: Mode,
     pub store: VolumeStore,
-    pub guards: guard::VolumeGuards,
+    pub guards: VolumeGuards,
     /// Device servers of staged volumes, by volume ID.
-    pub servers: Mutex<HashMap<String, DeviceServer>>,
+    pub servers: ServerTable,
     /// Set once staged volumes are served again after a restart.
     pub recovered: AtomicBool,
     /// Why the node cannot serve volumes, if it cannot.
@@ -91,6 +90,8 @@ pub struct Plugin {
     pub ceph: rbd::Clusters,
     /// RBD volumes whose device this node serves fenced (every request fails), with why.
     pub fenced: Mutex<HashMap<String, String>>,
+    /// Largest ephemeral inline volume a pod may declare.
+    pub ephemeral_max_bytes: u64,
 }
 
 impl Plugin {
@@ -100,13 +101,14 @@ impl Plugin {
             node_id,
             mode,
             store,
-            guards: guard::VolumeGuards::default(),
-            servers: Mutex::new(HashMap::new()),
+            guards: VolumeGuards::default(),
+            servers: ServerTable::default(),
             recovered: AtomicBool::new(false),
             not_ready_reason: Mutex::new(None),
             counters: AtomicBool::new(false),
             ceph,
             fenced: Mutex::new(HashMap::new()),
+            ephemeral_max_bytes: ephemeral::DEFAULT_MAX_BYTES,
         })
     }
 
@@ -168,6 +170,18 @@ impl Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         e.into_status()
+    }
+}
+
+impl From<crate::node::guard::Busy> for Error {
+    fn from(e: crate::node::guard::Busy) -> Self {
+        Error::Aborted(e.0)
+    }
+}
+
+impl From<crate::node::guard::Busy> for Status {
+    fn from(e: crate::node::guard::Busy) -> Self {
+        Error::from(e).into_status()
     }
 }
 

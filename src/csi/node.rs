@@ -12,17 +12,21 @@ use tonic::{Request, Response, Status};
 use super::controller::{capacity_for, check_capability};
 use super::proto::node_server::Node;
 use super::proto::*;
-use super::{Error, MIB, Plugin, Result, blocking, rbd, required, volume_id};
+use super::{Error, MIB, Plugin, Result, blocking, rbd, volume_id};
 use crate::backend::CacheMode;
 use crate::backend::{Backend, FileBackend, NullBackend};
 use crate::host;
-use crate::server::{DeviceOptions, DeviceServer, HealthState};
+use crate::node::into_owned;
+use crate::server::{DeviceOptions, DeviceServer, HealthState, StopError};
 use crate::volume::{PublishInfo, StageInfo, VolumeMeta};
 
 /// Ring size of every volume's queues.
 const QUEUE_SIZE: u16 = 256;
 /// How long to wait for the host to see a new capacity after the config interrupt.
 const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server taken out of the table may still be borrowed (a scrape, a stats call)
+/// before whoever wants to stop or replace it gives up.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct NodeService {
     plugin: Arc<Plugin>,
@@ -51,8 +55,17 @@ fn reader_only(mode: i32) -> bool {
     mode == volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32
 }
 
-/// Starts serving a volume's image and returns the server.
+/// Starts serving a volume's image and returns the server. A device of the volume's name
+/// that is attached already is taken over only if the state dir records it as this
+/// volume's: a name is the volume ID or a hash of it, so two volumes can want one.
 pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> {
+    let name = device_name(&meta.spec.id);
+    let claimed = plugin.store.claim_device(&name, &meta.spec.id).map_err(|e| match e {
+        crate::volume::Error::Conflict { .. } => {
+            Error::FailedPrecondition(format!("volume {}: {e}; unstage that volume first", meta.spec.id))
+        }
+        other => other.into(),
+    })?;
     let backend: Arc<dyn Backend> = if rbd::is_rbd(&meta.spec) {
         match rbd::open_backend(plugin, meta)? {
             rbd::Opened::Served(backend) => Arc::new(backend),
@@ -73,7 +86,7 @@ pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> 
     let qos = super::volume_qos(&meta.spec)
         .map_err(|e| Error::FailedPrecondition(format!("volume {}: {e}", meta.spec.id)))?;
     let opts = DeviceOptions {
-        name: device_name(&meta.spec.id),
+        name,
         num_queues: meta.spec.queues.max(1),
         queue_size: QUEUE_SIZE,
         msg_timeout: 0,
@@ -81,7 +94,13 @@ pub fn start_device(plugin: &Plugin, meta: &VolumeMeta) -> Result<DeviceServer> 
         counters: plugin.counters.load(std::sync::atomic::Ordering::Relaxed),
         qos,
     };
-    Ok(DeviceServer::start(&opts, backend)?)
+    let started = DeviceServer::start(&opts, backend);
+    if started.is_err() && claimed && !crate::vduse::sysfs::device_exists(&opts.name) {
+        if let Err(e) = plugin.store.release_device(&opts.name) {
+            tracing::warn!(device = %opts.name, error = %e, "cannot remove the record of a device that never came up");
+        }
+    }
+    Ok(started?)
 }
 
 /// NodeStageVolume of an RBD volume: records it on this node (its image lives in Ceph), then
@@ -107,7 +126,67 @@ fn stage_rbd(
 
 /// The block device of a staged volume, if its server runs.
 fn block_device(plugin: &Plugin, id: &str) -> Option<PathBuf> {
-    plugin.servers.lock().ok()?.get(id).map(|s| s.block_device().to_owned())
+    plugin.servers.get(id).map(|s| s.block_device().to_owned())
+}
+
+/// The server of a volume, healthy: a missing or degraded one is replaced first (the device
+/// stays attached and the new server takes it over where the old one stopped). Whatever
+/// writes to the device (umount, fsfreeze, syncfs, a detach's drain) runs only behind this,
+/// since on a device nobody answers it would wait in D state for ever. The caller holds the
+/// volume's guard.
+pub(super) fn served(plugin: &Plugin, meta: &VolumeMeta) -> Result<Arc<DeviceServer>> {
+    let id = &meta.spec.id;
+    let why = match plugin.servers.get(id) {
+        Some(server) => match server.health() {
+            HealthState::Serving => return Ok(server),
+            HealthState::Degraded(reason) => format!("its device server is degraded: {reason}"),
+        },
+        None => "it has no device server".to_owned(),
+    };
+    if let Some(old) = plugin.servers.remove(id) {
+        // Its threads are joined when the last reference goes, outside the table's lock.
+        match into_owned(old, RELEASE_TIMEOUT) {
+            Ok(old) => drop(old),
+            Err(old) => {
+                plugin.servers.insert(id, old);
+                return Err(Error::Unavailable(format!("volume {id}: {why}, and its old server is still in use")));
+            }
+        }
+    }
+    let server = Arc::new(start_device(plugin, meta)?);
+    tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
+    plugin.servers.insert(id, Arc::clone(&server));
+    Ok(server)
+}
+
+/// Like [`served`], for an operation on a volume that is staged already: a volume that cannot
+/// be served is UNAVAILABLE (kubelet or the sidecar retries; the heal loop keeps trying).
+pub(super) fn served_or_unavailable(plugin: &Plugin, meta: &VolumeMeta) -> Result<Arc<DeviceServer>> {
+    served(plugin, meta).map_err(|e| match e {
+        Error::Unavailable(_) => e,
+        other => Error::Unavailable(format!(
+            "the device of volume {} is not served and cannot be served again now: {other}",
+            meta.spec.id
+        )),
+    })
+}
+
+/// Stops the server of `id` and removes its device. A server that cannot detach keeps
+/// serving and stays in the table.
+pub(super) fn take_down(plugin: &Plugin, id: &str) -> Result<()> {
+    let Some(server) = plugin.servers.remove(id) else { return Ok(()) };
+    let server = into_owned(server, RELEASE_TIMEOUT).map_err(|server| {
+        plugin.servers.insert(id, server);
+        Error::Unavailable(format!("the device server of volume {id} is in use; try again"))
+    })?;
+    match server.stop() {
+        Ok(()) => Ok(plugin.store.release_device(&device_name(id))?),
+        Err(StopError::StillServing(still)) => {
+            plugin.servers.insert(id, Arc::new(*still.server));
+            Err(still.error.into())
+        }
+        Err(StopError::Failed(e)) => Err(e.into()),
+    }
 }
 
 pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapability) -> Result<()> {
@@ -139,9 +218,9 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
             )));
         }
         // Done already, unless the device or its mount went away (a node reboot, a lost
-        // device): then fall through and bring both back.
-        if let Some(dev) = block_device(plugin, id) {
-            if block || mounted_from(path, &dev) {
+        // device) or its server is degraded: then fall through and bring all back.
+        if let Some(server) = plugin.servers.get(id).filter(|s| s.health() == HealthState::Serving) {
+            if block || mounted_from(path, server.block_device()) {
                 return Ok(());
             }
         }
@@ -149,11 +228,10 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
     if !path.is_dir() {
         return Err(Error::NotFound(format!("staging path {} does not exist", path.display())));
     }
-    let server = match plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id) {
-        Some(server) => server,
-        None => start_device(plugin, &meta)?,
-    };
+    let recorded_before = meta.staged.is_some();
+    let server = served(plugin, &meta)?;
     let dev = server.block_device().to_owned();
+    drop(server);
     let mut stage = StageInfo {
         staging_path: path.to_owned(),
         block,
@@ -167,8 +245,8 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
             .or_else(|| meta.spec.fs_type.clone())
             .unwrap_or_else(|| "ext4".into());
         let mounted = (|| -> Result<String> {
-            let fs_type = match host::probe_fs(&dev)? {
-                Some(existing) => {
+            let fs_type = match host::probe(&dev)? {
+                host::Contents::Filesystem(existing) => {
                     if existing != wanted {
                         tracing::warn!(
                             volume = id,
@@ -179,7 +257,12 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
                     }
                     existing
                 }
-                None => {
+                host::Contents::Other(what) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} holds {what}, not a filesystem: it is never formatted; stage it as a block volume, or wipe it (wipefs) if its data may go"
+                    )));
+                }
+                host::Contents::Blank => {
                     tracing::info!(volume = id, fs = wanted, device = %dev.display(), "formatting blank volume");
                     host::mkfs(&dev, &wanted)?;
                     wanted
@@ -214,14 +297,17 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
                 stage.mount_flags = m.mount_flags.clone();
             }
             Err(e) => {
-                if let Err(stop) = server.stop() {
-                    tracing::error!(volume = id, error = %stop, "cannot stop the device after a failed stage");
+                // A stage that started the device takes it down again; a volume staged
+                // before keeps its server (its state dir says staged).
+                if !recorded_before {
+                    if let Err(stop) = take_down(plugin, id) {
+                        tracing::error!(volume = id, error = %stop, "cannot stop the device after a failed stage");
+                    }
                 }
                 return Err(e);
             }
         }
     }
-    let recorded_before = meta.staged.is_some();
     meta.staged = Some(stage);
     if rbd::is_rbd(&meta.spec) {
         // The image's size is Ceph's to say; the record follows it.
@@ -231,24 +317,20 @@ pub(super) fn stage(plugin: &Plugin, id: &str, path: &Path, cap: &VolumeCapabili
     }
     if let Err(e) = plugin.store.save_volume(&meta) {
         // Never leave a mounted disk that nobody serves (every access to it would hang).
-        if recorded_before {
-            // The state dir still says staged: keep serving, and kubelet's retry finishes.
-            plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
-        } else {
+        // If the state dir still says staged, keep serving: kubelet's retry finishes.
+        if !recorded_before {
             if !block {
                 if let Err(unmount) = host::unmount(path) {
                     tracing::error!(volume = id, error = %unmount, "cannot unmount after a failed stage; the device stays served");
-                    plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
                     return Err(e.into());
                 }
             }
-            if let Err(stop) = server.stop() {
+            if let Err(stop) = take_down(plugin, id) {
                 tracing::error!(volume = id, error = %stop, "cannot stop the device after a failed stage");
             }
         }
         return Err(e.into());
     }
-    plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
     tracing::info!(volume = id, device = %dev.display(), path = %path.display(), "staged");
     Ok(())
 }
@@ -281,22 +363,34 @@ pub(super) fn unstage(plugin: &Plugin, id: &str, path: &Path) -> Result<()> {
                 targets.join(", ")
             )));
         }
+        // The unmount writes, and the detach drains the host's queue through us: both only
+        // on a device that is served.
+        let server = served_or_unavailable(plugin, &meta)?;
         host::unmount(path)?;
+        // Every write the filesystem made is through now; if any flush of it failed, the
+        // data may be gone although this flush succeeds: say so rather than finish.
+        server.flush().map_err(|e| match e {
+            crate::server::Error::FlushFailed(..) => Error::FailedPrecondition(format!(
+                "{e}; the volume stays staged: check the node's disk, and restart the plugin to serve it afresh"
+            )),
+            other => other.into(),
+        })?;
+        drop(server);
+        take_down(plugin, id)?;
     } else {
         unmount_unrecorded(plugin, &meta, path)?;
-    }
-    let server = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.remove(id);
-    match server {
-        Some(mut server) => {
-            // If the host will not let go of the device, keep serving it: kubelet retries.
-            if let Err(e) = server.detach() {
-                plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.to_owned(), server);
-                return Err(e.into());
+        if plugin.servers.get(id).is_some() {
+            take_down(plugin, id)?;
+        } else if crate::vduse::sysfs::device_exists(&device_name(id)) {
+            if plugin.store.device_owner(&device_name(id))?.is_some_and(|owner| owner != *id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "device {} serves another volume; not removing it",
+                    device_name(id)
+                )));
             }
-            server.stop()?
+            crate::server::remove_stale(&device_name(id))?;
+            plugin.store.release_device(&device_name(id))?;
         }
-        None if crate::vduse::sysfs::device_exists(&device_name(id)) => crate::server::remove_stale(&device_name(id))?,
-        None => {}
     }
     meta.staged = None;
     meta.published.clear();
@@ -329,10 +423,7 @@ fn unmount_unrecorded(plugin: &Plugin, meta: &VolumeMeta, path: &Path) -> Result
         return Ok(());
     }
     tracing::warn!(volume = %id, path = %path.display(), "unmounting a staging mount the state dir does not record");
-    if block_device(plugin, id).is_none() {
-        let server = start_device(plugin, meta)?;
-        plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?.insert(id.clone(), server);
-    }
+    served_or_unavailable(plugin, meta)?;
     host::unmount(path)?;
     Ok(())
 }
@@ -461,10 +552,7 @@ fn expand(plugin: &Plugin, id: &str, path: &Path, range: Option<&CapacityRange>)
         plugin.store.grow_volume(id, wanted)?
     };
     let dev = {
-        let servers = plugin.servers.lock().map_err(|_| Error::Internal("lock".into()))?;
-        let server = servers
-            .get(id)
-            .ok_or_else(|| Error::Unavailable(format!("volume {id} is staged but its device is not served")))?;
+        let server = served_or_unavailable(plugin, &meta)?;
         server.resize(meta.spec.capacity_bytes)?;
         server.block_device().to_owned()
     };
@@ -498,8 +586,14 @@ fn stats(plugin: &Plugin, id: &str, path: &Path) -> Result<NodeGetVolumeStatsRes
         return Err(Error::NotFound(format!("{} is not a path of volume {id}", path.display())));
     }
     let dev = block_device(plugin, id);
-    let health = plugin.servers.lock().ok().and_then(|s| s.get(id).map(|s| s.health()));
+    let server = plugin.servers.get(id);
+    let health = server.as_ref().map(|s| s.health());
+    let flush_failure = server.as_ref().and_then(|s| s.flush_failure());
+    drop(server);
     let condition = match &dev {
+        _ if let Some(why) = &flush_failure => {
+            abnormal(format!("a flush of volume {id} failed ({why}): writes it acknowledged may be lost"))
+        }
         // A queue or control thread of the server stopped on a fault: the reason says which.
         _ if let Some(HealthState::Degraded(reason)) = &health => {
             abnormal(format!("the device server of volume {id} is degraded: {reason}"))
@@ -588,6 +682,11 @@ fn mounted_from(path: &Path, dev: &Path) -> bool {
     }
 }
 
+/// A path field of a request, absolute and normal (see [`host::checked_path`]).
+fn checked_path(field: &str, path: &str) -> Result<PathBuf> {
+    host::checked_path(field, path).map_err(Error::InvalidArgument)
+}
+
 fn capability(cap: Option<VolumeCapability>) -> Result<VolumeCapability> {
     let cap = cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
     check_capability(&cap)?;
@@ -602,7 +701,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let path = checked_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability(req.volume_capability)?;
         // Refuse bad mount flags before a device is started or a filesystem made.
         if let Some(volume_capability::AccessType::Mount(m)) = &cap.access_type {
@@ -627,7 +726,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let path = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let path = checked_path("staging_target_path", &req.staging_target_path)?;
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {
@@ -644,7 +743,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let mut req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        required("target_path", &req.target_path)?;
+        checked_path("target_path", &req.target_path)?;
         let cap = capability(req.volume_capability.take())?;
         if super::ephemeral::requested(&req.volume_context) {
             let guard = self.plugin.guards.acquire(&id)?;
@@ -664,6 +763,7 @@ impl Node for NodeService {
                 Error::FailedPrecondition("staging_target_path is required: stage the volume first".into()).into()
             );
         }
+        checked_path("staging_target_path", &req.staging_target_path)?;
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {
@@ -680,7 +780,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let target = PathBuf::from(required("target_path", &req.target_path)?);
+        let target = checked_path("target_path", &req.target_path)?;
         let guard = self.plugin.guards.acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         blocking(move || {
@@ -697,7 +797,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        let path = checked_path("volume_path", &req.volume_path)?;
         let plugin = Arc::clone(&self.plugin);
         let resp = blocking(move || stats(&plugin, &id, &path)).await?;
         Ok(Response::new(resp))
@@ -709,7 +809,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        let path = checked_path("volume_path", &req.volume_path)?;
         if let Some(cap) = &req.volume_capability {
             check_capability(cap)?;
         }

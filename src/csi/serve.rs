@@ -11,7 +11,7 @@ use tonic::transport::Server;
 
 use super::controller::ControllerService;
 use super::identity::IdentityService;
-use super::node::{NodeService, start_device};
+use super::node::{NodeService, served, start_device};
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
 use super::proto::node_server::NodeServer;
@@ -21,8 +21,6 @@ use crate::volume::VolumeStore;
 
 /// How long running calls get to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often staged volumes without a healthy device server get a new one.
-const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What `serve` was asked to do.
 #[derive(Debug, Clone)]
@@ -34,6 +32,10 @@ pub struct ServeOptions {
     pub driver_name: String,
     /// See `VolumeStore`'s provisioning model.
     pub overcommit_ratio: f64,
+    /// Largest ephemeral inline volume (`--ephemeral-max-size`).
+    pub ephemeral_max_bytes: u64,
+    /// Time between two healing rounds (`--heal-interval`).
+    pub heal_interval: std::time::Duration,
     /// Register with kubelet ourselves: kubelet's `plugins_registry` folder, and the CSI
     /// socket path as kubelet sees it.
     pub kubelet_registration: Option<(PathBuf, PathBuf)>,
@@ -156,9 +158,7 @@ fn recover_staged(plugin: &Plugin) {
         match start_device(plugin, &meta) {
             Ok(server) => {
                 tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
-                if let Ok(mut servers) = plugin.servers.lock() {
-                    servers.insert(meta.spec.id.clone(), server);
-                }
+                plugin.servers.insert(&meta.spec.id, Arc::new(server));
             }
             Err(e) => {
                 tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
@@ -169,41 +169,24 @@ fn recover_staged(plugin: &Plugin) {
 
 /// Whether this process serves volume `id`'s device and every one of its threads runs.
 fn serves_healthy(plugin: &Plugin, id: &str) -> bool {
-    plugin
-        .servers
-        .lock()
-        .is_ok_and(|s| s.get(id).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving)))
+    plugin.servers.get(id).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving))
 }
 
 /// Serves again every staged volume whose device server failed to start at recovery or
 /// stopped on a fault (a degraded server): the old server's threads are dropped, the device
 /// stays attached, and a new server takes it over where the old one stopped. A volume an
-/// operation holds is left for the next round.
+/// operation holds is left for the next round (that operation heals it itself if it needs
+/// the device: see `node::served`).
 fn heal_staged(plugin: &Plugin) {
     let Ok(volumes) = plugin.store.volumes() else { return };
     for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
         let id = &meta.spec.id;
         let Ok(_guard) = plugin.guards.acquire(id) else { continue };
-        let Ok(mut servers) = plugin.servers.lock() else { return };
-        let why = match servers.get(id).map(|s| s.health()) {
-            None => "it has no device server".to_owned(),
-            Some(crate::server::HealthState::Degraded(reason)) => format!("its device server is degraded: {reason}"),
-            Some(crate::server::HealthState::Serving) => continue,
-        };
-        // Dropped outside the table's lock: joining its threads may take a moment.
-        let old = servers.remove(id);
-        drop(servers);
-        drop(old);
-        match start_device(plugin, &meta) {
-            Ok(server) => {
-                tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
-                if let Ok(mut servers) = plugin.servers.lock() {
-                    servers.insert(id.clone(), server);
-                }
-            }
-            Err(e) => {
-                tracing::error!(volume = %id, error = %e, "{why}; cannot serve it, retrying in {HEAL_INTERVAL:?}")
-            }
+        if serves_healthy(plugin, id) {
+            continue;
+        }
+        if let Err(e) = served(plugin, &meta) {
+            tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
         }
     }
 }
@@ -227,8 +210,7 @@ fn flush_staged(plugin: &Plugin) {
             tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
         }
     }
-    let Ok(servers) = plugin.servers.lock() else { return };
-    for (id, server) in servers.iter() {
+    for (id, server) in plugin.servers.all() {
         match server.flush() {
             Ok(()) => tracing::info!(volume = %id, "flushed"),
             Err(e) => tracing::error!(volume = %id, error = %e, "cannot flush the image"),
@@ -236,9 +218,11 @@ fn flush_staged(plugin: &Plugin) {
     }
 }
 
-/// Thaws the filesystems a killed plugin left frozen mid-snapshot. Only those whose device
-/// this process serves: a thaw writes to the device, and with nobody answering it would wait
-/// forever. The others are tried again after the heal loop has served them.
+/// Thaws the filesystems a killed plugin left frozen mid-snapshot. Each under its volume's
+/// guard: a snapshot or clone that runs now holds it and its freeze is its own, to be
+/// thawed when its copy ends, never under it. Only on devices this process serves: a thaw
+/// writes to the device, and with nobody answering it would wait forever. The others are
+/// tried again after the heal loop has served them.
 fn thaw_recorded(plugin: &Plugin) {
     let frozen = match plugin.store.recorded_freezes() {
         Ok(frozen) => frozen,
@@ -248,13 +232,20 @@ fn thaw_recorded(plugin: &Plugin) {
         }
     };
     for (volume, mount_point) in frozen {
+        let Ok(_guard) = plugin.guards.acquire(&volume) else { continue };
+        // Read again under the guard: the operation that froze it may have ended meanwhile.
+        if !matches!(plugin.store.recorded_freezes(), Ok(now) if now.iter().any(|(v, _)| *v == volume)) {
+            continue;
+        }
         if !serves_healthy(plugin, &volume) {
             tracing::warn!(volume, path = %mount_point.display(), "frozen, but its device is not served yet; thawing later");
             continue;
         }
         match crate::host::thaw(&mount_point) {
-            Ok(()) => {
-                tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
+            Ok(thawed) => {
+                if thawed == crate::host::Thawed::WasFrozen {
+                    tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
+                }
                 if let Err(e) = plugin.store.clear_freeze(&volume) {
                     tracing::error!(volume, error = %e, "cannot remove the freeze record");
                 }
@@ -300,7 +291,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         }
         None => super::rbd::Clusters::default(),
     };
-    let plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store, ceph);
+    let mut plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store, ceph);
+    if let Some(p) = Arc::get_mut(&mut plugin) {
+        p.ephemeral_max_bytes = opts.ephemeral_max_bytes;
+    }
     let listener = bind(&path)?;
     // Before any device starts, so every device counts from its first request.
     plugin.counters.store(opts.metrics_address.is_some(), Ordering::Relaxed);
@@ -327,10 +321,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
     plugin.recovered.store(true, Ordering::Release);
+    let heal_interval = opts.heal_interval;
     let healer = opts.mode.node().then(|| {
         let p = Arc::clone(&plugin);
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(HEAL_INTERVAL);
+            let mut every = tokio::time::interval(heal_interval);
             every.tick().await;
             loop {
                 every.tick().await;
@@ -403,9 +398,8 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         tracing::error!(error = %e, "flushing the staged volumes failed");
     }
     // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
-    if let Ok(mut servers) = plugin.servers.lock() {
-        let n = servers.len();
-        servers.clear();
+    {
+        let n = plugin.servers.drain().len();
         if n > 0 {
             tracing::warn!(volumes = n, "left staged volumes attached; their I/O resumes when the plugin starts again");
         }

@@ -7,6 +7,14 @@ use std::process::Command;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
+mod freeze;
+mod paths;
+mod signature;
+
+pub use freeze::{Freeze, Thawed, thaw};
+pub use paths::checked_path;
+pub use signature::{Contents, parse_blkid_export};
+
 /// Errors of host operations.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,14 +54,18 @@ fn run_ok(tool: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The filesystem (or other signature) on `dev`, `None` if the device is blank.
-pub fn probe_fs(dev: &Path) -> Result<Option<String>> {
+/// What `dev` holds: nothing blkid knows (blank), a filesystem, or another signature (a
+/// partition table, an LVM or RAID member, an encrypted volume...). Like Kubernetes'
+/// mount-utils, a device is blank only when low-level probing finds no signature at all.
+pub fn probe(dev: &Path) -> Result<Contents> {
     let dev = dev.to_string_lossy();
-    let out = run("blkid", &["-p", "-s", "TYPE", "-o", "value", &dev])?;
+    let out = run("blkid", &["-p", "-o", "export", &dev])?;
     match out.status.code() {
-        Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|s| !s.is_empty())),
-        // 2: nothing found. blkid -p reports PTTYPE-only disks with 0 and no TYPE.
-        Some(2) => Ok(None),
+        Some(0) => Ok(parse_blkid_export(&String::from_utf8_lossy(&out.stdout))),
+        // 2: no signature found.
+        Some(2) => Ok(Contents::Blank),
+        // 8: several signatures that contradict each other: certainly not blank.
+        Some(8) => Ok(Contents::Other("several contradicting signatures (blkid -p: ambivalent result)".into())),
         _ => Err(Error::Tool {
             tool: format!("blkid -p {dev}"),
             status: out.status.to_string(),
@@ -62,8 +74,8 @@ pub fn probe_fs(dev: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Formats a blank device. Callers must have checked [`probe_fs`] first: this never runs on
-/// a device that has a signature.
+/// Formats a blank device. Callers must have checked [`probe`] first: this never runs on a
+/// device that has a signature.
 pub fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     let dev = dev.to_string_lossy();
     match fs_type {
@@ -234,51 +246,10 @@ pub fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
     }
 }
 
-/// A frozen filesystem (fsfreeze): flushed, and new writes wait until it is dropped.
-#[derive(Debug)]
-pub struct Freeze {
-    mount_point: PathBuf,
-    thawed: bool,
-}
-
-impl Freeze {
-    pub fn new(mount_point: &Path) -> Result<Self> {
-        run_ok("fsfreeze", &["--freeze", &mount_point.to_string_lossy()])?;
-        Ok(Self { mount_point: mount_point.to_owned(), thawed: false })
-    }
-
-    /// Thaws the filesystem and says whether that worked (dropping also thaws, and logs).
-    pub fn thaw(mut self) -> Result<()> {
-        self.thawed = true;
-        thaw(&self.mount_point)
-    }
-}
-
-impl Drop for Freeze {
-    fn drop(&mut self) {
-        if self.thawed {
-            return;
-        }
-        if let Err(e) = thaw(&self.mount_point) {
-            tracing::error!(path = %self.mount_point.display(), error = %e, "cannot thaw the filesystem");
-        }
-    }
-}
-
 /// Writes out everything cached for the filesystem that holds `path` (syncfs).
 pub fn sync_fs(path: &Path) -> Result<()> {
     let dir = fs::File::open(path).map_err(|source| Error::Io { op: "open", path: path.to_owned(), source })?;
     nix::unistd::syncfs(&dir).map_err(|e| Error::Io { op: "syncfs", path: path.to_owned(), source: e.into() })
-}
-
-/// Thaws the filesystem mounted at `mount_point`. The kernel refuses to thaw one that is not
-/// frozen (EINVAL); that counts as thawed.
-pub fn thaw(mount_point: &Path) -> Result<()> {
-    match run_ok("fsfreeze", &["--unfreeze", &mount_point.to_string_lossy()]) {
-        Ok(_) => Ok(()),
-        Err(Error::Tool { stderr, .. }) if stderr.contains("Invalid argument") => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// Size of a block device in bytes, from sysfs.

@@ -2,10 +2,13 @@
 //! a fault says so here instead of vanishing, and whoever owns the server (`device serve`,
 //! the CSI node service) reads it.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::hold::QueueGate;
+use crate::blk::FlushFailure;
 
 /// The state a device server reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,13 +21,25 @@ pub enum HealthState {
 }
 
 /// Shared by a server's threads. The first fault's reason is kept: later ones are usually
-/// its consequences.
-#[derive(Debug, Default)]
+/// its consequences. Beside the threads' state it carries the device's sticky flush failure
+/// and the gate that holds its queues.
+#[derive(Debug)]
 pub struct Health {
     reason: Mutex<Option<String>>,
+    pub(super) flush_failure: Arc<FlushFailure>,
+    pub(super) gate: QueueGate,
 }
 
 impl Health {
+    pub(super) fn new() -> nix::Result<Self> {
+        Ok(Self { reason: Mutex::new(None), flush_failure: Arc::default(), gate: QueueGate::new()? })
+    }
+
+    /// Why the device's writes may have been lost (a flush failed), if they may.
+    pub fn flush_failure(&self) -> Option<String> {
+        self.flush_failure.get()
+    }
+
     /// The current state.
     pub fn state(&self) -> HealthState {
         match self.reason.lock().map(|r| r.clone()) {
@@ -82,7 +97,7 @@ mod tests {
 
     #[test]
     fn the_first_fault_is_kept() {
-        let h = Health::default();
+        let h = Health::new().expect("health");
         assert_eq!(h.state(), HealthState::Serving);
         h.degrade("queue 1 stopped: ring fault".into());
         h.degrade("consequence".into());

@@ -3,10 +3,12 @@
 
 mod control_loop;
 mod health;
+mod hold;
 mod queue_thread;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use crate::vduse::{self, VduseControl, VduseDevice, control::DeviceConfig, netli
 
 use control_loop::{ControlLoop, DeviceShape};
 pub use health::{Health, HealthState};
+pub use hold::{Hold, HoldError};
 
 /// How long a queue thread polls for more work after its last request, by default.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
@@ -58,6 +61,36 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(nix::Error),
+    /// The queues could not be held still.
+    #[error("cannot hold the queues of {0}: {1}")]
+    Hold(String, HoldError),
+    /// A flush failed earlier: completed writes may be lost.
+    #[error("a flush of device {0} failed ({1}): writes it acknowledged may be lost")]
+    FlushFailed(String, String),
+}
+
+/// A stop that could not detach the device: the server still serves it (so the host's I/O
+/// is never stranded on a device nobody answers) and is handed back with the error.
+pub struct StillServing {
+    pub server: Box<DeviceServer>,
+    pub error: Error,
+}
+
+impl std::fmt::Debug for StillServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StillServing({}: {})", self.server.name, self.error)
+    }
+}
+
+/// Why [`DeviceServer::stop`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// The device is still attached and served.
+    #[error("cannot detach device {}: {}; it stays attached and served", .0.server.name, .0.error)]
+    StillServing(StillServing),
+    /// Detached, but the rest of the teardown failed.
+    #[error(transparent)]
+    Failed(#[from] Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -128,7 +161,7 @@ pub struct DeviceServer {
     control: Option<JoinHandle<()>>,
     recovered: bool,
     /// Set once the vdpa device is deleted.
-    detached: bool,
+    detached: AtomicBool,
     health: Arc<Health>,
     stats: Option<Arc<DeviceStats>>,
 }
@@ -158,7 +191,7 @@ impl DeviceServer {
             num_queues: u32::from(opts.num_queues),
             config: config::config_space(backend.capacity(), opts.num_queues, opts.queue_size).to_vec(),
         };
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new().map_err(Error::EventFd)?);
 
         let recovered = match control.create(&cfg) {
             Ok(()) => false,
@@ -198,7 +231,7 @@ impl DeviceServer {
             stop,
             control: Some(control_thread),
             recovered,
-            detached: false,
+            detached: AtomicBool::new(false),
             health,
             stats,
         };
@@ -213,7 +246,9 @@ impl DeviceServer {
         match sysfs::wait_for_block_device(&opts.name, BLOCK_DEVICE_TIMEOUT) {
             Ok(path) => server.block_device = path,
             Err(e) => {
-                let _ = server.teardown();
+                if let Err(teardown) = server.teardown() {
+                    tracing::error!(device = %opts.name, error = %teardown, "cannot take the device down again");
+                }
                 return Err(e.into());
             }
         }
@@ -288,24 +323,58 @@ impl DeviceServer {
         update_capacity(dev, self.backend.capacity())
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. Fails for good once any flush of this device
+    /// failed (see [`crate::blk::FlushFailure`]).
     pub fn flush(&self) -> Result<()> {
-        Ok(self.backend.flush()?)
+        self.check_flushes()?;
+        if let Err(e) = self.backend.flush() {
+            self.health.flush_failure.record(e.to_string());
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Why writes of this device may have been lost (a flush failed), if they may.
+    pub fn flush_failure(&self) -> Option<String> {
+        self.health.flush_failure()
+    }
+
+    /// Fails if a flush of this device ever failed.
+    pub fn check_flushes(&self) -> Result<()> {
+        match self.health.flush_failure() {
+            Some(why) => Err(Error::FlushFailed(self.name.clone(), why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Holds the queues still: nothing is taken off a ring or in flight, and every completed
+    /// write is flushed, until the hold is dropped. Gives up after `timeout` (a backend whose
+    /// requests never complete).
+    pub fn hold(&self, timeout: Duration) -> Result<Hold> {
+        self.health.gate.hold(timeout).map_err(|e| Error::Hold(self.name.clone(), e))?;
+        let hold = Hold(Arc::clone(&self.health));
+        self.flush()?;
+        Ok(hold)
     }
 
     /// Detaches (the kernel drains outstanding I/O through us first), makes every completed
-    /// write durable, and destroys the device.
-    pub fn stop(mut self) -> Result<()> {
-        self.teardown()
+    /// write durable, and destroys the device. If the device cannot be detached, it stays
+    /// attached and this server keeps serving it: the server comes back in the error.
+    pub fn stop(mut self) -> std::result::Result<(), StopError> {
+        if let Err(error) = self.detach() {
+            tracing::error!(device = %self.name, error = %error, "detach failed; still serving the device");
+            return Err(StopError::StillServing(StillServing { server: Box::new(self), error }));
+        }
+        Ok(self.teardown()?)
     }
 
     /// Detaches the device from the host (the kernel drains outstanding I/O through us
     /// first). On failure the device stays attached and this server keeps serving it, so the
     /// caller can keep it and try again rather than strand the host's I/O.
-    pub fn detach(&mut self) -> Result<()> {
-        if !self.detached {
+    pub fn detach(&self) -> Result<()> {
+        if !self.detached.load(Ordering::Acquire) {
             netlink::dev_del(&self.name)?;
-            self.detached = true;
+            self.detached.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -315,7 +384,7 @@ impl DeviceServer {
         if let Err(e) = &detach {
             tracing::error!(device = %self.name, error = %e, "detach failed");
         }
-        let flushed = self.backend.flush();
+        let flushed = self.flush();
         self.shutdown_threads();
         // Closing our fd is required before DESTROY (EBUSY while open); the threads that held
         // clones of it have been joined.
@@ -409,7 +478,7 @@ pub fn remove_stale(name: &str) -> Result<()> {
         throttle: None,
     };
     let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new().map_err(Error::EventFd)?);
     let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape, Arc::clone(&health));
     control_loop.recover()?;
     let stop_thread = Arc::clone(&stop);
@@ -438,7 +507,7 @@ impl DeviceServer {
             stop,
             control: Some(control),
             recovered: true,
-            detached: false,
+            detached: AtomicBool::new(false),
             health,
             stats: None,
         }

@@ -130,7 +130,8 @@ fn serve(s: QueueStart) -> Result<(), String> {
     );
 
     let io = s.backend.open_queue(size).map_err(|e| e.to_string())?;
-    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits.clone());
+    let mut worker = QueueWorker::new(queue, Arc::clone(&s.backend), io, s.limits.clone())
+        .with_flush_failure(Arc::clone(&s.health.flush_failure));
     if let Some(stats) = &s.stats {
         worker = worker.with_stats(Arc::clone(stats), s.index as usize);
     }
@@ -148,7 +149,10 @@ fn serve(s: QueueStart) -> Result<(), String> {
         // Completions may have been published but not signalled before the old server died.
         notify();
     }
+    // Counted by the gate from here on: a hold waits for this thread to park.
+    let running = s.health.gate.enter();
     let result = serve_loop(&s, &mut mem, &mut worker, &mut notify);
+    drop(running);
     // Whatever ended the loop, nothing may stay in flight once `mem` is unmapped.
     if let Err(e) = worker.drain(&mut mem, &mut notify) {
         tracing::warn!(device = s.dev.name(), queue = s.index, error = %e, "draining the queue failed");
@@ -187,10 +191,18 @@ fn serve_loop(
 ) -> Result<(), String> {
     let mut last_work: Option<Instant> = None;
     let mut window = s.poll;
-    let mut sleeper = Sleeper::new(&s.kick, s.stop.fd(), worker.notifier()).map_err(|e| format!("epoll: {e}"))?;
+    let gate = &s.health.gate;
+    let mut sleeper =
+        Sleeper::new(&s.kick, s.stop.fd(), gate.wake_fd(), worker.notifier()).map_err(|e| format!("epoll: {e}"))?;
     loop {
         if s.stop.requested() {
             return Ok(());
+        }
+        if gate.held() {
+            // Complete what is in flight, then take nothing off the ring until released.
+            worker.drain(mem, notify).map_err(|e| e.to_string())?;
+            gate.park(&s.stop);
+            continue;
         }
         let pass = worker.run(mem, notify).map_err(|e| e.to_string())?;
         if pass.popped > 0 {
@@ -205,7 +217,7 @@ fn serve_loop(
         }
         if let Some(t) = last_work.filter(|_| !window.is_zero()) {
             let deadline = t + window;
-            while !worker.has_work(mem) && !s.stop.requested() && Instant::now() < deadline {
+            while !worker.has_work(mem) && !s.stop.requested() && !gate.held() && Instant::now() < deadline {
                 std::thread::yield_now();
             }
             if worker.has_work(mem) {
@@ -229,7 +241,7 @@ fn serve_loop(
 }
 
 /// One wait on everything that can give a queue thread work: its kick eventfd, the backend's
-/// completion notifier and the stop signal. The two eventfds are edge-triggered and never
+/// completion notifier, the stop signal and the hold gate. The two eventfds are edge-triggered and never
 /// read: every signal is a new edge, so a wake-up costs one `epoll_wait` and no `read`. The
 /// notifier is watched only while operations are in flight; otherwise a completion that
 /// finished during submission (and was reaped) would wake the thread for nothing.
@@ -245,15 +257,18 @@ const IN_FLIGHT_WAIT_MS: u16 = 100;
 const KICK: u64 = 0;
 const STOP: u64 = 1;
 const NOTIFIER: u64 = 2;
+const GATE: u64 = 3;
 
 impl Sleeper {
     /// Registers the fds; `notifier` must be the same fd at every [`Sleeper::sleep`].
-    fn new(kick: &EventFd, stop: &EventFd, notifier: Option<BorrowedFd<'_>>) -> nix::Result<Self> {
+    fn new(kick: &EventFd, stop: &EventFd, gate: &EventFd, notifier: Option<BorrowedFd<'_>>) -> nix::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
         epoll.add(kick.as_fd(), EpollEvent::new(edge, KICK))?;
         // Level-triggered: it is never reset, so it wakes every wait once stop is requested.
         epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
+        // Level-triggered too: readable exactly while a hold lasts.
+        epoll.add(gate.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, GATE))?;
         if let Some(fd) = notifier {
             epoll.add(fd, EpollEvent::new(edge, NOTIFIER))?;
         }
@@ -286,7 +301,7 @@ impl Sleeper {
             Some(w) => EpollTimeout::try_from(w.as_micros().div_ceil(1000)).unwrap_or(EpollTimeout::MAX),
             None => EpollTimeout::NONE,
         };
-        let mut events = [EpollEvent::empty(); 3];
+        let mut events = [EpollEvent::empty(); 4];
         match self.epoll.wait(&mut events, timeout) {
             Ok(n) => Ok(events[..n].iter().any(|e| e.data() == KICK)),
             Err(nix::errno::Errno::EINTR) => Ok(false),

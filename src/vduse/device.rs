@@ -167,6 +167,10 @@ impl VduseDevice {
             .map_err(ioctl_err("VDUSE_IOTLB_GET_FD"))?;
         // SAFETY: on success the ioctl returns a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // The kernel hands it out without O_CLOEXEC: a child (mkfs, blkid, fsfreeze) must not
+        // inherit a mapping of every device's bounce pages.
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+            .map_err(ioctl_err("F_SETFD FD_CLOEXEC"))?;
         Ok((fd, entry))
     }
 }

@@ -22,6 +22,8 @@ const META: &str = "meta.json";
 const IMAGE: &str = "image.raw";
 /// Folder of the freeze records (see [`VolumeStore::record_freeze`]).
 const FROZEN: &str = "frozen";
+/// Folder of the device records (see [`VolumeStore::claim_device`]).
+const DEVICES: &str = "devices";
 /// Prefix of the folders a create builds before renaming them into place.
 const NEW_PREFIX: &str = ".new-";
 /// Volume parameter: reserve the whole image at creation (`"true"`) instead of allocating
@@ -543,6 +545,48 @@ impl VolumeStore {
     /// Deletes a snapshot; `false` if it did not exist.
     pub fn delete_snapshot(&self, id: &str) -> Result<bool> {
         remove_entry(&self.snapshot_dir(id)?)
+    }
+
+    fn device_record(&self, device: &str) -> Result<PathBuf> {
+        validate_id("device name", device)?;
+        Ok(self.root.join(DEVICES).join(device))
+    }
+
+    /// Records that VDUSE device `device` serves `volume_id`, and fails if the record says it
+    /// serves another volume. Device names are volume IDs or hashes of them, so two volumes
+    /// can want one name; a server must never take over a device that holds another volume's
+    /// data. `Ok(false)` if the device was recorded for this volume already.
+    pub fn claim_device(&self, device: &str, volume_id: &str) -> Result<bool> {
+        let record = self.device_record(device)?;
+        if let Some(owner) = read_meta::<String>(&record)? {
+            if owner == volume_id {
+                return Ok(false);
+            }
+            return Err(Error::Conflict {
+                what: "device",
+                id: device.to_owned(),
+                why: format!("it serves volume {owner}, not {volume_id}"),
+            });
+        }
+        let dir = self.root.join(DEVICES);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        write_meta(&record, &volume_id.to_owned())?;
+        Ok(true)
+    }
+
+    /// The volume device `device` was recorded for, if any.
+    pub fn device_owner(&self, device: &str) -> Result<Option<String>> {
+        read_meta(&self.device_record(device)?)
+    }
+
+    /// Forgets the record of a device that is gone.
+    pub fn release_device(&self, device: &str) -> Result<()> {
+        let record = self.device_record(device)?;
+        match fs::remove_file(&record) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &record)(e)),
+        }
     }
 
     fn freeze_record(&self, volume_id: &str) -> Result<PathBuf> {

@@ -1,0 +1,60 @@
+//! Per-volume operation guard: a second concurrent operation on the same volume is refused
+//! (the CSI layer answers ABORTED, as the spec asks) instead of racing the first. Every
+//! operation on a volume, the heal loop's included, holds its guard for as long as it runs.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Another operation holds the guard of this volume (or snapshot key).
+#[derive(Debug, thiserror::Error)]
+#[error("an operation on volume {0} is already in progress")]
+pub struct Busy(pub String);
+
+#[derive(Debug, Default, Clone)]
+pub struct VolumeGuards {
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Held while an operation runs on a volume; releases it on drop.
+#[derive(Debug)]
+pub struct VolumeGuard {
+    busy: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+/// The set of busy keys. Each change is one insert or remove, so a poisoned lock still holds
+/// a consistent set.
+fn lock(busy: &Mutex<HashSet<String>>) -> MutexGuard<'_, HashSet<String>> {
+    busy.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl VolumeGuards {
+    /// Takes the guard of `id`, or fails if an operation holds it.
+    pub fn acquire(&self, id: &str) -> Result<VolumeGuard, Busy> {
+        if !lock(&self.busy).insert(id.to_owned()) {
+            return Err(Busy(id.to_owned()));
+        }
+        Ok(VolumeGuard { busy: Arc::clone(&self.busy), id: id.to_owned() })
+    }
+}
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        lock(&self.busy).remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_operation_is_refused_until_the_first_ends() {
+        let guards = VolumeGuards::default();
+        let first = guards.acquire("v").expect("first");
+        assert!(guards.acquire("v").is_err());
+        assert!(guards.acquire("w").is_ok());
+        drop(first);
+        assert!(guards.acquire("v").is_ok());
+    }
+}
