@@ -9,6 +9,7 @@ pub mod host;
 pub mod metrics;
 pub mod node;
 pub mod server;
+pub mod status;
 pub mod units;
 pub mod vduse;
 pub mod volume;

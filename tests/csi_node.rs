@@ -591,7 +591,6 @@ fn ephemeral_volume(n: &mut Node) {
             ("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned()),
             ("csi.storage.k8s.io/pod.name".to_owned(), "pod-e".to_owned()),
             ("size".to_owned(), size.to_owned()),
-            ("maxWriteIops".to_owned(), "5000".to_owned()),
         ])
     };
     let publish = |n: &mut Node, cap: &VolumeCapability, context: HashMap<String, String>| {
@@ -611,9 +610,11 @@ fn ephemeral_volume(n: &mut Node) {
     };
     assert_eq!(publish(n, &block, context("64Mi")).expect_err("block").code(), Code::InvalidArgument);
     assert_eq!(publish(n, &cap, context("lots")).expect_err("size").code(), Code::InvalidArgument);
+    // A pod author sizes an inline volume, nothing more (the node's admin owns thickness,
+    // queues and QoS).
     let mut bad = context("64Mi");
-    bad.insert("maxIops".into(), "0".into());
-    assert_eq!(publish(n, &cap, bad).expect_err("qos").code(), Code::InvalidArgument);
+    bad.insert("thick".into(), "true".into());
+    assert_eq!(publish(n, &cap, bad).expect_err("thick").code(), Code::InvalidArgument);
     let state = n.plugin.as_ref().expect("plugin").state.clone();
     assert!(!state.join("volumes").join(id).exists(), "a refused publish creates nothing");
 

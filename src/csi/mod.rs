@@ -124,110 +124,35 @@ impl Plugin {
     }
 }
 
-/// Everything a handler can fail with, mapped to a gRPC code in one place.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    OutOfRange(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("an operation on volume {0} is already in progress")]
-    Aborted(String),
-    /// A paging token this plugin did not issue.
-    #[error("{0}")]
-    InvalidToken(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
+pub use crate::status::{Error, Result};
 
-impl Error {
-    pub fn into_status(self) -> Status {
-        let code = match &self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Aborted(_) | Error::InvalidToken(_) => Code::Aborted,
-            Error::Unavailable(_) => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
-        };
-        Status::new(code, self.to_string())
-    }
+/// The gRPC code of each kind of failure: the one mapping (README, "CSI support").
+pub fn status_of(e: Error) -> Status {
+    let code = match &e {
+        Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::NotFound(_) => Code::NotFound,
+        Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::OutOfRange(_) => Code::OutOfRange,
+        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::Aborted(_) | Error::InvalidToken(_) => Code::Aborted,
+        Error::Unavailable(_) => Code::Unavailable,
+        Error::Internal(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        e.into_status()
-    }
-}
-
-impl From<crate::node::guard::Busy> for Error {
-    fn from(e: crate::node::guard::Busy) -> Self {
-        Error::Aborted(e.0)
+        status_of(e)
     }
 }
 
 impl From<crate::node::guard::Busy> for Status {
     fn from(e: crate::node::guard::Busy) -> Self {
-        Error::from(e).into_status()
+        status_of(e.into())
     }
 }
-
-impl From<crate::volume::Error> for Error {
-    fn from(e: crate::volume::Error) -> Self {
-        use crate::volume::Error as V;
-        match e {
-            V::InvalidId { .. } => Error::InvalidArgument(e.to_string()),
-            V::NotFound { .. } => Error::NotFound(e.to_string()),
-            V::Conflict { .. } => Error::AlreadyExists(e.to_string()),
-            V::NoSpace { .. } | V::Overcommitted { .. } => Error::ResourceExhausted(e.to_string()),
-            V::SmallerThanSource { .. } => Error::OutOfRange(e.to_string()),
-            V::Io { .. } | V::Corrupt { .. } => Error::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<crate::host::Error> for Error {
-    fn from(e: crate::host::Error) -> Self {
-        match e {
-            crate::host::Error::UnsupportedFs(_) | crate::host::Error::BadFlag(_) => {
-                Error::InvalidArgument(e.to_string())
-            }
-            _ => Error::Internal(e.to_string()),
-        }
-    }
-}
-
-/// The device server's errors as CSI sees them: what the node lacks or another process holds
-/// is UNAVAILABLE (kubelet retries, and it can heal), what an operator must fix on the node is
-/// FAILED_PRECONDITION with the fix in the message, the rest INTERNAL.
-impl From<crate::server::Error> for Error {
-    fn from(e: crate::server::Error) -> Self {
-        use crate::server::Error as S;
-        use crate::vduse::Error as V;
-        match e {
-            S::Vduse(V::ControlMissing | V::Busy(_)) => Error::Unavailable(e.to_string()),
-            S::Vduse(V::WrongDriver { .. }) => Error::FailedPrecondition(e.to_string()),
-            S::NoDevice(_) => Error::NotFound(e.to_string()),
-            S::InvalidOption(_) => Error::InvalidArgument(e.to_string()),
-            _ => Error::Internal(e.to_string()),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
 
 /// Checks a required string field.
 /// A volume's QoS limits, from the parameters kept in its metadata.
@@ -265,12 +190,12 @@ mod tests {
 
     #[test]
     fn device_server_errors_map_to_csi_codes() {
-        let code = |e: S| Error::from(e).into_status().code();
+        let code = |e: S| status_of(Error::from(e)).code();
         assert_eq!(code(S::Vduse(V::Busy("pvc-1".into()))), Code::Unavailable);
         assert_eq!(code(S::Vduse(V::ControlMissing)), Code::Unavailable);
         let wrong = Error::from(S::Vduse(V::WrongDriver { name: "pvc-1".into(), driver: "vhost_vdpa".into() }));
         assert!(wrong.to_string().contains("modprobe -r vhost_vdpa"), "{wrong}");
-        assert_eq!(wrong.into_status().code(), Code::FailedPrecondition);
+        assert_eq!(status_of(wrong).code(), Code::FailedPrecondition);
         assert_eq!(code(S::NoDevice("pvc-1".into())), Code::NotFound);
         assert_eq!(code(S::Thread(std::io::Error::other("x"))), Code::Internal);
     }

@@ -162,12 +162,11 @@ pub(super) fn served(plugin: &Plugin, meta: &VolumeMeta) -> Result<Arc<DeviceSer
 /// Like [`served`], for an operation on a volume that is staged already: a volume that cannot
 /// be served is UNAVAILABLE (kubelet or the sidecar retries; the heal loop keeps trying).
 pub(super) fn served_or_unavailable(plugin: &Plugin, meta: &VolumeMeta) -> Result<Arc<DeviceServer>> {
-    served(plugin, meta).map_err(|e| match e {
-        Error::Unavailable(_) => e,
-        other => Error::Unavailable(format!(
-            "the device of volume {} is not served and cannot be served again now: {other}",
+    served(plugin, meta).map_err(|e| {
+        Error::Unavailable(format!(
+            "the device of volume {} is not served, and cannot be served again now ({e}); try again later",
             meta.spec.id
-        )),
+        ))
     })
 }
 

@@ -1080,7 +1080,7 @@ def check_examples() -> list[str]:
         if v.get("driver") != DRIVER:
             problems.append(f"inline volume of driver {v.get('driver')}")
         attrs = v.get("volumeAttributes", {})
-        unknown = set(attrs) - ({"size"} | FILE_PARAMS - {"csi.storage.k8s.io/fstype"})
+        unknown = set(attrs) - {"size"}
         if unknown:
             problems.append(f"inline volume attributes the plugin refuses: {sorted(unknown)}")
         if not all(isinstance(x, str) for x in attrs.values()):
