@@ -8,6 +8,8 @@ pub mod csi;
 pub mod host;
 pub mod metrics;
 pub mod node;
+pub mod params;
+pub mod rbd;
 pub mod server;
 pub mod status;
 pub mod units;

@@ -202,7 +202,7 @@ struct PluginArgs {
     /// The CSI driver name of RBD volumes (their StorageClass's provisioner), distinct from
     /// --driver-name so the cluster-wide RBD controller and the per-node controllers never
     /// both provision one claim.
-    #[arg(long, default_value = csi::rbd::RBD_DRIVER_NAME)]
+    #[arg(long, default_value = vduse_csi::rbd::RBD_DRIVER_NAME)]
     rbd_driver_name: String,
 }
 

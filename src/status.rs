@@ -79,3 +79,26 @@ impl From<crate::server::Error> for Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// librbd's and librados' errors.
+impl From<crate::backend::rbd::Error> for Error {
+    fn from(e: crate::backend::rbd::Error) -> Self {
+        if let crate::backend::rbd::Error::Locked { .. } = e {
+            return Error::FailedPrecondition(e.to_string());
+        }
+        if let crate::backend::rbd::Error::Connect { .. } = e {
+            return Error::Unavailable(e.to_string());
+        }
+        match e.errno() {
+            Some(libc::ENOENT) => Error::NotFound(e.to_string()),
+            Some(libc::EEXIST) => Error::AlreadyExists(e.to_string()),
+            Some(libc::EBUSY | libc::ENOTEMPTY | libc::EROFS) => Error::FailedPrecondition(e.to_string()),
+            Some(libc::ENOSPC | libc::EDQUOT) => Error::ResourceExhausted(e.to_string()),
+            Some(libc::ETIMEDOUT | libc::ENOTCONN | libc::ECONNREFUSED | libc::ESHUTDOWN) => {
+                Error::Unavailable(e.to_string())
+            }
+            Some(libc::EPERM | libc::EACCES) => Error::FailedPrecondition(format!("{e} (check the cephx user's caps)")),
+            _ => Error::Internal(e.to_string()),
+        }
+    }
+}

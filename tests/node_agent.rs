@@ -367,7 +367,7 @@ fn successor_waits(n: &mut Node) {
 /// plugin's IOTLB fds (they map every device's bounce pages).
 fn device_name_collision(n: &mut Node) {
     let long = format!("pvc-{}", "l".repeat(90));
-    let twin = vduse_csi::csi::node::device_name(&long);
+    let twin = vduse_csi::node::device_name(&long);
     assert_ne!(twin, long, "the long ID is hashed");
     let cap = mount_cap("ext4", writer());
     n.create(&long, 64, cap.clone());

@@ -17,7 +17,7 @@ use common::guest_node::{self, Harness, Node, Scenario, syncfs};
 use common::*;
 use tonic::Code;
 use vduse_csi::csi::proto::*;
-use vduse_csi::csi::rbd::image_name;
+use vduse_csi::rbd::ids::image_name;
 
 const CEPH_DIR: &str = "/tmp/ceph";
 const CLUSTERS_FILE: &str = "/tmp/ceph-clusters.json";

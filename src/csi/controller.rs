@@ -1,27 +1,18 @@
 //! Controller service for node-local volumes: this node's plugin provisions on this node, as
 //! external-provisioner's per-node deployment expects.
 
-use crate::blk::qos::QosLimits;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::proto::controller_server::Controller;
 use super::proto::*;
-use super::rbd;
-use super::{
-    DEFAULT_CAPACITY, Error, MIB, PARAM_CACHE, PARAM_FS_TYPE, PARAM_QUEUES, PARAM_THICK, Plugin, Result, TOPOLOGY_KEY,
-    blocking, required, volume_id,
-};
-use crate::backend::CacheMode;
-use crate::host;
+use super::{Error, Plugin, Result, TOPOLOGY_KEY, blocking, required, volume_id};
+use crate::params::{self, MIB};
+use crate::rbd::provision::{self, SnapshotInfo, Source};
+use crate::rbd::{self, ImageLocation, SnapshotLocation};
 use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
-
-/// Parameters external-provisioner adds with --extra-create-metadata; accepted and ignored.
-const METADATA_PARAMS: [&str; 3] =
-    ["csi.storage.k8s.io/pv/name", "csi.storage.k8s.io/pvc/name", "csi.storage.k8s.io/pvc/namespace"];
-const MAX_QUEUES: u16 = 16;
 
 pub struct ControllerService {
     plugin: Arc<Plugin>,
@@ -68,11 +59,8 @@ pub fn check_capability(cap: &VolumeCapability) -> Result<()> {
     match &cap.access_type {
         Some(volume_capability::AccessType::Block(_)) => Ok(()),
         Some(volume_capability::AccessType::Mount(m)) => {
-            if !m.fs_type.is_empty() && !crate::host::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
-                return Err(Error::InvalidArgument(format!(
-                    "filesystem {:?} is not supported: use ext4 or xfs",
-                    m.fs_type
-                )));
+            if !m.fs_type.is_empty() {
+                params::check_fs_type(&m.fs_type)?;
             }
             Ok(())
         }
@@ -82,133 +70,50 @@ pub fn check_capability(cap: &VolumeCapability) -> Result<()> {
 
 /// The size to provision for a capacity range: at least 1 MiB, rounded up to MiB.
 pub fn capacity_for(range: Option<&CapacityRange>) -> Result<u64> {
-    let Some(range) = range else { return Ok(DEFAULT_CAPACITY) };
-    if range.required_bytes < 0 || range.limit_bytes < 0 {
-        return Err(Error::OutOfRange("capacity_range bytes must not be negative".into()));
-    }
-    let (required, limit) = (range.required_bytes as u64, range.limit_bytes as u64);
-    let wanted =
-        if required == 0 { if limit > 0 { limit.min(DEFAULT_CAPACITY) } else { DEFAULT_CAPACITY } } else { required };
-    let size =
-        wanted.div_ceil(MIB).max(1).checked_mul(MIB).ok_or_else(|| Error::OutOfRange("capacity too large".into()))?;
-    if limit > 0 && size > limit {
-        return Err(Error::OutOfRange(format!(
-            "no size in [{required}, {limit}] bytes is a whole number of MiB (volumes are allocated in MiB)"
-        )));
-    }
-    Ok(size)
+    range.map_or(Ok(params::DEFAULT_CAPACITY), |r| params::capacity(r.required_bytes, r.limit_bytes))
 }
 
-pub(super) fn fs_type_of(caps: &[VolumeCapability], params: &HashMap<String, String>) -> Result<Option<String>> {
+/// The filesystem of a new volume: the capabilities' `fs_type`, else the StorageClass's.
+fn fs_type_of(caps: &[VolumeCapability], parameters: &HashMap<String, String>) -> Result<Option<String>> {
     let from_cap = caps.iter().find_map(|c| match &c.access_type {
         Some(volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => Some(m.fs_type.clone()),
         _ => None,
     });
-    let fs = from_cap.or_else(|| params.get(PARAM_FS_TYPE).cloned());
+    let fs = from_cap.or_else(|| parameters.get(params::FS_TYPE).cloned());
     if let Some(fs) = &fs {
-        if !crate::host::SUPPORTED_FS.contains(&fs.as_str()) {
-            return Err(Error::InvalidArgument(format!("{PARAM_FS_TYPE} {fs:?} is not supported: use ext4 or xfs")));
-        }
+        params::check_fs_type(fs)?;
     }
     Ok(fs)
 }
 
-/// Validates StorageClass parameters; returns the ones we keep.
-pub(super) fn check_parameters(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<String, String>)> {
-    let mut queues = crate::server::default_queues();
-    let mut kept = BTreeMap::new();
-    for (k, v) in params {
-        match k.as_str() {
-            PARAM_FS_TYPE => {
-                kept.insert(k.clone(), v.clone());
-            }
-            PARAM_QUEUES => {
-                queues = v.parse::<u16>().ok().filter(|q| (1..=MAX_QUEUES).contains(q)).ok_or_else(|| {
-                    Error::InvalidArgument(format!("parameter {PARAM_QUEUES}={v:?}: use 1 to {MAX_QUEUES}"))
-                })?;
-                kept.insert(k.clone(), v.clone());
-            }
-            PARAM_CACHE => {
-                CacheMode::parse(v).ok_or_else(|| {
-                    Error::InvalidArgument(format!("parameter {PARAM_CACHE}={v:?}: use none or writeback"))
-                })?;
-                kept.insert(k.clone(), v.clone());
-            }
-            PARAM_THICK => {
-                if v != "true" && v != "false" {
-                    return Err(Error::InvalidArgument(format!("parameter {PARAM_THICK}={v:?}: use true or false")));
-                }
-                kept.insert(k.clone(), v.clone());
-            }
-            k if QosLimits::PARAMETERS.iter().any(|(name, _)| *name == k) => {
-                QosLimits::from_parameters([(k, v.as_str())])
-                    .map_err(|e| Error::InvalidArgument(format!("parameter {e}")))?;
-                kept.insert(k.to_owned(), v.clone());
-            }
-            k if METADATA_PARAMS.contains(&k) => {}
-            // RBD volumes are routed before their parameters get here.
-            crate::volume::PARAM_BACKEND if v == crate::volume::BACKEND_FILE => {}
-            k => {
-                let qos: Vec<&str> = QosLimits::PARAMETERS.iter().map(|(name, _)| *name).collect();
-                return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}: supported are {PARAM_FS_TYPE}, {PARAM_QUEUES}, {PARAM_CACHE}, {PARAM_THICK} and the QoS limits {}",
-                    qos.join(", ")
-                )));
-            }
+/// A content source of an RBD volume: only RBD snapshots and volumes of the same cluster
+/// qualify.
+fn rbd_source(src: Option<volume_content_source::Type>, cluster_id: &str) -> Result<Option<Source>> {
+    let src = match src {
+        None => return Ok(None),
+        Some(volume_content_source::Type::Snapshot(s)) => {
+            Source::Snapshot(SnapshotLocation::parse(&s.snapshot_id).ok_or_else(|| {
+                Error::NotFound(format!("snapshot {:?} is not an RBD snapshot of this driver", s.snapshot_id))
+            })?)
         }
-    }
-    Ok((queues, kept))
+        Some(volume_content_source::Type::Volume(v)) => {
+            Source::Volume(ImageLocation::parse(&v.volume_id).ok_or_else(|| {
+                Error::NotFound(format!("volume {:?} is not an RBD volume of this driver", v.volume_id))
+            })?)
+        }
+    };
+    provision::check_source_cluster(&src, cluster_id)?;
+    Ok(Some(src))
 }
 
-/// A volume held still while it is copied, so the copy is one point in time: a staged
-/// filesystem is frozen (which flushes it and holds its writers) and its image flushed; a
-/// staged block volume's queues are held (no request taken off a ring, none in flight) and
-/// its image flushed. The freeze is recorded first, so a plugin killed before it thaws thaws
-/// it when it starts again. Both happen only on a device that is served and healthy (a
-/// freeze on a device nobody answers would never return): otherwise UNAVAILABLE. Released
-/// when dropped. The caller holds the volume's guard for as long as this lives, which keeps
-/// the heal loop's thaw away from this freeze.
-struct Quiesced<'a> {
-    plugin: &'a Plugin,
-    volume_id: String,
-    freeze: Option<host::Freeze>,
-    _hold: Option<crate::server::Hold>,
-}
-
-/// Longest wait for a block volume's in-flight requests before a snapshot gives up.
-const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl<'a> Quiesced<'a> {
-    fn new(plugin: &'a Plugin, meta: &VolumeMeta) -> Result<Self> {
-        let volume_id = meta.spec.id.clone();
-        let mut quiet = Self { plugin, volume_id, freeze: None, _hold: None };
-        let Some(stage) = &meta.staged else { return Ok(quiet) };
-        let server = super::node::served_or_unavailable(plugin, meta)?;
-        if stage.block {
-            quiet._hold = Some(server.hold(HOLD_TIMEOUT).map_err(|e| Error::Unavailable(e.to_string()))?);
-        } else {
-            plugin.store.record_freeze(&quiet.volume_id, &stage.staging_path)?;
-            // On failure `quiet` drops and clears the record.
-            quiet.freeze = Some(host::Freeze::new(&stage.staging_path)?);
-            server.flush()?;
-        }
-        Ok(quiet)
-    }
-}
-
-impl Drop for Quiesced<'_> {
-    fn drop(&mut self) {
-        // Thawed first (Freeze's drop), then forgotten; a failed thaw keeps its record for
-        // the heal loop.
-        if let Some(freeze) = self.freeze.take() {
-            if let Err(e) = freeze.thaw() {
-                tracing::error!(volume = %self.volume_id, error = %e, "cannot thaw the filesystem; the heal loop retries");
-                return;
-            }
-        }
-        if let Err(e) = self.plugin.store.clear_freeze(&self.volume_id) {
-            tracing::warn!(volume = %self.volume_id, error = %e, "cannot remove the freeze record");
-        }
+fn rbd_snapshot(info: SnapshotInfo) -> Snapshot {
+    Snapshot {
+        size_bytes: info.size_bytes as i64,
+        snapshot_id: info.id,
+        source_volume_id: info.source_volume_id,
+        creation_time: Some(prost_types::Timestamp { seconds: info.created.0, nanos: info.created.1 }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
     }
 }
 
@@ -289,16 +194,16 @@ impl ControllerService {
         name: String,
         capacity: u64,
     ) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
-        let params = rbd::parameters(&req.parameters)?;
+        let params = rbd::params::parameters(&req.parameters)?;
         let content_source = req.volume_content_source.clone();
-        let source = rbd::source(req.volume_content_source.and_then(|s| s.r#type), &params.cluster_id)?;
-        let guard = self.plugin.guards.acquire(&name)?;
+        let source = rbd_source(req.volume_content_source.and_then(|s| s.r#type), &params.cluster_id)?;
+        let guard = self.plugin.agent.guards().acquire(&name)?;
         let plugin = Arc::clone(&self.plugin);
         let secrets = req.secrets;
         let context: HashMap<String, String> = params.kept.clone().into_iter().collect();
         let created = blocking(move || {
             let _guard = guard;
-            rbd::create_volume(&plugin, &name, capacity, &params, source, &secrets)
+            provision::create_volume(&plugin.ceph, &name, capacity, &params, source, &secrets)
         })
         .await?;
         tracing::info!(volume = %created.id, capacity = created.capacity, "CreateVolume (RBD)");
@@ -343,7 +248,7 @@ impl Controller for ControllerService {
                 Error::InvalidArgument(format!("volume names starting with \"rbd.\" are reserved: {id:?}")).into()
             );
         }
-        let (queues, parameters) = check_parameters(&req.parameters)?;
+        let (queues, parameters) = params::check_local(&req.parameters)?;
         let fs_type = fs_type_of(&req.volume_capabilities, &req.parameters)?;
         if !topology_ok(&self.plugin, req.accessibility_requirements.as_ref()) {
             return Err(Error::ResourceExhausted(format!(
@@ -364,10 +269,10 @@ impl Controller for ControllerService {
         };
         // The guard moves into the blocking work: if the caller gives up, the work still runs
         // to its end, and a retry must find the volume busy until it does.
-        let guard = self.plugin.guards.acquire(&id)?;
+        let guard = self.plugin.agent.guards().acquire(&id)?;
         // A clone holds its source still, like a snapshot does.
         let source_guard = match &source {
-            Some(ContentSource::Volume(v)) if *v != id => Some(self.plugin.guards.acquire(v)?),
+            Some(ContentSource::Volume(v)) if *v != id => Some(self.plugin.agent.guards().acquire(v)?),
             _ => None,
         };
         let spec = VolumeSpec {
@@ -383,12 +288,12 @@ impl Controller for ControllerService {
         let (meta, created) = blocking(move || {
             let _guards = (guard, source_guard);
             let quiet = match &spec.source {
-                Some(ContentSource::Volume(v)) if plugin.store.volume(&spec.id)?.is_none() => {
-                    Some(Quiesced::new(&plugin, &plugin.store.existing_volume(v)?)?)
+                Some(ContentSource::Volume(v)) if plugin.agent.store().volume(&spec.id)?.is_none() => {
+                    Some(plugin.agent.quiesce(&plugin.agent.store().existing_volume(v)?)?)
                 }
                 _ => None,
             };
-            let created = plugin.store.create_volume(&spec);
+            let created = plugin.agent.store().create_volume(&spec);
             drop(quiet);
             Ok(created?)
         })
@@ -403,13 +308,13 @@ impl Controller for ControllerService {
     ) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let guard = self.plugin.guards.acquire(&id)?;
+        let guard = self.plugin.agent.guards().acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         if rbd::is_rbd_id(&id) {
             let secrets = req.secrets;
             blocking(move || {
                 let _guard = guard;
-                rbd::delete_volume(&plugin, &id, &secrets)
+                provision::delete_volume(&plugin.ceph, &id, &secrets)
             })
             .await?;
             tracing::info!(volume = %req.volume_id, "DeleteVolume (RBD)");
@@ -417,13 +322,13 @@ impl Controller for ControllerService {
         }
         let existed = blocking(move || {
             let _guard = guard;
-            if plugin.store.volume(&id)?.is_some_and(|meta| meta.staged.is_some()) {
+            if plugin.agent.store().volume(&id)?.is_some_and(|meta| meta.staged.is_some()) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is staged on node {}; unstage it first",
                     plugin.node_id
                 )));
             }
-            Ok(plugin.store.delete_volume(&id)?)
+            Ok(plugin.agent.store().delete_volume(&id)?)
         })
         .await?;
         tracing::info!(volume = %req.volume_id, existed, "DeleteVolume");
@@ -456,15 +361,15 @@ impl Controller for ControllerService {
         let rbd_volume = rbd::is_rbd_id(id);
         if rbd_volume {
             let (plugin, id, secrets) = (Arc::clone(&self.plugin), id.to_owned(), req.secrets.clone());
-            blocking(move || rbd::check_exists(&plugin, &id, &secrets)).await?;
+            blocking(move || provision::check_exists(&plugin.ceph, &id, &secrets)).await?;
         } else {
-            self.plugin.store.existing_volume(id).map_err(Error::from)?;
+            self.plugin.agent.store().existing_volume(id).map_err(Error::from)?;
         }
         let (confirmed, message) = match check_capabilities(&req.volume_capabilities).and_then(|_| {
             if rbd_volume {
-                rbd::parameters(&req.parameters).map(drop)
+                rbd::params::parameters(&req.parameters).map(drop)
             } else {
-                check_parameters(&req.parameters).map(drop)
+                params::check_local(&req.parameters).map(drop)
             }
         }) {
             Ok(()) => (
@@ -486,7 +391,7 @@ impl Controller for ControllerService {
         request: Request<ListVolumesRequest>,
     ) -> std::result::Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        let volumes = self.plugin.store.volumes().map_err(Error::from)?;
+        let volumes = self.plugin.agent.store().volumes().map_err(Error::from)?;
         let (page, next_token) = page(volumes, |v| v.spec.id.as_str(), req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
@@ -518,8 +423,8 @@ impl Controller for ControllerService {
         }
         // What may still be promised under the provisioning model (see VolumeStore): the
         // overcommit headroom, and for a thick class also no more than is free.
-        let thick = req.parameters.get(PARAM_THICK).is_some_and(|v| v == "true");
-        let available = self.plugin.store.promisable_bytes(thick).map_err(Error::from)?;
+        let thick = req.parameters.get(params::THICK).is_some_and(|v| v == "true");
+        let available = self.plugin.agent.store().promisable_bytes(thick).map_err(Error::from)?;
         let available = available / MIB * MIB;
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available as i64,
@@ -570,21 +475,21 @@ impl Controller for ControllerService {
         let source = volume_id(&req.source_volume_id)?.to_owned();
         let name = required("name", &req.name)?.to_owned();
         validate_id("snapshot name", &name).map_err(Error::from)?;
-        let guard = self.plugin.guards.acquire(&source)?;
-        let snapshot_guard = self.plugin.guards.acquire(&format!("snapshot/{name}"))?;
+        let guard = self.plugin.agent.guards().acquire(&source)?;
+        let snapshot_guard = self.plugin.agent.guards().acquire(&format!("snapshot/{name}"))?;
         let plugin = Arc::clone(&self.plugin);
         if rbd::is_rbd_id(&source) {
             let secrets = req.secrets;
             let snapshot = blocking(move || {
                 let _guards = (guard, snapshot_guard);
-                rbd::create_snapshot(&plugin, &source, &name, &secrets)
+                provision::create_snapshot(&plugin.ceph, &source, &name, &secrets).map(rbd_snapshot)
             })
             .await?;
             return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(snapshot) }));
         }
         let snapshot = blocking(move || {
             let _guards = (guard, snapshot_guard);
-            if let Some(existing) = plugin.store.snapshot(&name)? {
+            if let Some(existing) = plugin.agent.store().snapshot(&name)? {
                 if existing.source_volume_id != source {
                     return Err(Error::AlreadyExists(format!(
                         "snapshot {name} exists for volume {}",
@@ -593,9 +498,9 @@ impl Controller for ControllerService {
                 }
                 return Ok(existing);
             }
-            let meta = plugin.store.existing_volume(&source)?;
-            let quiet = Quiesced::new(&plugin, &meta)?;
-            let created = plugin.store.create_snapshot(&name, &source);
+            let meta = plugin.agent.store().existing_volume(&source)?;
+            let quiet = plugin.agent.quiesce(&meta)?;
+            let created = plugin.agent.store().create_snapshot(&name, &source);
             drop(quiet);
             Ok(created?.0)
         })
@@ -611,17 +516,17 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
-        let guard = self.plugin.guards.acquire(&format!("snapshot/{id}"))?;
+        let guard = self.plugin.agent.guards().acquire(&format!("snapshot/{id}"))?;
         if rbd::is_rbd_id(id) {
             let (plugin, id, secrets) = (Arc::clone(&self.plugin), id.to_owned(), req.secrets);
             blocking(move || {
                 let _guard = guard;
-                rbd::delete_snapshot(&plugin, &id, &secrets)
+                provision::delete_snapshot(&plugin.ceph, &id, &secrets)
             })
             .await?;
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
-        let (store, id) = (self.plugin.store.clone(), id.to_owned());
+        let (store, id) = (self.plugin.agent.store().clone(), id.to_owned());
         blocking(move || {
             let _guard = guard;
             Ok(store.delete_snapshot(&id)?)
@@ -635,7 +540,7 @@ impl Controller for ControllerService {
         request: Request<ListSnapshotsRequest>,
     ) -> std::result::Result<Response<ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
-        let mut snapshots = self.plugin.store.snapshots().map_err(Error::from)?;
+        let mut snapshots = self.plugin.agent.store().snapshots().map_err(Error::from)?;
         if !req.snapshot_id.is_empty() {
             snapshots.retain(|s| s.id == req.snapshot_id);
         }
@@ -659,12 +564,12 @@ impl Controller for ControllerService {
         if let Some(cap) = &req.volume_capability {
             check_capability(cap)?;
         }
-        let guard = self.plugin.guards.acquire(&id)?;
+        let guard = self.plugin.agent.guards().acquire(&id)?;
         if rbd::is_rbd_id(&id) {
             let (plugin, secrets) = (Arc::clone(&self.plugin), req.secrets);
             let size = blocking(move || {
                 let _guard = guard;
-                rbd::expand_volume(&plugin, &id, capacity, &secrets)
+                provision::expand_volume(&plugin.ceph, &id, capacity, &secrets)
             })
             .await?;
             return Ok(Response::new(ControllerExpandVolumeResponse {
@@ -673,7 +578,7 @@ impl Controller for ControllerService {
                 node_expansion_required: true,
             }));
         }
-        let store = self.plugin.store.clone();
+        let store = self.plugin.agent.store().clone();
         // Growing the sparse image is cheap and safe while staged: the node step tells the
         // driver and grows the filesystem.
         let meta = blocking(move || {
@@ -712,17 +617,6 @@ impl Controller for ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn capacity_rounds_up_to_mib_and_honours_limits() {
-        let r = |req, lim| CapacityRange { required_bytes: req, limit_bytes: lim };
-        assert_eq!(capacity_for(None).ok(), Some(DEFAULT_CAPACITY));
-        assert_eq!(capacity_for(Some(&r(1, 0))).ok(), Some(MIB));
-        assert_eq!(capacity_for(Some(&r(MIB as i64 + 1, 0))).ok(), Some(2 * MIB));
-        assert_eq!(capacity_for(Some(&r(0, 5 * MIB as i64))).ok(), Some(5 * MIB));
-        assert!(matches!(capacity_for(Some(&r(MIB as i64 + 1, MIB as i64 + 100))), Err(Error::OutOfRange(_))));
-        assert!(matches!(capacity_for(Some(&r(-1, 0))), Err(Error::OutOfRange(_))));
-    }
 
     #[test]
     fn paging_resumes_after_the_token() {

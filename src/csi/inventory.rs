@@ -49,9 +49,9 @@ fn allocated(path: &Path) -> u64 {
 
 fn volume_entry(store: &VolumeStore, meta: &VolumeMeta) -> Entry {
     let id = &meta.spec.id;
-    let device = super::node::device_name(id);
+    let device = crate::node::device_name(id);
     let block_device = sysfs::block_device_name(&device).map(|b| format!("/dev/{b}"));
-    let qos = super::volume_qos(&meta.spec).unwrap_or_default();
+    let qos = crate::node::device::volume_qos(meta).unwrap_or_default();
     let condition = match &meta.staged {
         None => "normal".to_owned(),
         Some(_) if !sysfs::device_exists(&device) => {
@@ -60,7 +60,7 @@ fn volume_entry(store: &VolumeStore, meta: &VolumeMeta) -> Entry {
         Some(_) if block_device.is_none() => "abnormal: staged, but its device is not attached to the host".to_owned(),
         Some(_) => "normal".to_owned(),
     };
-    let condition = match super::node::store_full(store, meta) {
+    let condition = match crate::node::store_full(store, meta) {
         Ok(Some(full)) if meta.staged.is_some() => format!("abnormal: {full}"),
         _ => condition,
     };

@@ -67,7 +67,7 @@ pub fn registry(plugin: &Arc<Plugin>) -> (Registry, CallMetricsLayer) {
     );
     let p = Arc::clone(plugin);
     registry.register_collector(Box::new(DatapathCollector::new(Box::new(move || {
-        p.servers.all().into_iter().filter_map(|(id, s)| s.stats().map(|st| (id, Arc::clone(st)))).collect()
+        p.agent.servers().into_iter().filter_map(|(id, s)| s.stats().map(|st| (id, Arc::clone(st)))).collect()
     }))));
     registry.register_collector(Box::new(NodeCollector(Arc::clone(plugin))));
     (registry, CallMetricsLayer(calls))
@@ -84,7 +84,7 @@ impl std::fmt::Debug for NodeCollector {
 
 impl Collector for NodeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let servers = self.0.servers.all();
+        let servers = self.0.agent.servers();
         let served = servers.len();
         let unhealthy = servers.iter().filter(|(_, s)| s.health() != HealthState::Serving).count();
         drop(servers);
@@ -98,7 +98,7 @@ impl Collector for NodeCollector {
             "Served devices with a queue or control thread stopped on a fault.",
             unhealthy as u64,
         )?;
-        if let Ok(space) = self.0.store.space() {
+        if let Ok(space) = self.0.agent.store().space() {
             gauge(
                 &mut encoder,
                 "vduse_csi_backing_store_used_bytes",

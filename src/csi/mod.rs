@@ -1,17 +1,15 @@
 //! The CSI gRPC services (tonic over a unix socket): identity, controller, node.
 //!
-//! Handlers are thin: they validate the request, take the volume's guard, and call the
-//! volume store, the device server and the host operations. Errors become `tonic::Status` in
-//! one place ([`Error::into_status`]).
+//! Thin adapters: they validate and translate requests, take the volume's guard, and call
+//! the node agent (crate::node), the volume store and the RBD control plane (crate::rbd).
+//! Failures are `status::Error`, mapped to gRPC codes in one place ([`status_of`]).
 
 pub mod client;
 pub mod controller;
-pub mod ephemeral;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod node;
-pub mod rbd;
 pub mod registration;
 pub mod serve;
 pub mod token;
@@ -22,8 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use tonic::{Code, Status};
 
-use crate::node::{ServerTable, VolumeGuards};
-use crate::volume::VolumeStore;
+use crate::node::NodeAgent;
+use crate::rbd::Clusters;
 
 /// Generated CSI v1 types and service traits.
 #[allow(clippy::all, missing_docs)]
@@ -39,21 +37,6 @@ pub const TOPOLOGY_KEY: &str = "vduse.csi.dev/node";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vduse-csi";
 /// Default endpoint.
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/vduse-csi/csi.sock";
-/// StorageClass parameter: filesystem type (external-provisioner usually moves it into the
-/// volume capability, but it may arrive here too).
-pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
-/// StorageClass parameter: number of virtqueues.
-pub const PARAM_QUEUES: &str = "queues";
-/// StorageClass parameter: how image I/O uses the node's page cache (`none`, `writeback`).
-pub const PARAM_CACHE: &str = "cache";
-/// StorageClass parameter: reserve the whole image at creation (`true`) or not (`false`,
-/// the default: thin).
-pub use crate::volume::PARAM_THICK;
-/// Smallest volume and allocation unit.
-pub const MIB: u64 = 1 << 20;
-/// Size of a volume created without a capacity range.
-pub const DEFAULT_CAPACITY: u64 = 1 << 30;
-
 /// Which services this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -76,39 +59,26 @@ pub struct Plugin {
     pub driver_name: String,
     pub node_id: String,
     pub mode: Mode,
-    pub store: VolumeStore,
-    pub guards: VolumeGuards,
-    /// Device servers of staged volumes, by volume ID.
-    pub servers: ServerTable,
+    /// The node agent: volumes, their devices and their state on this node.
+    pub agent: NodeAgent,
+    /// The Ceph clusters RBD volumes may live in (`--ceph-clusters`).
+    pub ceph: Clusters,
     /// Set once staged volumes are served again after a restart.
     pub recovered: AtomicBool,
     /// Why the node cannot serve volumes, if it cannot.
     pub not_ready_reason: Mutex<Option<String>>,
-    /// Whether device servers count requests for the metrics endpoint.
-    pub counters: AtomicBool,
-    /// The Ceph clusters RBD volumes may live in (`--ceph-clusters`).
-    pub ceph: rbd::Clusters,
-    /// RBD volumes whose device this node serves fenced (every request fails), with why.
-    pub fenced: Mutex<HashMap<String, String>>,
-    /// Largest ephemeral inline volume a pod may declare.
-    pub ephemeral_max_bytes: u64,
 }
 
 impl Plugin {
-    pub fn new(driver_name: String, node_id: String, mode: Mode, store: VolumeStore, ceph: rbd::Clusters) -> Arc<Self> {
+    pub fn new(driver_name: String, mode: Mode, agent: NodeAgent, ceph: Clusters) -> Arc<Self> {
         Arc::new(Self {
             driver_name,
-            node_id,
+            node_id: agent.node_id().to_owned(),
             mode,
-            store,
-            guards: VolumeGuards::default(),
-            servers: ServerTable::default(),
+            agent,
+            ceph,
             recovered: AtomicBool::new(false),
             not_ready_reason: Mutex::new(None),
-            counters: AtomicBool::new(false),
-            ceph,
-            fenced: Mutex::new(HashMap::new()),
-            ephemeral_max_bytes: ephemeral::DEFAULT_MAX_BYTES,
         })
     }
 
@@ -155,11 +125,6 @@ impl From<crate::node::guard::Busy> for Status {
 }
 
 /// Checks a required string field.
-/// A volume's QoS limits, from the parameters kept in its metadata.
-pub fn volume_qos(spec: &crate::volume::VolumeSpec) -> std::result::Result<crate::blk::qos::QosLimits, String> {
-    crate::blk::qos::QosLimits::from_parameters(spec.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-}
-
 pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
     if value.is_empty() { Err(Error::InvalidArgument(format!("{field} is required"))) } else { Ok(value) }
 }
@@ -169,12 +134,6 @@ pub fn volume_id(id: &str) -> Result<&str> {
     required("volume_id", id)?;
     crate::volume::validate_id("volume ID", id)?;
     Ok(id)
-}
-
-/// A hash of `s` that stays the same across releases and machines (a std hasher does not):
-/// FNV-1a, 64 bits. It names things that must be found again (devices, RBD images).
-pub(crate) fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Runs blocking work (netlink attach, mkfs, copies) off the async runtime.

@@ -11,12 +11,14 @@ use tonic::transport::Server;
 
 use super::controller::ControllerService;
 use super::identity::IdentityService;
-use super::node::{NodeService, served, start_device};
+use super::node::NodeService;
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
 use super::proto::node_server::NodeServer;
 use super::registration::{self, RegistrationService, proto::registration_server::RegistrationServer};
 use super::{Mode, Plugin};
+use crate::node::{AgentOptions, NodeAgent};
+use crate::rbd::Clusters;
 use crate::volume::VolumeStore;
 
 /// How long running calls get to finish after SIGTERM.
@@ -137,124 +139,6 @@ fn register_with_kubelet(
     Ok((socket, stop_tx))
 }
 
-/// Serves again every volume the state dir says is staged, before the plugin reports ready.
-fn recover_staged(plugin: &Plugin) {
-    if !Path::new(crate::vduse::CONTROL_PATH).exists() {
-        let reason = crate::vduse::Error::ControlMissing.to_string();
-        tracing::error!("{reason}");
-        if let Ok(mut r) = plugin.not_ready_reason.lock() {
-            *r = Some(reason);
-        }
-        return;
-    }
-    let volumes = match plugin.store.volumes() {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list volumes for recovery");
-            return;
-        }
-    };
-    for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
-        match start_device(plugin, &meta) {
-            Ok(server) => {
-                tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
-                plugin.servers.insert(&meta.spec.id, Arc::new(server));
-            }
-            Err(e) => {
-                tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
-            }
-        }
-    }
-}
-
-/// Whether this process serves volume `id`'s device and every one of its threads runs.
-fn serves_healthy(plugin: &Plugin, id: &str) -> bool {
-    plugin.servers.get(id).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving))
-}
-
-/// Serves again every staged volume whose device server failed to start at recovery or
-/// stopped on a fault (a degraded server): the old server's threads are dropped, the device
-/// stays attached, and a new server takes it over where the old one stopped. A volume an
-/// operation holds is left for the next round (that operation heals it itself if it needs
-/// the device: see `node::served`).
-fn heal_staged(plugin: &Plugin) {
-    let Ok(volumes) = plugin.store.volumes() else { return };
-    for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
-        let id = &meta.spec.id;
-        let Ok(_guard) = plugin.guards.acquire(id) else { continue };
-        if serves_healthy(plugin, id) {
-            continue;
-        }
-        if let Err(e) = served(plugin, &meta) {
-            tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
-        }
-    }
-}
-
-/// Makes every acknowledged write of the staged volumes durable before the plugin exits, so a
-/// node shutdown right after it loses nothing: each staged filesystem is synced (its page
-/// cache written through our devices, which still serve) and then every image flushed.
-fn flush_staged(plugin: &Plugin) {
-    let volumes = match plugin.store.volumes() {
-        Ok(volumes) => volumes,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list volumes to flush them");
-            return;
-        }
-    };
-    // Only filesystems on devices this process serves and that serve well: a sync of one
-    // whose device nobody answers would wait forever.
-    for meta in volumes.iter().filter(|m| serves_healthy(plugin, &m.spec.id)) {
-        let Some(stage) = meta.staged.as_ref().filter(|s| !s.block) else { continue };
-        if let Err(e) = crate::host::sync_fs(&stage.staging_path) {
-            tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
-        }
-    }
-    for (id, server) in plugin.servers.all() {
-        match server.flush() {
-            Ok(()) => tracing::info!(volume = %id, "flushed"),
-            Err(e) => tracing::error!(volume = %id, error = %e, "cannot flush the image"),
-        }
-    }
-}
-
-/// Thaws the filesystems a killed plugin left frozen mid-snapshot. Each under its volume's
-/// guard: a snapshot or clone that runs now holds it and its freeze is its own, to be
-/// thawed when its copy ends, never under it. Only on devices this process serves: a thaw
-/// writes to the device, and with nobody answering it would wait forever. The others are
-/// tried again after the heal loop has served them.
-fn thaw_recorded(plugin: &Plugin) {
-    let frozen = match plugin.store.recorded_freezes() {
-        Ok(frozen) => frozen,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the freeze records");
-            return;
-        }
-    };
-    for (volume, mount_point) in frozen {
-        let Ok(_guard) = plugin.guards.acquire(&volume) else { continue };
-        // Read again under the guard: the operation that froze it may have ended meanwhile.
-        if !matches!(plugin.store.recorded_freezes(), Ok(now) if now.iter().any(|(v, _)| *v == volume)) {
-            continue;
-        }
-        if !serves_healthy(plugin, &volume) {
-            tracing::warn!(volume, path = %mount_point.display(), "frozen, but its device is not served yet; thawing later");
-            continue;
-        }
-        match crate::host::thaw(&mount_point) {
-            Ok(thawed) => {
-                if thawed == crate::host::Thawed::WasFrozen {
-                    tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
-                }
-                if let Err(e) = plugin.store.clear_freeze(&volume) {
-                    tracing::error!(volume, error = %e, "cannot remove the freeze record");
-                }
-            }
-            Err(e) => tracing::error!(volume, path = %mount_point.display(), error = %e, "cannot thaw"),
-        }
-    }
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -284,20 +168,25 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     let ceph = match &opts.ceph_clusters {
         Some(path) => {
             // Read now only to report a broken file early; it is read again at each use.
-            if let Err(e) = super::rbd::Clusters::load(path) {
+            if let Err(e) = Clusters::load(path) {
                 tracing::warn!(error = %e, "the Ceph clusters file is not usable yet; RBD calls fail until it is");
             }
-            super::rbd::Clusters::from_file(path)
+            Clusters::from_file(path)
         }
-        None => super::rbd::Clusters::default(),
+        None => Clusters::default(),
     };
-    let mut plugin = Plugin::new(opts.driver_name.clone(), opts.node_id.clone(), opts.mode, store, ceph);
-    if let Some(p) = Arc::get_mut(&mut plugin) {
-        p.ephemeral_max_bytes = opts.ephemeral_max_bytes;
-    }
-    let listener = bind(&path)?;
     // Before any device starts, so every device counts from its first request.
-    plugin.counters.store(opts.metrics_address.is_some(), Ordering::Relaxed);
+    let agent = NodeAgent::new(
+        store,
+        AgentOptions {
+            node_id: opts.node_id.clone(),
+            counters: opts.metrics_address.is_some(),
+            ephemeral_max_bytes: opts.ephemeral_max_bytes,
+            ceph: ceph.clone(),
+        },
+    );
+    let plugin = Plugin::new(opts.driver_name.clone(), opts.mode, agent, ceph);
+    let listener = bind(&path)?;
     let (registry, calls) = super::metrics::registry(&plugin);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics_address {
@@ -313,12 +202,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
 
     if opts.mode.node() {
         let p = Arc::clone(&plugin);
-        tokio::task::spawn_blocking(move || {
-            recover_staged(&p);
-            thaw_recorded(&p);
+        let not_ready = tokio::task::spawn_blocking(move || {
+            let not_ready = p.agent.recover();
+            p.agent.thaw_recorded();
+            not_ready
         })
         .await
         .map_err(|e| e.to_string())?;
+        if let Ok(mut reason) = plugin.not_ready_reason.lock() {
+            *reason = not_ready;
+        }
     }
     plugin.recovered.store(true, Ordering::Release);
     let heal_interval = opts.heal_interval;
@@ -331,8 +224,8 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
                 every.tick().await;
                 let p = Arc::clone(&p);
                 let _ = tokio::task::spawn_blocking(move || {
-                    heal_staged(&p);
-                    thaw_recorded(&p);
+                    p.agent.heal();
+                    p.agent.thaw_recorded();
                 })
                 .await;
             }
@@ -394,12 +287,12 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     }
     let _ = metrics_stop.send(());
     let p = Arc::clone(&plugin);
-    if let Err(e) = tokio::task::spawn_blocking(move || flush_staged(&p)).await {
+    if let Err(e) = tokio::task::spawn_blocking(move || p.agent.flush_all()).await {
         tracing::error!(error = %e, "flushing the staged volumes failed");
     }
     // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
     {
-        let n = plugin.servers.drain().len();
+        let n = plugin.agent.release_all();
         if n > 0 {
             tracing::warn!(volumes = n, "left staged volumes attached; their I/O resumes when the plugin starts again");
         }

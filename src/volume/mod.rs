@@ -67,6 +67,12 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |source| Error::Io { op, path: path.to_owned(), source }
 }
 
+/// A hash of `s` that stays the same across releases and machines (a std hasher does not):
+/// FNV-1a, 64 bits. It names things that must be found again (devices, RBD images).
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// Checks that `id` is a safe single path component.
 pub fn validate_id(what: &'static str, id: &str) -> Result<()> {
     let mut bytes = id.bytes();

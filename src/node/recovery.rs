@@ -1,0 +1,131 @@
+//! Recovery after a restart, the heal loop's round, and the flush at shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::NodeAgent;
+
+impl NodeAgent {
+    /// Serves again every volume the state dir says is staged, before the plugin reports ready.
+    /// Returns why the node cannot serve volumes at all, if it cannot.
+    pub fn recover(&self) -> Option<String> {
+        if !Path::new(crate::vduse::CONTROL_PATH).exists() {
+            let reason = crate::vduse::Error::ControlMissing.to_string();
+            tracing::error!("{reason}");
+            return Some(reason);
+        }
+        let volumes = match self.store.volumes() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list volumes for recovery");
+                return None;
+            }
+        };
+        for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
+            match self.start_device(&meta) {
+                Ok(server) => {
+                    tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
+                    self.servers.insert(&meta.spec.id, Arc::new(server));
+                }
+                Err(e) => {
+                    tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether this process serves volume `id`'s device and every one of its threads runs.
+    fn serves_healthy(&self, id: &str) -> bool {
+        self.servers.get(id).is_some_and(|s| matches!(s.health(), crate::server::HealthState::Serving))
+    }
+
+    /// Serves again every staged volume whose device server failed to start at recovery or
+    /// stopped on a fault (a degraded server): the old server's threads are dropped, the device
+    /// stays attached, and a new server takes it over where the old one stopped. A volume an
+    /// operation holds is left for the next round (that operation heals it itself if it needs
+    /// the device: see [`NodeAgent::served`]).
+    pub fn heal(&self) {
+        let Ok(volumes) = self.store.volumes() else { return };
+        for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
+            let id = &meta.spec.id;
+            let Ok(_guard) = self.guards.acquire(id) else { continue };
+            if self.serves_healthy(id) {
+                continue;
+            }
+            if let Err(e) = self.served(&meta) {
+                tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
+            }
+        }
+    }
+
+    /// Makes every acknowledged write of the staged volumes durable before the plugin exits, so a
+    /// node shutdown right after it loses nothing: each staged filesystem is synced (its page
+    /// cache written through our devices, which still serve) and then every image flushed.
+    pub fn flush_all(&self) {
+        let volumes = match self.store.volumes() {
+            Ok(volumes) => volumes,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list volumes to flush them");
+                return;
+            }
+        };
+        // Only filesystems on devices this process serves and that serve well: a sync of one
+        // whose device nobody answers would wait forever.
+        for meta in volumes.iter().filter(|m| self.serves_healthy(&m.spec.id)) {
+            let Some(stage) = meta.staged.as_ref().filter(|s| !s.block) else { continue };
+            if let Err(e) = crate::host::sync_fs(&stage.staging_path) {
+                tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
+            }
+        }
+        for (id, server) in self.servers.all() {
+            match server.flush() {
+                Ok(()) => tracing::info!(volume = %id, "flushed"),
+                Err(e) => tracing::error!(volume = %id, error = %e, "cannot flush the image"),
+            }
+        }
+    }
+
+    /// Thaws the filesystems a killed plugin left frozen mid-snapshot. Each under its volume's
+    /// guard: a snapshot or clone that runs now holds it and its freeze is its own, to be
+    /// thawed when its copy ends, never under it. Only on devices this process serves: a thaw
+    /// writes to the device, and with nobody answering it would wait forever. The others are
+    /// tried again after the heal loop has served them.
+    pub fn thaw_recorded(&self) {
+        let frozen = match self.store.recorded_freezes() {
+            Ok(frozen) => frozen,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the freeze records");
+                return;
+            }
+        };
+        for (volume, mount_point) in frozen {
+            let Ok(_guard) = self.guards.acquire(&volume) else { continue };
+            // Read again under the guard: the operation that froze it may have ended meanwhile.
+            if !matches!(self.store.recorded_freezes(), Ok(now) if now.iter().any(|(v, _)| *v == volume)) {
+                continue;
+            }
+            if !self.serves_healthy(&volume) {
+                tracing::warn!(volume, path = %mount_point.display(), "frozen, but its device is not served yet; thawing later");
+                continue;
+            }
+            match crate::host::thaw(&mount_point) {
+                Ok(thawed) => {
+                    if thawed == crate::host::Thawed::WasFrozen {
+                        tracing::warn!(volume, path = %mount_point.display(), "thawed a filesystem an interrupted snapshot left frozen");
+                    }
+                    if let Err(e) = self.store.clear_freeze(&volume) {
+                        tracing::error!(volume, error = %e, "cannot remove the freeze record");
+                    }
+                }
+                Err(e) => tracing::error!(volume, path = %mount_point.display(), error = %e, "cannot thaw"),
+            }
+        }
+    }
+
+    /// Stops every device server's threads and leaves the devices attached: their I/O waits
+    /// for the next plugin, which takes them over. Returns how many there were.
+    pub fn release_all(&self) -> usize {
+        self.servers.drain().len()
+    }
+}
