@@ -30,12 +30,6 @@ pub enum Error {
     Internal(String),
 }
 
-impl From<crate::node::guard::Busy> for Error {
-    fn from(e: crate::node::guard::Busy) -> Self {
-        Error::Aborted(e.0)
-    }
-}
-
 impl From<crate::volume::Error> for Error {
     fn from(e: crate::volume::Error) -> Self {
         use crate::volume::Error as V;

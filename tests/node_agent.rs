@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         ("successor_waits_for_the_predecessors_io", successor_waits),
         ("another_volumes_device_is_never_taken_over", device_name_collision),
         ("relative_and_dotted_paths_are_refused", hostile_paths),
+        ("a_failed_detach_keeps_the_device_served", failed_detach),
     ];
     guest_node::main(&HARNESS, scenarios)
 }
@@ -432,6 +433,55 @@ fn hostile_paths(n: &mut Node) {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = n.unpublish(pv, Path::new("pods/x")).expect_err("relative target");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
+}
+
+/// Defect 6: a stop whose detach failed went on to stop the server, leaving the device
+/// attached with nobody serving it (every access then hangs). A plugin in a network namespace
+/// of its own cannot reach the vdpa netlink family (it exists in the initial namespace only),
+/// so it can take a device over but not detach it: its unstage must fail and keep serving.
+fn failed_detach(n: &mut Node) {
+    let pv = "pvc-nodetach";
+    let cap = mount_cap("ext4", writer());
+    n.create(pv, 64, cap.clone());
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    std::fs::write(staging.join("kept"), b"still served").expect("write");
+    syncfs(&staging);
+    let mut plugin = n.plugin.take().expect("plugin");
+    let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
+    plugin.child.kill().expect("SIGKILL");
+    plugin.child.wait().expect("wait");
+    drop(plugin);
+    let plugin = PluginProcess::start_under(&["unshare", "--net"], NODE, &socket, &state, "all", n.flags);
+    n.c = n.rt.block_on(connect(&plugin.socket));
+    n.plugin = Some(plugin);
+    let probe = n.rt.block_on(n.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+    assert_eq!(probe.ready, Some(true), "the device was taken over without netlink");
+
+    let err = n.unstage(pv, &staging).expect_err("the detach cannot succeed here");
+    println!("unstage: {err:?}");
+    let block = vduse_csi::vduse::sysfs::block_device_name(pv).expect("the device is still attached");
+    // Still served: a direct read of its first block answers.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dev = format!("/dev/{block}");
+    std::thread::spawn(move || {
+        let read = Command::new("dd")
+            .args([&format!("if={dev}"), "of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+            .status();
+        let _ = tx.send(read.map(|s| s.success()).unwrap_or(false));
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(20));
+    assert_eq!(answered, Ok(true), "the attached device is not served any more after the failed unstage");
+    // Its server runs (the condition only says the staging mount is gone, as it is).
+    let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+    assert!(!condition.message.contains("degraded") && !condition.message.contains("not running"), "{condition:?}");
+
+    // A plugin that can detach finishes the unstage, and nothing was lost.
+    n.kill_and_restart();
+    n.stage(pv, &staging, &cap).expect("stage again");
+    assert_eq!(std::fs::read(staging.join("kept")).expect("read"), b"still served");
     n.unstage(pv, &staging).expect("unstage");
     n.delete(pv).expect("delete");
 }

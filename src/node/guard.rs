@@ -10,6 +10,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 #[error("an operation on volume {0} is already in progress")]
 pub struct Busy(pub String);
 
+impl From<Busy> for crate::status::Error {
+    fn from(e: Busy) -> Self {
+        crate::status::Error::Aborted(e.0)
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct VolumeGuards {
     busy: Arc<Mutex<HashSet<String>>>,

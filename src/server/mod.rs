@@ -5,6 +5,8 @@ mod control_loop;
 mod health;
 mod hold;
 mod queue_thread;
+mod stale;
+mod stop;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use crate::vduse::{self, VduseControl, VduseDevice, control::DeviceConfig, netli
 use control_loop::{ControlLoop, DeviceShape};
 pub use health::{Health, HealthState};
 pub use hold::{Hold, HoldError};
+pub use stale::remove_stale;
+pub use stop::{StillServing, StopError};
 
 /// How long a queue thread polls for more work after its last request, by default.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
@@ -67,30 +71,6 @@ pub enum Error {
     /// A flush failed earlier: completed writes may be lost.
     #[error("a flush of device {0} failed ({1}): writes it acknowledged may be lost")]
     FlushFailed(String, String),
-}
-
-/// A stop that could not detach the device: the server still serves it (so the host's I/O
-/// is never stranded on a device nobody answers) and is handed back with the error.
-pub struct StillServing {
-    pub server: Box<DeviceServer>,
-    pub error: Error,
-}
-
-impl std::fmt::Debug for StillServing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StillServing({}: {})", self.server.name, self.error)
-    }
-}
-
-/// Why [`DeviceServer::stop`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StopError {
-    /// The device is still attached and served.
-    #[error("cannot detach device {}: {}; it stays attached and served", .0.server.name, .0.error)]
-    StillServing(StillServing),
-    /// Detached, but the rest of the teardown failed.
-    #[error(transparent)]
-    Failed(#[from] Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -426,7 +406,7 @@ impl Drop for DeviceServer {
     }
 }
 
-fn limits(name: &str, queue_size: u16, backend: &dyn Backend) -> DeviceLimits {
+pub(crate) fn limits(name: &str, queue_size: u16, backend: &dyn Backend) -> DeviceLimits {
     let mut serial = [0u8; crate::blk::request::ID_BYTES];
     let n = name.len().min(serial.len());
     serial[..n].copy_from_slice(&name.as_bytes()[..n]);
@@ -450,67 +430,6 @@ fn update_capacity(dev: &VduseDevice, capacity: u64) -> Result<()> {
         // EINVAL before DRIVER_OK: the driver reads the new value when it probes.
         Err(vduse::Error::Ioctl { source: nix::errno::Errno::EINVAL, .. }) => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Removes a device no server is serving: takes it over with a backend that fails all I/O, so
-/// the kernel's drain and reset complete, then detaches and destroys it.
-pub fn remove_stale(name: &str) -> Result<()> {
-    vduse::validate_device_name(name)?;
-    if !sysfs::device_exists(name) {
-        return Err(Error::NoDevice(name.to_owned()));
-    }
-    let control = VduseControl::open()?;
-    if !sysfs::is_attached(name) {
-        control.destroy(name)?;
-        return Ok(());
-    }
-    let backend: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(0, true));
-    let dev = Arc::new(VduseDevice::open(name)?);
-    let shape = DeviceShape {
-        name: name.to_owned(),
-        offered_features: u64::MAX,
-        num_queues: 0,
-        queue_size: 0,
-        limits: limits(name, 1024, backend.as_ref()),
-        poll: Duration::ZERO,
-        stats: None,
-        throttle: None,
-    };
-    let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?);
-    let health = Arc::new(Health::new().map_err(Error::EventFd)?);
-    let mut control_loop = ControlLoop::new(Arc::clone(&dev), Arc::clone(&backend), shape, Arc::clone(&health));
-    control_loop.recover()?;
-    let stop_thread = Arc::clone(&stop);
-    let handle = std::thread::Builder::new()
-        .name(format!("vduse-rm-{name}"))
-        .spawn(move || control_loop.run(&stop_thread))
-        .map_err(Error::Thread)?;
-    let mut server = DeviceServer::from_parts(name, backend, dev, stop, handle, health);
-    server.teardown()
-}
-
-impl DeviceServer {
-    fn from_parts(
-        name: &str,
-        backend: Arc<dyn Backend>,
-        dev: Arc<VduseDevice>,
-        stop: Arc<EventFd>,
-        control: JoinHandle<()>,
-        health: Arc<Health>,
-    ) -> Self {
-        Self {
-            name: name.to_owned(),
-            block_device: PathBuf::new(),
-            backend,
-            dev: Some(dev),
-            stop,
-            control: Some(control),
-            recovered: true,
-            detached: AtomicBool::new(false),
-            health,
-            stats: None,
-        }
     }
 }
 

@@ -100,11 +100,13 @@ fn in_guest(harness: &Harness, scenarios: &[(&str, Scenario)]) -> ExitCode {
     if failed == 0 && passed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 /// Unmounts whatever a failed scenario left under /tmp/csi-tests and removes leftover devices.
-/// Lazy unmounts first: a filesystem whose device server is gone would block a normal unmount
-/// on its journal; removing the device then fails that I/O instead of leaving it hanging.
+/// The devices go first: a filesystem whose device nobody serves would block even a lazy
+/// unmount on its journal (the last reference writes it), and removing the device fails that
+/// I/O instead. Then the unmounts, then whatever device is left.
 pub fn cleanup() {
     let _ = Command::new("pkill").args(["-KILL", "-f", "vduse-csi serve"]).status();
     std::thread::sleep(std::time::Duration::from_millis(300));
+    remove_devices();
     if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
         let mut points: Vec<&str> =
             text.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with("/tmp/csi-tests/")).collect();
@@ -113,6 +115,11 @@ pub fn cleanup() {
             let _ = Command::new("umount").args(["-l", p]).status();
         }
     }
+    remove_devices();
+    let _ = std::fs::remove_dir_all("/tmp/csi-tests");
+}
+
+fn remove_devices() {
     if let Ok(entries) = std::fs::read_dir("/sys/class/vduse") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -121,7 +128,6 @@ pub fn cleanup() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all("/tmp/csi-tests");
 }
 
 pub struct Node {

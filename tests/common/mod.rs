@@ -40,8 +40,29 @@ impl PluginProcess {
 
     /// Like `start_with`, as node `node_id` (a second "node" on the same machine).
     pub fn start_as(node_id: &str, socket: &Path, state: &Path, mode: &'static str, extra: &[&str]) -> Self {
+        Self::start_under(&[], node_id, socket, state, mode, extra)
+    }
+
+    /// Like `start_as`, run by `wrapper` (a command and its arguments, e.g. `unshare -n`).
+    pub fn start_under(
+        wrapper: &[&str],
+        node_id: &str,
+        socket: &Path,
+        state: &Path,
+        mode: &'static str,
+        extra: &[&str],
+    ) -> Self {
         let metrics_off = (!extra.iter().any(|a| a.starts_with("--metrics-address"))).then_some("--metrics-address=");
-        let child = Command::new(env!("CARGO_BIN_EXE_vduse-csi"))
+        let bin = env!("CARGO_BIN_EXE_vduse-csi");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args([
                 "serve",
                 "--endpoint",
