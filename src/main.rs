@@ -1,4 +1,7 @@
 //! `vduse-csi` command line: set up logging, parse arguments, call into the library.
+//!
+//! Longer than the other files on purpose: every subcommand's arguments and `--help` text are
+//! here, together, as clap derives them; the work itself is in the library.
 
 use std::io::Write;
 use std::path::PathBuf;

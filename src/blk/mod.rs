@@ -3,13 +3,15 @@
 //! so it is unit-tested with virtio-queue's mock driver.
 
 pub mod config;
+mod flush_failure;
 pub mod qos;
 pub mod request;
 pub mod stats;
 pub mod worker;
 
+pub use flush_failure::FlushFailure;
 pub use request::DeviceLimits;
-pub use worker::{FlushFailure, Pass, QueueError, QueueMemory, QueueWorker};
+pub use worker::{Pass, QueueError, QueueMemory, QueueWorker};
 
 #[cfg(test)]
 mod fuzz;

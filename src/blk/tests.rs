@@ -2,6 +2,9 @@
 //! ones. The worker must answer each bad request with a status and keep serving, and stop the
 //! queue (never the process) when the ring itself is corrupt or a chain leaves nowhere to put
 //! a status.
+//!
+//! Longer than the other files on purpose: one scenario after another, each short, sharing one
+//! harness; splitting them would only scatter the harness.
 
 use std::sync::{Arc, Mutex};
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
+use super::flush_failure::FlushFailure;
 use super::qos::{Admission, Throttle};
 use super::request::{self, Action, DataWindow, DeviceLimits, ParseScratch, RequestKind, STATUS_IOERR, STATUS_OK};
 use super::stats::{DeviceStats, QueueStats};
@@ -39,31 +40,6 @@ pub enum QueueError {
     /// The backend's I/O engine failed for good.
     #[error("the backend cannot run I/O any more")]
     Backend,
-}
-
-/// A device's sticky record of a failed flush. The kernel reports a writeback error of the
-/// image once per file (errseq): the next fsync succeeds although the writes it stood for are
-/// lost. So the first failure is kept here for the device's life, for its owner to refuse a
-/// clean teardown and to show in the volume's condition.
-#[derive(Debug, Default)]
-pub struct FlushFailure {
-    first: std::sync::Mutex<Option<String>>,
-}
-
-impl FlushFailure {
-    /// Records a failure; the first one is kept.
-    pub fn record(&self, why: String) {
-        let mut first = self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if first.is_none() {
-            tracing::error!(error = %why, "a flush failed: completed writes may be lost");
-            *first = Some(why);
-        }
-    }
-
-    /// The first failure, if any.
-    pub fn get(&self) -> Option<String> {
-        self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
 }
 
 /// The memory a worker runs on: the vrings, and the data window its requests' buffers must

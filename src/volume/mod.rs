@@ -13,6 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 mod copy;
+mod records;
+mod snapshot;
+mod space;
 
 pub use copy::{allocated_bytes, sparse_copy};
 
@@ -234,60 +237,6 @@ impl VolumeStore {
         self.overcommit_ratio
     }
 
-    /// The backing filesystem's space and the volumes' promises.
-    pub fn space(&self) -> Result<Space> {
-        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
-            op: "statvfs",
-            path: self.root.clone(),
-            source: e.into(),
-        })?;
-        let block = st.fragment_size() as u64;
-        let provisioned = self.volumes()?.iter().filter(|v| v.spec.is_local()).map(|v| v.spec.capacity_bytes).sum();
-        Ok(Space { total: st.blocks() as u64 * block, free: st.blocks_available() as u64 * block, provisioned })
-    }
-
-    /// Bytes of capacity that may still be promised to a new or growing volume: thin ones
-    /// under the overcommit limit, thick ones also within the free space.
-    pub fn promisable_bytes(&self, thick: bool) -> Result<u64> {
-        let space = self.space()?;
-        let headroom = self.headroom(&space);
-        Ok(if thick { headroom.min(space.free) } else { headroom })
-    }
-
-    /// Capacity the overcommit limit still allows.
-    fn headroom(&self, space: &Space) -> u64 {
-        let limit = (space.total as f64 * self.overcommit_ratio) as u64;
-        limit.saturating_sub(space.provisioned)
-    }
-
-    /// Refuses `needed` more bytes of capacity if the model cannot promise them.
-    fn check_promise(&self, needed: u64, thick: bool) -> Result<()> {
-        let space = self.space()?;
-        let headroom = self.headroom(&space);
-        if needed > headroom {
-            return Err(Error::Overcommitted {
-                dir: self.root.clone(),
-                needed,
-                headroom,
-                ratio: self.overcommit_ratio,
-            });
-        }
-        if thick && needed > space.free {
-            return Err(Error::NoSpace { dir: self.root.clone(), needed, available: space.free });
-        }
-        Ok(())
-    }
-
-    /// Refuses a copy of `image` if its data does not fit in the free space.
-    fn check_copy(&self, image: &Path) -> Result<()> {
-        let needed = allocated_bytes(image)?;
-        let available = self.available_bytes()?;
-        if needed > available {
-            return Err(Error::NoSpace { dir: self.root.clone(), needed, available });
-        }
-        Ok(())
-    }
-
     fn volume_dir(&self, id: &str) -> Result<PathBuf> {
         validate_id("volume ID", id)?;
         Ok(self.root.join("volumes").join(id))
@@ -351,16 +300,6 @@ impl VolumeStore {
             }
         }
         Ok(out)
-    }
-
-    /// Bytes new data can still take on the state dir's filesystem.
-    pub fn available_bytes(&self) -> Result<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
-            op: "statvfs",
-            path: self.root.clone(),
-            source: e.into(),
-        })?;
-        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
     /// Creates a volume, or returns the existing one if it is compatible with `spec`.
@@ -499,145 +438,6 @@ impl VolumeStore {
         self.save_volume(&meta)?;
         Ok(meta)
     }
-
-    /// Creates a snapshot (a point-in-time copy of the image), or returns the existing one if
-    /// it has the same source. The caller makes the image consistent first.
-    pub fn create_snapshot(&self, id: &str, source_volume_id: &str) -> Result<(SnapshotMeta, bool)> {
-        let dir = self.snapshot_dir(id)?;
-        if let Some(existing) = self.snapshot(id)? {
-            if existing.source_volume_id != source_volume_id {
-                return Err(Error::Conflict {
-                    what: "snapshot",
-                    id: id.to_owned(),
-                    why: format!("source is {}", existing.source_volume_id),
-                });
-            }
-            return Ok((existing, false));
-        }
-        let source = self.existing_volume(source_volume_id)?;
-        let src = self.image_path(source_volume_id)?;
-        self.check_copy(&src)?;
-        let tmp = self.root.join("snapshots").join(format!("{NEW_PREFIX}{id}"));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        let made = (|| -> Result<SnapshotMeta> {
-            let image = tmp.join(IMAGE);
-            sparse_copy(&src, &image)?;
-            File::open(&image).and_then(|f| f.sync_all()).map_err(io_err("fsync", &image))?;
-            let (secs, nanos) = now();
-            let meta = SnapshotMeta {
-                id: id.to_owned(),
-                source_volume_id: source_volume_id.to_owned(),
-                size_bytes: source.spec.capacity_bytes,
-                created_unix: secs,
-                created_nanos: nanos,
-            };
-            write_meta(&tmp.join(META), &meta)?;
-            Ok(meta)
-        })();
-        match made {
-            Ok(meta) => {
-                fs::rename(&tmp, &dir).map_err(io_err("rename", &dir))?;
-                sync_dir(&self.root.join("snapshots"))?;
-                Ok((meta, true))
-            }
-            Err(e) => {
-                let _ = fs::remove_dir_all(&tmp);
-                Err(e)
-            }
-        }
-    }
-
-    /// Deletes a snapshot; `false` if it did not exist.
-    pub fn delete_snapshot(&self, id: &str) -> Result<bool> {
-        remove_entry(&self.snapshot_dir(id)?)
-    }
-
-    fn device_record(&self, device: &str) -> Result<PathBuf> {
-        validate_id("device name", device)?;
-        Ok(self.root.join(DEVICES).join(device))
-    }
-
-    /// Records that VDUSE device `device` serves `volume_id`, and fails if the record says it
-    /// serves another volume. Device names are volume IDs or hashes of them, so two volumes
-    /// can want one name; a server must never take over a device that holds another volume's
-    /// data. `Ok(false)` if the device was recorded for this volume already.
-    pub fn claim_device(&self, device: &str, volume_id: &str) -> Result<bool> {
-        let record = self.device_record(device)?;
-        if let Some(owner) = read_meta::<String>(&record)? {
-            if owner == volume_id {
-                return Ok(false);
-            }
-            return Err(Error::Conflict {
-                what: "device",
-                id: device.to_owned(),
-                why: format!("it serves volume {owner}, not {volume_id}"),
-            });
-        }
-        let dir = self.root.join(DEVICES);
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        write_meta(&record, &volume_id.to_owned())?;
-        Ok(true)
-    }
-
-    /// The volume device `device` was recorded for, if any.
-    pub fn device_owner(&self, device: &str) -> Result<Option<String>> {
-        read_meta(&self.device_record(device)?)
-    }
-
-    /// Forgets the record of a device that is gone.
-    pub fn release_device(&self, device: &str) -> Result<()> {
-        let record = self.device_record(device)?;
-        match fs::remove_file(&record) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &record)(e)),
-        }
-    }
-
-    fn freeze_record(&self, volume_id: &str) -> Result<PathBuf> {
-        validate_id("volume ID", volume_id)?;
-        Ok(self.root.join(FROZEN).join(volume_id))
-    }
-
-    /// Records, durably, that the filesystem of `volume_id` at `mount_point` is about to be
-    /// frozen, so a plugin killed before it thaws it can thaw it when it starts again.
-    pub fn record_freeze(&self, volume_id: &str, mount_point: &Path) -> Result<()> {
-        let record = self.freeze_record(volume_id)?;
-        let dir = self.root.join(FROZEN);
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        write_meta(&record, &mount_point.to_owned())
-    }
-
-    /// Forgets the freeze of `volume_id` once its filesystem is thawed.
-    pub fn clear_freeze(&self, volume_id: &str) -> Result<()> {
-        let record = self.freeze_record(volume_id)?;
-        match fs::remove_file(&record) {
-            Ok(()) => sync_dir(&self.root.join(FROZEN)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &record)(e)),
-        }
-    }
-
-    /// The freezes a killed plugin left: `(volume ID, mount point)`.
-    pub fn recorded_freezes(&self) -> Result<Vec<(String, PathBuf)>> {
-        let dir = self.root.join(FROZEN);
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("list", &dir)(e)),
-        };
-        let mut out = Vec::new();
-        for name in entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()) {
-            if validate_id("volume ID", &name).is_err() {
-                continue;
-            }
-            if let Some(mount_point) = read_meta::<PathBuf>(&dir.join(&name))? {
-                out.push((name, mount_point));
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// Removes a volume or snapshot folder; `false` if it did not exist. Both removals are made
@@ -728,95 +528,4 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(id: &str, cap: u64) -> VolumeSpec {
-        VolumeSpec {
-            id: id.into(),
-            capacity_bytes: cap,
-            queues: 1,
-            fs_type: None,
-            parameters: BTreeMap::new(),
-            source: None,
-            ephemeral: false,
-        }
-    }
-
-    #[test]
-    fn hostile_ids_are_rejected() {
-        for bad in ["", "..", ".", "../x", "/abs", "a/b", ".hidden", "a b", &"x".repeat(129), "-lead"] {
-            assert!(validate_id("volume ID", bad).is_err(), "{bad:?}");
-        }
-        for good in ["pvc-1234", "a", "A.b_c-9", &"x".repeat(128)] {
-            assert!(validate_id("volume ID", good).is_ok(), "{good:?}");
-        }
-    }
-
-    #[test]
-    fn create_is_idempotent_and_conflicts_are_reported() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = VolumeStore::open(dir.path()).expect("store");
-        let (a, created) = store.create_volume(&spec("v1", 1 << 20)).expect("create");
-        assert!(created);
-        let (b, created) = store.create_volume(&spec("v1", 1 << 20)).expect("repeat");
-        assert!(!created);
-        assert_eq!(a, b);
-        assert!(matches!(store.create_volume(&spec("v1", 2 << 20)), Err(Error::Conflict { .. })));
-        assert_eq!(store.volumes().expect("list").len(), 1);
-        assert!(store.delete_volume("v1").expect("delete"));
-        assert!(!store.delete_volume("v1").expect("delete again"));
-    }
-
-    #[test]
-    fn leftovers_of_interrupted_creates_are_removed_at_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = VolumeStore::open(dir.path()).expect("store");
-        store.create_volume(&spec("kept", 1 << 20)).expect("create");
-        for sub in ["volumes", "snapshots"] {
-            fs::create_dir_all(dir.path().join(sub).join(".new-half")).expect("leftover");
-            fs::write(dir.path().join(sub).join(".new-half").join(IMAGE), b"x").expect("leftover image");
-        }
-        let store = VolumeStore::open(dir.path()).expect("reopen");
-        for sub in ["volumes", "snapshots"] {
-            assert!(!dir.path().join(sub).join(".new-half").exists(), "{sub}");
-        }
-        assert_eq!(store.volumes().expect("list").len(), 1);
-    }
-
-    #[test]
-    fn freeze_records_survive_until_cleared() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = VolumeStore::open(dir.path()).expect("store");
-        assert!(store.recorded_freezes().expect("none").is_empty());
-        store.record_freeze("v1", Path::new("/staging/v1")).expect("record");
-        store.record_freeze("v2", Path::new("/staging/v2")).expect("record");
-        let mut frozen = VolumeStore::open(dir.path()).expect("reopen").recorded_freezes().expect("list");
-        frozen.sort();
-        assert_eq!(frozen, [("v1".into(), PathBuf::from("/staging/v1")), ("v2".into(), PathBuf::from("/staging/v2"))]);
-        store.clear_freeze("v1").expect("clear");
-        store.clear_freeze("v1").expect("clear twice");
-        assert_eq!(store.recorded_freezes().expect("list").len(), 1);
-        assert!(store.record_freeze("../x", Path::new("/")).is_err());
-    }
-
-    #[test]
-    fn snapshots_and_clones_copy_the_data() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = VolumeStore::open(dir.path()).expect("store");
-        store.create_volume(&spec("src", 1 << 20)).expect("create");
-        fs::write(store.image_path("src").expect("path"), vec![7u8; 1 << 20]).expect("fill");
-        let (snap, _) = store.create_snapshot("s1", "src").expect("snapshot");
-        assert_eq!(snap.size_bytes, 1 << 20);
-        assert!(matches!(store.create_snapshot("s1", "other"), Err(Error::Conflict { .. })));
-        let mut clone = spec("c1", 2 << 20);
-        clone.source = Some(ContentSource::Snapshot("s1".into()));
-        store.create_volume(&clone).expect("restore");
-        let data = fs::read(store.image_path("c1").expect("path")).expect("read");
-        assert_eq!(data.len(), 2 << 20);
-        assert!(data[..1 << 20].iter().all(|b| *b == 7) && data[1 << 20..].iter().all(|b| *b == 0));
-        let mut missing = spec("c2", 1 << 20);
-        missing.source = Some(ContentSource::Volume("nope".into()));
-        assert!(matches!(store.create_volume(&missing), Err(Error::NotFound { .. })));
-    }
-}
+mod tests;

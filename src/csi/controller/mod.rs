@@ -8,11 +8,18 @@ use tonic::{Request, Response, Status};
 
 use super::proto::controller_server::Controller;
 use super::proto::*;
-use super::{Error, Plugin, Result, TOPOLOGY_KEY, blocking, required, volume_id};
+mod checks;
+mod convert;
+
+use checks::fs_type_of;
+pub use checks::{capacity_for, check_capabilities, check_capability};
+use convert::{page, rbd_snapshot, rbd_source, to_snapshot, to_volume, topology_ok};
+
+use super::{Error, Plugin, TOPOLOGY_KEY, blocking, required, volume_id};
 use crate::params::{self, MIB};
-use crate::rbd::provision::{self, SnapshotInfo, Source};
-use crate::rbd::{self, ImageLocation, SnapshotLocation};
-use crate::volume::{ContentSource, SnapshotMeta, VolumeMeta, VolumeSpec, validate_id};
+use crate::rbd;
+use crate::rbd::provision;
+use crate::volume::{ContentSource, VolumeSpec, validate_id};
 
 pub struct ControllerService {
     plugin: Arc<Plugin>,
@@ -22,167 +29,6 @@ impl ControllerService {
     pub fn new(plugin: Arc<Plugin>) -> Self {
         Self { plugin }
     }
-}
-
-/// Checks the volume capabilities we can honour: mount (ext4/xfs) or block, single node.
-pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<()> {
-    if caps.is_empty() {
-        return Err(Error::InvalidArgument("volume_capabilities are required".into()));
-    }
-    for cap in caps {
-        check_capability(cap)?;
-    }
-    Ok(())
-}
-
-pub fn check_capability(cap: &VolumeCapability) -> Result<()> {
-    use volume_capability::access_mode::Mode;
-    let mode = cap
-        .access_mode
-        .as_ref()
-        .map(|m| m.mode)
-        .ok_or_else(|| Error::InvalidArgument("access_mode is required".into()))?;
-    match Mode::try_from(mode) {
-        Ok(
-            Mode::SingleNodeWriter
-            | Mode::SingleNodeReaderOnly
-            | Mode::SingleNodeSingleWriter
-            | Mode::SingleNodeMultiWriter,
-        ) => {}
-        Ok(m) => {
-            return Err(Error::InvalidArgument(format!(
-                "access mode {m:?} is not supported: volumes are local to one node"
-            )));
-        }
-        Err(_) => return Err(Error::InvalidArgument(format!("unknown access mode {mode}"))),
-    }
-    match &cap.access_type {
-        Some(volume_capability::AccessType::Block(_)) => Ok(()),
-        Some(volume_capability::AccessType::Mount(m)) => {
-            if !m.fs_type.is_empty() {
-                params::check_fs_type(&m.fs_type)?;
-            }
-            Ok(())
-        }
-        None => Err(Error::InvalidArgument("access_type (mount or block) is required".into())),
-    }
-}
-
-/// The size to provision for a capacity range: at least 1 MiB, rounded up to MiB.
-pub fn capacity_for(range: Option<&CapacityRange>) -> Result<u64> {
-    range.map_or(Ok(params::DEFAULT_CAPACITY), |r| params::capacity(r.required_bytes, r.limit_bytes))
-}
-
-/// The filesystem of a new volume: the capabilities' `fs_type`, else the StorageClass's.
-fn fs_type_of(caps: &[VolumeCapability], parameters: &HashMap<String, String>) -> Result<Option<String>> {
-    let from_cap = caps.iter().find_map(|c| match &c.access_type {
-        Some(volume_capability::AccessType::Mount(m)) if !m.fs_type.is_empty() => Some(m.fs_type.clone()),
-        _ => None,
-    });
-    let fs = from_cap.or_else(|| parameters.get(params::FS_TYPE).cloned());
-    if let Some(fs) = &fs {
-        params::check_fs_type(fs)?;
-    }
-    Ok(fs)
-}
-
-/// A content source of an RBD volume: only RBD snapshots and volumes of the same cluster
-/// qualify.
-fn rbd_source(src: Option<volume_content_source::Type>, cluster_id: &str) -> Result<Option<Source>> {
-    let src = match src {
-        None => return Ok(None),
-        Some(volume_content_source::Type::Snapshot(s)) => {
-            Source::Snapshot(SnapshotLocation::parse(&s.snapshot_id).ok_or_else(|| {
-                Error::NotFound(format!("snapshot {:?} is not an RBD snapshot of this driver", s.snapshot_id))
-            })?)
-        }
-        Some(volume_content_source::Type::Volume(v)) => {
-            Source::Volume(ImageLocation::parse(&v.volume_id).ok_or_else(|| {
-                Error::NotFound(format!("volume {:?} is not an RBD volume of this driver", v.volume_id))
-            })?)
-        }
-    };
-    provision::check_source_cluster(&src, cluster_id)?;
-    Ok(Some(src))
-}
-
-fn rbd_snapshot(info: SnapshotInfo) -> Snapshot {
-    Snapshot {
-        size_bytes: info.size_bytes as i64,
-        snapshot_id: info.id,
-        source_volume_id: info.source_volume_id,
-        creation_time: Some(prost_types::Timestamp { seconds: info.created.0, nanos: info.created.1 }),
-        ready_to_use: true,
-        group_snapshot_id: String::new(),
-    }
-}
-
-fn to_volume(plugin: &Plugin, meta: &VolumeMeta) -> Volume {
-    Volume {
-        capacity_bytes: meta.spec.capacity_bytes as i64,
-        volume_id: meta.spec.id.clone(),
-        volume_context: HashMap::new(),
-        content_source: meta.spec.source.as_ref().map(|s| VolumeContentSource {
-            r#type: Some(match s {
-                ContentSource::Snapshot(id) => {
-                    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
-                        snapshot_id: id.clone(),
-                    })
-                }
-                ContentSource::Volume(id) => {
-                    volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.clone() })
-                }
-            }),
-        }),
-        accessible_topology: vec![plugin.topology()],
-    }
-}
-
-fn to_snapshot(meta: &SnapshotMeta) -> Snapshot {
-    Snapshot {
-        size_bytes: meta.size_bytes as i64,
-        snapshot_id: meta.id.clone(),
-        source_volume_id: meta.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp {
-            seconds: meta.created_unix as i64,
-            nanos: meta.created_nanos as i32,
-        }),
-        ready_to_use: true,
-        group_snapshot_id: String::new(),
-    }
-}
-
-/// Whether a topology requirement can be met on this node.
-fn topology_ok(plugin: &Plugin, req: Option<&TopologyRequirement>) -> bool {
-    let Some(req) = req else { return true };
-    if req.requisite.is_empty() && req.preferred.is_empty() {
-        return true;
-    }
-    req.requisite.iter().chain(req.preferred.iter()).any(|t| t.segments.get(TOPOLOGY_KEY) == Some(&plugin.node_id))
-}
-
-/// Pages through sorted items, resuming after the entry the token names (entries deleted in
-/// between do not matter: the next page starts at the first ID after it).
-fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, max: i32, token: &str) -> Result<(Vec<T>, String)> {
-    if max < 0 {
-        return Err(Error::InvalidArgument("max_entries must not be negative".into()));
-    }
-    let start = if token.is_empty() {
-        0
-    } else {
-        let after = super::token::check(token).ok_or_else(|| {
-            Error::InvalidToken(format!(
-                "starting_token {token:?} was not issued by this plugin (or by an earlier run of it): list again from the start"
-            ))
-        })?;
-        items.iter().position(|i| id(i) > after).unwrap_or(items.len())
-    };
-    let max = if max == 0 { usize::MAX } else { max as usize };
-    let rest: Vec<T> = items.into_iter().skip(start).collect();
-    let more = rest.len() > max;
-    let page: Vec<T> = rest.into_iter().take(max).collect();
-    let next = if more { page.last().map(|i| super::token::issue(id(i))).unwrap_or_default() } else { String::new() };
-    Ok((page, next))
 }
 
 impl ControllerService {
