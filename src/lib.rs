@@ -1,6 +1,6 @@
 //! vduse-csi: a Kubernetes CSI driver whose volumes are VDUSE virtio-blk devices served from
-//! inside the plugin process. See DESIGN.md for the module map; arrows point down only:
-//! `csi` → `volume`, `host`, `server`; `server` → `blk` → `backend`, and `server` → `vduse`.
+//! inside the plugin process. docs/ARCHITECTURE.md draws the layers (dependencies point down
+//! only, with no cycle), the node agent's state machine and its locks.
 
 pub mod backend;
 pub mod blk;

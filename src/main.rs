@@ -127,7 +127,9 @@ enum DeviceCommand {
     /// makes every completed write durable and destroys the device. A device of the same name
     /// left attached by a server that was killed is taken over and served again. If a queue
     /// or the control thread stops on a fault, it exits non-zero with the reason and leaves
-    /// the device attached for the next server to take over.
+    /// the device attached for the next server to take over. If the device cannot be detached
+    /// (for example outside the host's network namespace), it keeps serving it and says so:
+    /// signal again to retry, or SIGKILL to leave it for the next server.
     Serve(Box<ServeArgs>),
     /// List the VDUSE devices on this host.
     List,
@@ -522,6 +524,7 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     // Serve until a stop signal, or until the server stops serving part of the device: then
     // exit non-zero with the reason instead of leaving the host's I/O waiting unseen. The
     // device stays attached for a new server to take over.
+    let mut server = server;
     loop {
         let mut fds = [PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(HEALTH_CHECK_MS)) {
@@ -530,7 +533,16 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
         }
         if let Ok(Some(info)) = signal_fd.read_signal() {
             tracing::info!(signal = info.ssi_signo, "stopping");
-            return server.stop().map_err(|e| e.to_string());
+            match server.stop() {
+                Ok(()) => return Ok(()),
+                // The host still has the device: keep serving it rather than strand its I/O.
+                // The next signal tries again; SIGKILL leaves it for another server.
+                Err(server::StopError::StillServing(still)) => {
+                    tracing::error!(error = %still.error, "cannot detach the device; still serving it (signal again to retry)");
+                    server = *still.server;
+                }
+                Err(server::StopError::Failed(e)) => return Err(e.to_string()),
+            }
         }
         if let HealthState::Degraded(reason) = server.health() {
             // Dropping the server leaves the device attached, exactly like a crash.

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         ("another_volumes_device_is_never_taken_over", device_name_collision),
         ("relative_and_dotted_paths_are_refused", hostile_paths),
         ("a_failed_detach_keeps_the_device_served", failed_detach),
+        ("device_serve_keeps_serving_when_it_cannot_detach", device_serve_failed_detach),
     ];
     guest_node::main(&HARNESS, scenarios)
 }
@@ -484,4 +485,70 @@ fn failed_detach(n: &mut Node) {
     assert_eq!(std::fs::read(staging.join("kept")).expect("read"), b"still served");
     n.unstage(pv, &staging).expect("unstage");
     n.delete(pv).expect("delete");
+}
+
+/// Starts `vduse-csi device serve` (under `wrapper`, if any) and returns it with the block
+/// device it printed.
+fn device_serve(wrapper: &[&str], image: &Path, name: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let bin = env!("CARGO_BIN_EXE_vduse-csi");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let mut child = command
+        .args(["device", "serve", "--size", "64M", "--name", name, "--image"])
+        .arg(image)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("device serve");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("block device line");
+    (child, line.trim().to_owned())
+}
+
+/// Whether a direct read of `dev`'s first block answers within 20 s.
+fn answers(dev: &str) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dev = dev.to_owned();
+    std::thread::spawn(move || {
+        let read = Command::new("dd")
+            .args([&format!("if={dev}"), "of=/dev/null", "bs=4096", "count=1", "iflag=direct", "status=none"])
+            .status();
+        let _ = tx.send(read.map(|s| s.success()).unwrap_or(false));
+    });
+    rx.recv_timeout(Duration::from_secs(20)) == Ok(true)
+}
+
+/// Defect 6, in the device server itself: a stop whose detach fails used to stop the threads
+/// anyway, leaving the device attached with nobody answering it. A server in a network
+/// namespace of its own takes the device over but cannot detach it: on SIGTERM it must keep
+/// serving (and say why), until a server that can detach stops it.
+fn device_serve_failed_detach(n: &mut Node) {
+    let image = n.root.join("nodetach.img");
+    let name = "nodetach-dev";
+    let (mut first, dev) = device_serve(&[], &image, name);
+    assert!(dev.starts_with("/dev/vd"), "{dev:?}");
+    first.kill().expect("SIGKILL");
+    first.wait().expect("wait");
+    let (mut fenced_off, again) = device_serve(&["unshare", "--net"], &image, name);
+    assert_eq!(again, dev, "taken over without netlink");
+    let pid = nix::unistd::Pid::from_raw(fenced_off.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(fenced_off.try_wait().expect("try_wait").is_none(), "it exited although it could not detach the device");
+    assert!(answers(&dev), "the device is not served after the failed stop");
+    fenced_off.kill().expect("SIGKILL");
+    fenced_off.wait().expect("wait");
+    // One that can detach stops it for good.
+    let (mut last, _) = device_serve(&[], &image, name);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(last.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    assert!(last.wait().expect("wait").success(), "a server that can detach stops cleanly");
+    assert!(!Path::new("/sys/class/vduse").join(name).exists(), "the device is gone");
 }

@@ -1,5 +1,4 @@
-//! An in-memory backend: the disk of the device-model unit tests, and (empty and read-only)
-//! the stand-in that fails every I/O while `device remove` tears down an orphaned device.
+//! An in-memory backend: the disk of the device-model unit tests and of the engine benchmark.
 
 use std::io;
 use std::sync::{Arc, Mutex};

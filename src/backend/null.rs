@@ -3,10 +3,11 @@
 //! bounce copy, our queue engine, the interrupt) with the storage taken out, like the
 //! kernel's null_blk or rublk's null target. Reads return whatever the bounce pages held.
 //!
-//! Its failing form ([`NullBackend::fenced`]) fails every request instead: it serves a device
-//! whose storage this node must not write any more (its RBD image was taken over by another
-//! node while this node's server was down), so that I/O the kernel still queued ends with
-//! errors rather than waiting for ever, and the filesystem on it can be unmounted.
+//! Its failing form ([`NullBackend::fenced`]) fails every request instead, the one "fail
+//! everything" backend: it serves a device whose storage this node must not write any more
+//! (its RBD image was taken over by another node while this node's server was down), and a
+//! device `device remove` takes down (nobody serves it); I/O the kernel still queued then
+//! ends with errors rather than waiting for ever, and the filesystem on it can be unmounted.
 
 use std::io;
 

@@ -27,7 +27,7 @@ pub fn remove_stale(name: &str) -> Result<()> {
         control.destroy(name)?;
         return Ok(());
     }
-    let backend: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(0, true));
+    let backend: Arc<dyn Backend> = Arc::new(crate::backend::NullBackend::fenced(0));
     let dev = Arc::new(VduseDevice::open(name)?);
     let shape = DeviceShape {
         name: name.to_owned(),

@@ -1,8 +1,8 @@
 //! The Linux VDUSE interface: uapi structs and ioctls, the control and device fds, IOVA
 //! mappings, vdpa generic netlink and sysfs discovery.
 //!
-//! This module knows nothing about block devices or CSI. It is, with the io_uring submission
-//! of the file backend, the only place where `unsafe` code lives.
+//! This module knows nothing about block devices or CSI. It is one of the few places with
+//! `unsafe` code; docs/ARCHITECTURE.md lists them all.
 
 pub mod control;
 pub mod device;
