@@ -75,12 +75,12 @@ impl From<crate::server::Error> for Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// librbd's and librados' errors.
-impl From<crate::backend::rbd::Error> for Error {
-    fn from(e: crate::backend::rbd::Error) -> Self {
-        if let crate::backend::rbd::Error::Locked { .. } = e {
+impl From<crate::ceph::Error> for Error {
+    fn from(e: crate::ceph::Error) -> Self {
+        if let crate::ceph::Error::Locked { .. } = e {
             return Error::FailedPrecondition(e.to_string());
         }
-        if let crate::backend::rbd::Error::Connect { .. } = e {
+        if let crate::ceph::Error::Connect { .. } = e {
             return Error::Unavailable(e.to_string());
         }
         match e.errno() {

@@ -333,27 +333,23 @@ fn successor_waits(n: &mut Node) {
     let image = state_dir(n).join("volumes").join(pv).join("image.raw");
     let pending = std::fs::OpenOptions::new().read(true).write(true).open(&image).expect("open image");
     let offset = vduse_csi::backend::image_lock::LOCK_OFFSETS[0];
-    // The plugin dies; the stand-in takes its lock as soon as it is free, and holds it.
-    let mut plugin = n.plugin.take().expect("plugin");
-    let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
-    plugin.child.kill().expect("SIGKILL");
-    plugin.child.wait().expect("wait");
-    drop(plugin);
-    vduse_csi::backend::image_lock::lock(&pending, offset, false, Duration::from_secs(30))
-        .expect("the dead server's lock is released");
-    let locked_at = Instant::now();
+    // The plugin dies; the stand-in takes its lock as soon as it is free, and holds it for
+    // `hold` while the next plugin starts.
     let hold = Duration::from_secs(5);
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(hold);
-        drop(pending);
+    let mut locked_at = None;
+    let mut releaser = None;
+    n.kill_and_restart_under(&[], || {
+        vduse_csi::backend::image_lock::lock(&pending, offset, false, Duration::from_secs(30))
+            .expect("the dead server's lock is released");
+        locked_at = Some(Instant::now());
+        releaser = Some(std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            drop(pending);
+        }));
     });
-    let plugin = PluginProcess::start_with(&socket, &state, "all", n.flags);
-    n.c = n.rt.block_on(connect(&plugin.socket));
-    n.plugin = Some(plugin);
-    let probe = n.rt.block_on(n.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-    assert_eq!(probe.ready, Some(true));
+    let locked_at = locked_at.expect("locked");
     let ready = locked_at.elapsed();
-    releaser.join().expect("releaser");
+    releaser.expect("releaser").join().expect("releaser");
     println!("plugin ready {ready:?} after the stand-in took the lock for {hold:?}");
     assert!(ready >= hold, "the successor served the volume while its predecessor's I/O was pending");
     let condition = n.stats(pv, &staging).volume_condition.expect("condition");
@@ -450,16 +446,8 @@ fn failed_detach(n: &mut Node) {
     n.stage(pv, &staging, &cap).expect("stage");
     std::fs::write(staging.join("kept"), b"still served").expect("write");
     syncfs(&staging);
-    let mut plugin = n.plugin.take().expect("plugin");
-    let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
-    plugin.child.kill().expect("SIGKILL");
-    plugin.child.wait().expect("wait");
-    drop(plugin);
-    let plugin = PluginProcess::start_under(&["unshare", "--net"], NODE, &socket, &state, "all", n.flags);
-    n.c = n.rt.block_on(connect(&plugin.socket));
-    n.plugin = Some(plugin);
-    let probe = n.rt.block_on(n.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-    assert_eq!(probe.ready, Some(true), "the device was taken over without netlink");
+    // Taken over without netlink: recovery needs none.
+    n.kill_and_restart_under(&["unshare", "--net"], || {});
 
     let err = n.unstage(pv, &staging).expect_err("the detach cannot succeed here");
     println!("unstage: {err:?}");
@@ -491,16 +479,7 @@ fn failed_detach(n: &mut Node) {
 /// device it printed.
 fn device_serve(wrapper: &[&str], image: &Path, name: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let bin = env!("CARGO_BIN_EXE_vduse-csi");
-    let mut command = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    let mut child = command
+    let mut child = plugin_command(wrapper)
         .args(["device", "serve", "--size", "64M", "--name", name, "--image"])
         .arg(image)
         .stdout(std::process::Stdio::piped())

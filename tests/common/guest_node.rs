@@ -153,16 +153,23 @@ impl Node {
 
     /// Kills the plugin with SIGKILL (no shutdown work at all) and starts a new one.
     pub fn kill_and_restart(&mut self) {
+        self.kill_and_restart_under(&[], || {});
+    }
+
+    /// Like `kill_and_restart`, running `between` while no plugin runs, and the new plugin
+    /// under `wrapper` (a command and its arguments, e.g. `unshare --net`).
+    pub fn kill_and_restart_under(&mut self, wrapper: &[&str], between: impl FnOnce()) {
         let mut plugin = self.plugin.take().expect("plugin");
         let (socket, state) = (plugin.socket.clone(), plugin.state.clone());
         plugin.child.kill().expect("SIGKILL");
         plugin.child.wait().expect("wait");
         drop(plugin);
-        let plugin = PluginProcess::start_with(&socket, &state, "all", self.flags);
+        between();
+        let plugin = PluginProcess::start_under(wrapper, super::NODE, &socket, &state, "all", self.flags);
         self.c = self.rt.block_on(connect(&plugin.socket));
         self.plugin = Some(plugin);
         let probe = self.rt.block_on(self.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
-        assert_eq!(probe.ready, Some(true));
+        assert_eq!(probe.ready, Some(true), "ready only after staged volumes are served again");
     }
 
     /// Stops the plugin with SIGTERM and starts a new one on the same state dir.

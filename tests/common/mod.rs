@@ -53,16 +53,7 @@ impl PluginProcess {
         extra: &[&str],
     ) -> Self {
         let metrics_off = (!extra.iter().any(|a| a.starts_with("--metrics-address"))).then_some("--metrics-address=");
-        let bin = env!("CARGO_BIN_EXE_vduse-csi");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let child = command
+        let child = plugin_command(wrapper)
             .args([
                 "serve",
                 "--endpoint",
@@ -107,6 +98,19 @@ impl Drop for PluginProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The `vduse-csi` binary as a command, run by `wrapper` (a command and its arguments) if any.
+pub fn plugin_command(wrapper: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_vduse-csi");
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
     }
 }
 

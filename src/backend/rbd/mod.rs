@@ -10,79 +10,16 @@
 //! the dead client, so none of its writes still in flight can land after the successor
 //! re-runs them.
 
-pub mod client;
 mod queue;
-mod sys;
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use client::{Cluster, Image, Pool, SnapInfo};
 pub use queue::RbdQueue;
 
 use super::{Backend, QueueIo};
-
-/// Errors of the RBD backend.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A librados or librbd call failed.
-    #[error("{op}: {source}")]
-    Call { op: &'static str, source: io::Error },
-    /// The same, with what it was about.
-    #[error("{what}: {source}")]
-    About { what: String, source: Box<Error> },
-    /// The cluster could not be reached.
-    #[error("cannot connect to the Ceph cluster at {monitors}: {source}")]
-    Connect { monitors: String, source: Box<Error> },
-    /// A name or option contains a NUL byte (the value is not repeated: it may be a key).
-    #[error("the {what} contains a NUL byte")]
-    Nul { what: &'static str },
-    /// Another live client holds the image's exclusive lock.
-    #[error("image {image} is locked by {owners}, a live client (another node serves it)")]
-    Locked { image: String, owners: String },
-}
-
-impl Error {
-    /// Wraps the error with what it was about.
-    pub fn context(self, what: String) -> Self {
-        Error::About { what, source: Box::new(self) }
-    }
-
-    /// The errno of the failed call, if one failed.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Error::Call { source, .. } => source.raw_os_error(),
-            Error::About { source, .. } | Error::Connect { source, .. } => source.errno(),
-            Error::Nul { .. } | Error::Locked { .. } => None,
-        }
-    }
-}
-
-/// Result alias of this module.
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// How to reach a cluster: its monitors and a cephx user.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    /// `mon_host` syntax: `10.0.0.1:6789,10.0.0.2:6789` or `v2:...`.
-    pub monitors: String,
-    /// The cephx user without its `client.` prefix.
-    pub user: String,
-    /// The user's key; `None` for a cluster without cephx.
-    pub key: Option<String>,
-}
-
-impl std::fmt::Debug for ClusterConfig {
-    /// Never prints the key.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterConfig")
-            .field("monitors", &self.monitors)
-            .field("user", &self.user)
-            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
+use crate::ceph::{Error, Image, Pool, Result};
 
 /// An RBD image as a device's storage. Holds the image's exclusive lock while it lives.
 pub struct RbdBackend {

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::client::Image;
-use super::sys;
+use crate::ceph::Image;
+use crate::ceph::sys;
 use crate::backend::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 
 /// What completions the callbacks have posted, shared between librbd's threads and the

@@ -206,7 +206,7 @@ pub struct SnapInfo {
 /// An open image.
 pub struct Image {
     _pool: Arc<Pool>,
-    pub(super) handle: sys::rbd_image_t,
+    pub(crate) handle: sys::rbd_image_t,
     name: String,
 }
 
