@@ -80,6 +80,9 @@ impl From<crate::ceph::Error> for Error {
         if let crate::ceph::Error::Locked { .. } = e {
             return Error::FailedPrecondition(e.to_string());
         }
+        if let crate::ceph::Error::NotBuilt = e {
+            return Error::FailedPrecondition(e.to_string());
+        }
         if let crate::ceph::Error::Connect { .. } = e {
             return Error::Unavailable(e.to_string());
         }

@@ -5,8 +5,15 @@
 //! With `unsafe` code: the FFI calls, each with its `// SAFETY:` line (docs/ARCHITECTURE.md
 //! lists every such place).
 
+#[cfg(feature = "rbd")]
 pub mod client;
+#[cfg(feature = "rbd")]
 pub(crate) mod sys;
+
+/// A build without the `rbd` feature: the same API, whose connections all fail.
+#[cfg(not(feature = "rbd"))]
+#[path = "absent.rs"]
+pub mod client;
 
 use std::io;
 
@@ -27,6 +34,9 @@ pub enum Error {
     /// A name or option contains a NUL byte (the value is not repeated: it may be a key).
     #[error("the {what} contains a NUL byte")]
     Nul { what: &'static str },
+    /// This build has no librados/librbd.
+    #[error("this vduse-csi was built without RBD support (cargo feature `rbd`)")]
+    NotBuilt,
     /// Another live client holds the image's exclusive lock.
     #[error("image {image} is locked by {owners}, a live client (another node serves it)")]
     Locked { image: String, owners: String },
@@ -43,7 +53,7 @@ impl Error {
         match self {
             Error::Call { source, .. } => source.raw_os_error(),
             Error::About { source, .. } | Error::Connect { source, .. } => source.errno(),
-            Error::Nul { .. } | Error::Locked { .. } => None,
+            Error::Nul { .. } | Error::Locked { .. } | Error::NotBuilt => None,
         }
     }
 }
@@ -72,4 +82,3 @@ impl std::fmt::Debug for ClusterConfig {
             .finish()
     }
 }
-

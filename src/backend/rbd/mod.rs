@@ -10,12 +10,14 @@
 //! the dead client, so none of its writes still in flight can land after the successor
 //! re-runs them.
 
+#[cfg(feature = "rbd")]
 mod queue;
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "rbd")]
 pub use queue::RbdQueue;
 
 use super::{Backend, QueueIo};
@@ -82,10 +84,17 @@ impl Backend for RbdBackend {
         false
     }
 
+    #[cfg(feature = "rbd")]
     fn open_queue(&self, depth: u16) -> super::Result<Box<dyn QueueIo>> {
         let queue = RbdQueue::new(Arc::clone(&self.image), depth)
             .map_err(|source| super::Error::Io { op: "eventfd for librbd completions", source })?;
         Ok(Box::new(queue))
+    }
+
+    /// Never reached: without librbd no image opens, so no `RbdBackend` exists.
+    #[cfg(not(feature = "rbd"))]
+    fn open_queue(&self, _depth: u16) -> super::Result<Box<dyn QueueIo>> {
+        Err(backend_err("open an RBD queue", Error::NotBuilt))
     }
 
     fn flush(&self) -> super::Result<()> {
