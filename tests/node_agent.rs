@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         ("relative_and_dotted_paths_are_refused", hostile_paths),
         ("a_failed_detach_keeps_the_device_served", failed_detach),
         ("device_serve_keeps_serving_when_it_cannot_detach", device_serve_failed_detach),
+        ("a_stuck_flush_never_blocks_other_volumes", stuck_flush_blocks_nobody),
     ];
     guest_node::main(&HARNESS, scenarios)
 }
@@ -477,10 +478,10 @@ fn failed_detach(n: &mut Node) {
 
 /// Starts `vduse-csi device serve` (under `wrapper`, if any) and returns it with the block
 /// device it printed.
-fn device_serve(wrapper: &[&str], image: &Path, name: &str) -> (std::process::Child, String) {
+fn device_serve(wrapper: &[&str], image: &Path, name: &str, size: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = plugin_command(wrapper)
-        .args(["device", "serve", "--size", "64M", "--name", name, "--image"])
+        .args(["device", "serve", "--size", size, "--name", name, "--image"])
         .arg(image)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -511,11 +512,11 @@ fn answers(dev: &str) -> bool {
 fn device_serve_failed_detach(n: &mut Node) {
     let image = n.root.join("nodetach.img");
     let name = "nodetach-dev";
-    let (mut first, dev) = device_serve(&[], &image, name);
+    let (mut first, dev) = device_serve(&[], &image, name, "64M");
     assert!(dev.starts_with("/dev/vd"), "{dev:?}");
     first.kill().expect("SIGKILL");
     first.wait().expect("wait");
-    let (mut fenced_off, again) = device_serve(&["unshare", "--net"], &image, name);
+    let (mut fenced_off, again) = device_serve(&["unshare", "--net"], &image, name, "64M");
     assert_eq!(again, dev, "taken over without netlink");
     let pid = nix::unistd::Pid::from_raw(fenced_off.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -525,9 +526,135 @@ fn device_serve_failed_detach(n: &mut Node) {
     fenced_off.kill().expect("SIGKILL");
     fenced_off.wait().expect("wait");
     // One that can detach stops it for good.
-    let (mut last, _) = device_serve(&[], &image, name);
+    let (mut last, _) = device_serve(&[], &image, name, "64M");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(last.id() as i32), nix::sys::signal::Signal::SIGTERM)
         .expect("SIGTERM");
     assert!(last.wait().expect("wait").success(), "a server that can detach stops cleanly");
     assert!(!Path::new("/sys/class/vduse").join(name).exists(), "the device is gone");
+}
+
+/// Resumes a stopped process when dropped, whatever the scenario asserted meanwhile.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn stop(child: &std::process::Child) -> Self {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Defect 5: the device server table's lock was held across blocking I/O (a snapshot's
+/// flush, expansion, the serve paths, every scrape), so one slow disk stalled every CSI call
+/// on the node. Here the state dir lives on a filesystem whose disk stops answering (a
+/// `device serve` under SIGSTOP): a snapshot of one volume waits in its image's fsync, and
+/// another volume's stats must answer meanwhile.
+fn stuck_flush_blocks_nobody(n: &mut Node) {
+    // The sick disk, and the state dir on it.
+    let (mut disk, dev) = device_serve(&[], &n.root.join("sick.img"), "sick-disk", "512M");
+    let sick = n.root.join("sick");
+    std::fs::create_dir_all(&sick).expect("mount point");
+    assert!(Command::new("mkfs.ext4").args(["-q", &dev]).status().expect("mkfs").success());
+    assert!(Command::new("mount").arg(&dev).arg(&sick).status().expect("mount").success());
+    let state = sick.join("state");
+    let socket = n.plugin.as_ref().expect("plugin").socket.clone();
+    let mut plugin = n.plugin.take().expect("plugin");
+    plugin.child.kill().expect("SIGKILL");
+    plugin.child.wait().expect("wait");
+    drop(plugin);
+    let plugin = PluginProcess::start_with(&socket, &state, "all", n.flags);
+    n.c = n.rt.block_on(connect(&plugin.socket));
+    n.plugin = Some(plugin);
+    let probe = n.rt.block_on(n.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    // A: a block volume whose writes stay in the page cache over its image (cache:
+    // writeback), so a flush of it must write to the sick disk. B: any other volume.
+    let block = block_cap(writer());
+    let mut req = create_request("pvc-slowflush", 64 * MIB, block.clone());
+    req.parameters.insert("cache".into(), "writeback".into());
+    n.rt.block_on(n.c.controller.create_volume(req)).expect("create A");
+    let staging_a = n.block_staging("pvc-slowflush");
+    n.stage("pvc-slowflush", &staging_a, &block).expect("stage A");
+    let target_a = n.block_target("pod-a", "pvc-slowflush");
+    n.publish("pvc-slowflush", &staging_a, &target_a, &block, false).expect("publish A");
+    // Both through the page cache: O_DIRECT from the bounce pages to a file on a disk that
+    // is itself a VDUSE device fails with EFAULT in the test guest.
+    let cap = mount_cap("ext4", writer());
+    let mut req = create_request("pvc-bystander", 64 * MIB, cap.clone());
+    req.parameters.insert("cache".into(), "writeback".into());
+    n.rt.block_on(n.c.controller.create_volume(req)).expect("create B");
+    let staging_b = n.staging("pvc-bystander");
+    n.stage("pvc-bystander", &staging_b, &cap).expect("stage B");
+    let dd = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", target_a.display()),
+            "bs=1M",
+            "count=16",
+            "oflag=direct",
+            "status=none",
+        ])
+        .status()
+        .expect("dd");
+    assert!(dd.success(), "write A");
+
+    let stopped = Stopped::stop(&disk);
+    let plugin_socket = socket.clone();
+    let snapshotter = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut c = rt.block_on(connect(&plugin_socket));
+        let req = CreateSnapshotRequest {
+            source_volume_id: "pvc-slowflush".into(),
+            name: "snap-slowflush".into(),
+            ..Default::default()
+        };
+        rt.block_on(c.controller.create_snapshot(req)).map(drop)
+    });
+    // Long enough for the snapshot to be waiting in its flush.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!snapshotter.is_finished(), "the snapshot's flush should be waiting on the stopped disk");
+    let started = Instant::now();
+    let mut req = tonic::Request::new(NodeGetVolumeStatsRequest {
+        volume_id: "pvc-bystander".into(),
+        volume_path: staging_b.to_string_lossy().into(),
+        staging_target_path: String::new(),
+    });
+    req.set_timeout(Duration::from_secs(10));
+    let stats = n.rt.block_on(n.c.node.node_get_volume_stats(req));
+    println!("stats of the other volume answered in {:?}: {:?}", started.elapsed(), stats.as_ref().map(|_| "ok"));
+    drop(stopped);
+    let snapshot = snapshotter.join().expect("snapshotter");
+    let condition =
+        stats.expect("stats of another volume while one volume's flush is stuck").into_inner().volume_condition;
+    assert!(!condition.expect("condition").abnormal);
+    snapshot.expect("the snapshot completes once the disk answers");
+
+    n.unpublish("pvc-slowflush", &target_a).expect("unpublish A");
+    n.unstage("pvc-slowflush", &staging_a).expect("unstage A");
+    n.unstage("pvc-bystander", &staging_b).expect("unstage B");
+    let req = DeleteSnapshotRequest { snapshot_id: "snap-slowflush".into(), secrets: HashMap::new() };
+    n.rt.block_on(n.c.controller.delete_snapshot(req)).expect("delete snapshot");
+    n.delete("pvc-slowflush").expect("delete A");
+    n.delete("pvc-bystander").expect("delete B");
+    // The plugin stops before its state dir goes.
+    if let Some(p) = n.plugin.take() {
+        assert!(p.stop());
+    }
+    assert!(Command::new("umount").arg(&sick).status().expect("umount").success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(disk.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    assert!(disk.wait().expect("wait").success());
+    // `finish` wants a plugin: a fresh one on the default state dir.
+    let plugin = PluginProcess::start_with(&socket, &n.root.join("state"), "all", n.flags);
+    n.c = n.rt.block_on(connect(&plugin.socket));
+    n.plugin = Some(plugin);
+    let probe = n.rt.block_on(n.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
+    assert_eq!(probe.ready, Some(true));
 }

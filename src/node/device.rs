@@ -103,7 +103,9 @@ impl NodeAgent {
             }
         }
         let server = Arc::new(self.start_device(meta)?);
-        tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
+        if meta.staged.is_some() {
+            tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
+        }
         self.servers.insert(id, Arc::clone(&server));
         Ok(server)
     }

@@ -9,7 +9,7 @@
 //! - every operation on a volume holds its guard for as long as it runs, the heal loop's
 //!   included, so no two ever interleave (a thaw never meets a running snapshot);
 //! - nothing that writes to a device (unmount, freeze, sync, a detach's drain) runs unless
-//!   the device is served and healthy ([`device::served`]): otherwise it waits in D state
+//!   the device is served and healthy (`NodeAgent::served`): otherwise it waits in D state
 //!   for ever; such a call heals the device first or answers UNAVAILABLE;
 //! - the server table's lock covers the map only, never a server's I/O ([`table`]);
 //! - a device is formatted only when no signature at all is on it.

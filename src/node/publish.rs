@@ -24,6 +24,7 @@ pub struct PublishSpec {
 }
 
 impl NodeAgent {
+    /// NodePublishVolume: records the publication, then binds the volume onto the target.
     pub fn publish(&self, id: &str, spec: &PublishSpec) -> Result<()> {
         let target = spec.target.as_path();
         let mut meta = self.store.existing_volume(id)?;
@@ -93,6 +94,8 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// NodeUnpublishVolume: unbinds a recorded target; an ephemeral volume's last one
+    /// deletes the volume.
     pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         let mut meta = match self.store.volume(id)? {
             Some(meta) => meta,

@@ -60,6 +60,9 @@ impl NodeAgent {
         staged
     }
 
+    /// NodeStageVolume: serves the volume's device (healing a degraded server), formats it
+    /// only if it carries no signature at all, mounts it (or leaves it raw), and records the
+    /// stage. Idempotent; a stage that started the device and fails takes it down again.
     pub fn stage(&self, id: &str, spec: &StageSpec) -> Result<()> {
         let mut meta = self.store.existing_volume(id)?;
         let (path, block, mount) = (spec.path.as_path(), spec.block(), spec.mount.as_ref());
@@ -196,6 +199,9 @@ impl NodeAgent {
         Ok(())
     }
 
+    /// NodeUnstageVolume: on a served device only, unmounts, refuses if a flush of the device
+    /// ever failed, detaches (a failed detach keeps serving) and forgets the stage.
+    /// Idempotent.
     pub fn unstage(&self, id: &str, path: &Path) -> Result<()> {
         let mut meta = match self.store.volume(id)? {
             Some(meta) => meta,
