@@ -72,7 +72,9 @@ SOURCES
     ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
     log "building ${BINS[*]} from Debian's kubernetes source (about 10 minutes on 2 cores)"
     start=$SECONDS
-    (cd "$tree" && GOPATH=$tree/.go CGO_ENABLED=0 HOME=$src/home \
+    # A clean environment: under `cargo test` this script inherits cargo's variables, and
+    # Kubernetes' Makefile takes OUT_DIR (cargo's build-script folder) as its own output.
+    (cd "$tree" && env -i PATH="$PATH" LANG=C.UTF-8 GOPATH="$tree/.go" CGO_ENABLED=0 HOME="$src/home" \
         make WHAT="$(printf 'cmd/%s ' "${BINS[@]}")" >"$src/build.log" 2>&1) ||
         { tail -20 "$src/build.log" >&2; log "build failed; log: $src/build.log"; exit 1; }
     for b in "${BINS[@]}"; do cp "$tree/_output/bin/$b" "$CACHE/bin/$b"; done
