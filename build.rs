@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Only what the backend calls is bound, so the generated file stays small and a header change
 /// elsewhere in librbd cannot break the build.
 fn rbd_binding() -> Result<(), Box<dyn std::error::Error>> {
-    const HEADER: &str = "src/ceph/wrapper.h";
+    const HEADER: &str = "src/backend/ceph/wrapper.h";
     println!("cargo:rerun-if-changed={HEADER}");
     println!("cargo:rustc-link-lib=rbd");
     println!("cargo:rustc-link-lib=rados");

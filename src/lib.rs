@@ -4,7 +4,6 @@
 
 pub mod backend;
 pub mod blk;
-pub mod ceph;
 pub mod csi;
 pub mod host;
 pub mod metrics;

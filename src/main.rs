@@ -435,8 +435,8 @@ fn default_name(image: &std::path::Path) -> String {
 
 /// Opens `--rbd POOL/IMAGE`, creating it if absent and --size is given.
 fn open_rbd(args: &ServeArgs) -> Result<vduse_csi::backend::rbd::RbdBackend, String> {
+    use vduse_csi::backend::ceph::{Cluster, ClusterConfig};
     use vduse_csi::backend::rbd::RbdBackend;
-    use vduse_csi::ceph::{Cluster, ClusterConfig};
     let spec = args.rbd.as_deref().unwrap_or_default();
     let (pool, image) = spec.split_once('/').ok_or_else(|| format!("--rbd {spec:?}: use POOL/IMAGE"))?;
     let key = match &args.ceph_key_file {

@@ -75,15 +75,15 @@ impl From<crate::server::Error> for Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// librbd's and librados' errors.
-impl From<crate::ceph::Error> for Error {
-    fn from(e: crate::ceph::Error) -> Self {
-        if let crate::ceph::Error::Locked { .. } = e {
+impl From<crate::backend::ceph::Error> for Error {
+    fn from(e: crate::backend::ceph::Error) -> Self {
+        if let crate::backend::ceph::Error::Locked { .. } = e {
             return Error::FailedPrecondition(e.to_string());
         }
-        if let crate::ceph::Error::NotBuilt = e {
+        if let crate::backend::ceph::Error::NotBuilt = e {
             return Error::FailedPrecondition(e.to_string());
         }
-        if let crate::ceph::Error::Connect { .. } = e {
+        if let crate::backend::ceph::Error::Connect { .. } = e {
             return Error::Unavailable(e.to_string());
         }
         match e.errno() {

@@ -5,7 +5,9 @@
 //! addresses in the worker's memory ([`SliceSource`]) and reaps them as they finish; the
 //! backend moves bytes between those buffers and its storage without an intermediate copy.
 
+pub mod ceph;
 pub mod file;
+pub mod freeze_ioctl;
 pub mod image_lock;
 mod instant;
 pub mod memory;

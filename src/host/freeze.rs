@@ -1,21 +1,13 @@
-//! Filesystem freeze and thaw with the kernel's own ioctls (FIFREEZE, FITHAW), so that
-//! "not frozen" is told by its errno and never by reading a tool's (translated) message.
-//!
-//! One of the few places with `unsafe` outside `vduse/` and the backends: the two ioctls
-//! (docs/ARCHITECTURE.md lists them all).
+//! Filesystem freeze and thaw with the kernel's own ioctls (`backend::freeze_ioctl`), so
+//! that "not frozen" is told by its errno and never by reading a tool's (translated) message.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
 use super::{Error, Result};
-
-// linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int). The int
-// argument is not read by the kernel.
-nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
-nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+use crate::backend::freeze_ioctl;
 
 fn open_mount_point(mount_point: &Path) -> Result<File> {
     File::open(mount_point).map_err(|source| Error::Io { op: "open", path: mount_point.to_owned(), source })
@@ -25,14 +17,7 @@ fn open_mount_point(mount_point: &Path) -> Result<File> {
 /// writes wait until it is thawed. EBUSY if it is frozen already.
 pub fn freeze(mount_point: &Path) -> Result<()> {
     let dir = open_mount_point(mount_point)?;
-    let mut unused: libc::c_int = 0;
-    // SAFETY: `dir` is an open fd for the whole call, and FIFREEZE takes a pointer to an int
-    // that lives on this stack frame (the kernel does not even read it).
-    unsafe { fifreeze(dir.as_raw_fd(), &mut unused) }.map(drop).map_err(|source| Error::Sys {
-        op: "freeze",
-        path: mount_point.to_owned(),
-        source,
-    })
+    freeze_ioctl::freeze(&dir).map_err(|source| Error::Sys { op: "freeze", path: mount_point.to_owned(), source })
 }
 
 /// What a thaw found.
@@ -47,10 +32,8 @@ pub enum Thawed {
 /// Thaws the filesystem mounted at `mount_point`.
 pub fn thaw(mount_point: &Path) -> Result<Thawed> {
     let dir = open_mount_point(mount_point)?;
-    let mut unused: libc::c_int = 0;
-    // SAFETY: as in `freeze`: a valid fd and a pointer to a live int.
-    match unsafe { fithaw(dir.as_raw_fd(), &mut unused) } {
-        Ok(_) => Ok(Thawed::WasFrozen),
+    match freeze_ioctl::thaw(&dir) {
+        Ok(()) => Ok(Thawed::WasFrozen),
         Err(Errno::EINVAL) => Ok(Thawed::NotFrozen),
         Err(source) => Err(Error::Sys { op: "thaw", path: mount_point.to_owned(), source }),
     }

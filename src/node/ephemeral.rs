@@ -24,8 +24,6 @@ use crate::volume::{VolumeMeta, VolumeSpec};
 /// The volume attribute that sizes an ephemeral volume (bytes or a K, M, G, T / Ki, Mi, Gi,
 /// Ti suffix); CreateVolume's default capacity without it.
 pub const ATTR_SIZE: &str = "size";
-/// Default of `serve --ephemeral-max-size`.
-pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 
 /// What a pod's inline volume asks for.
 #[derive(Debug, Clone)]

@@ -33,7 +33,7 @@ use crate::server::DeviceServer;
 use crate::volume::VolumeStore;
 
 pub use device::device_name;
-pub use ephemeral::{DEFAULT_MAX_BYTES as EPHEMERAL_DEFAULT_MAX_BYTES, EphemeralSpec};
+pub use ephemeral::EphemeralSpec;
 pub use guard::{VolumeGuard, VolumeGuards};
 pub use publish::PublishSpec;
 pub use quiesce::Quiesced;

@@ -102,7 +102,7 @@ impl NodeAgent {
         for (volume, mount_point) in frozen {
             let Ok(_guard) = self.guards.acquire(&volume) else { continue };
             // Read again under the guard: the operation that froze it may have ended meanwhile.
-            if !matches!(self.store.recorded_freezes(), Ok(now) if now.iter().any(|(v, _)| *v == volume)) {
+            if !self.store.freeze_recorded(&volume).unwrap_or(false) {
                 continue;
             }
             if !self.serves_healthy(&volume) {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::ids::{ImageLocation, check_cluster_id};
 use super::{SECRET_KEY, SECRET_USER};
-use crate::ceph::{Cluster, ClusterConfig, Pool};
+use crate::backend::ceph::{Cluster, ClusterConfig, Pool};
 use crate::status::{Error, Result};
 
 /// The Ceph clusters this plugin may use: the `--ceph-clusters` file, read at each use, so

@@ -11,8 +11,8 @@ use super::clusters::{Clusters, connect, identity};
 use super::ids::location;
 use super::params::parameters;
 use super::{BACKEND_RBD, HOLDER_KEY, NODE_RECORD, PARAM_CLUSTER_ID, PARAM_POOL};
+use crate::backend::ceph;
 use crate::backend::rbd::RbdBackend;
-use crate::ceph;
 use crate::status::{Error, Result};
 use crate::volume::{PARAM_BACKEND, VolumeMeta, VolumeSpec, VolumeStore};
 

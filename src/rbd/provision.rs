@@ -10,7 +10,7 @@ use super::clusters::{Clusters, connect, identity, pool_of};
 use super::ids::{ImageLocation, SnapshotLocation, image_name, location, name_hash, snapshot_name};
 use super::params::RbdParameters;
 use super::{NAME_KEY, READY_KEY};
-use crate::ceph::{self, Pool};
+use crate::backend::ceph::{self, Pool};
 use crate::status::{Error, Result};
 
 /// Where a new volume's data comes from.

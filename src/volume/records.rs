@@ -63,6 +63,11 @@ impl VolumeStore {
         write_meta(&record, &mount_point.to_owned())
     }
 
+    /// Whether a freeze of `volume_id` is recorded.
+    pub fn freeze_recorded(&self, volume_id: &str) -> Result<bool> {
+        Ok(self.freeze_record(volume_id)?.exists())
+    }
+
     /// Forgets the freeze of `volume_id` once its filesystem is thawed.
     pub fn clear_freeze(&self, volume_id: &str) -> Result<()> {
         let record = self.freeze_record(volume_id)?;

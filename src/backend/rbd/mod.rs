@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use queue::RbdQueue;
 
 use super::{Backend, QueueIo};
-use crate::ceph::{Error, Image, Pool, Result};
+use crate::backend::ceph::{Error, Image, Pool, Result};
 
 /// An RBD image as a device's storage. Holds the image's exclusive lock while it lives.
 pub struct RbdBackend {

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::backend::ceph::Image;
+use crate::backend::ceph::sys;
 use crate::backend::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
-use crate::ceph::Image;
-use crate::ceph::sys;
 
 /// What completions the callbacks have posted, shared between librbd's threads and the
 /// queue thread.
