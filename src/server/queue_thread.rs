@@ -241,8 +241,9 @@ fn serve_loop(
 }
 
 /// One wait on everything that can give a queue thread work: its kick eventfd, the backend's
-/// completion notifier, the stop signal and the hold gate. The two eventfds are edge-triggered and never
-/// read: every signal is a new edge, so a wake-up costs one `epoll_wait` and no `read`. The
+/// completion notifier, the stop signal and the hold gate. The kick and the notifier are
+/// edge-triggered and never read: every signal is a new edge, so a wake-up costs one
+/// `epoll_wait` and no `read`. The
 /// notifier is watched only while operations are in flight; otherwise a completion that
 /// finished during submission (and was reaped) would wake the thread for nothing.
 struct Sleeper {
