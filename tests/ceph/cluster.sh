@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # A one-node Ceph cluster for the RBD tests: one mon, one mgr and one BlueStore OSD on a
-# sparse file, bound to 127.0.0.1 only, no cephx, everything under one scratch directory.
+# sparse file, bound to 127.0.0.1 only, everything under one scratch directory. By default
+# without authentication; CEPH_AUTH=cephx turns cephx on.
 #
-# Usage: tests/ceph/cluster.sh start DIR   # prints nothing; DIR/ceph.conf is the client config
+# Usage: [CEPH_AUTH=none|cephx] tests/ceph/cluster.sh start DIR
+#                                          # prints nothing; DIR/ceph.conf is the client config
 #        tests/ceph/cluster.sh stop DIR    # kills the daemons, removes DIR
+#
+# With CEPH_AUTH=cephx, DIR/ceph.conf still works for the ceph and rbd CLIs as client.admin
+# (its key is DIR/client.admin.keyring, found through the "keyring" setting), and the user
+# client.kubernetes (caps "profile rbd", limited to the pool rbd) is made for the CSI driver;
+# its bare key is in DIR/client.kubernetes.key.
 #
 # The pool is "rbd". Runs on the host or in the test guest (Debian's ceph-mon, ceph-mgr,
 # ceph-osd and ceph-common); under TCG the cluster is up in about 40 s. A start whose OSD does
@@ -18,7 +25,9 @@ die() {
 
 cmd=${1:-}
 dir=${2:-}
-[[ -n $cmd && -n $dir ]] || die "usage: $0 start|stop DIR"
+[[ -n $cmd && -n $dir ]] || die "usage: [CEPH_AUTH=none|cephx] $0 start|stop DIR"
+auth=${CEPH_AUTH:-none}
+[[ $auth == none || $auth == cephx ]] || die "CEPH_AUTH must be none or cephx, not $auth"
 
 stop() {
     local pidfile
@@ -39,6 +48,11 @@ start_once() {
     dir=$(realpath "$dir")
     local fsid
     fsid=$(cat /proc/sys/kernel/random/uuid)
+    # Under cephx every entity finds its own keyring as DIR/<name>.keyring (client.admin's for
+    # the CLIs, mgr.x's, osd.0's); a client given --key (client.kubernetes) needs no file. The
+    # mon reads its key from its data directory, where --mkfs copies it.
+    local keyring=$dir/keyring
+    [[ $auth == none ]] || keyring="$dir/\$name.keyring"
     cat >"$dir/ceph.conf" <<EOF
 [global]
 fsid = $fsid
@@ -46,9 +60,9 @@ mon host = v2:127.0.0.1:3300,v1:127.0.0.1:6789
 mon initial members = a
 public addr = 127.0.0.1
 ms bind ipv6 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = $auth
+auth service required = $auth
+auth client required = $auth
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
@@ -60,7 +74,7 @@ run dir = $dir/run
 admin socket = $dir/run/\$name.asok
 pid file = $dir/run/\$name.pid
 log file = $dir/log/\$name.log
-keyring = $dir/keyring
+keyring = $keyring
 # A killed client's watch (and so its exclusive lock) is seen as dead after this long.
 osd client watch timeout = 10
 mon data = $dir/mon-\$id
@@ -80,13 +94,38 @@ osd max object name len = 256
 osd max object namespace len = 64
 EOF
     monmaptool --create --clobber --add a 127.0.0.1 --fsid "$fsid" "$dir/monmap" >/dev/null
-    ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" >/dev/null
+    local mkfs_keyring=()
+    if [[ $auth == cephx ]]; then
+        # The mon's auth database starts from the keyring given to its --mkfs: the mon's own
+        # key and client.admin's, so the CLI can make every other key through the mon.
+        ceph-authtool --create-keyring "$dir/client.admin.keyring" --gen-key -n client.admin \
+            --cap mon 'allow *' --cap osd 'allow *' --cap mds 'allow *' --cap mgr 'allow *' >/dev/null
+        ceph-authtool --create-keyring "$dir/mon.a.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+        ceph-authtool "$dir/mon.a.keyring" --import-keyring "$dir/client.admin.keyring" >/dev/null
+        mkfs_keyring=(--keyring "$dir/mon.a.keyring")
+    fi
+    ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" "${mkfs_keyring[@]}" >/dev/null
     ceph-mon -c "$dir/ceph.conf" -i a 2>>"$dir/log/mon.stderr"
+    if [[ $auth == cephx ]]; then
+        # The mgr cannot log in without its key, so it is made (by the mon) before the mgr starts.
+        ceph_cli auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+            -o "$dir/mgr.x.keyring" || { log "no key for mgr.x"; return 1; }
+    fi
     ceph-mgr -c "$dir/ceph.conf" -i x 2>>"$dir/log/mgr.stderr"
     local id
     id=$(ceph_cli osd create)
     [[ $id == 0 ]] || die "expected osd id 0, got $id"
-    ceph-osd -c "$dir/ceph.conf" -i 0 --mkfs >/dev/null 2>&1 || { log "ceph-osd --mkfs failed"; return 1; }
+    # Under cephx the OSD gets its key from --mkkey; without one it cannot log in to fetch the
+    # mon's config, which ceph.conf holds all of anyway, so it skips that.
+    local mkkey=()
+    [[ $auth == none ]] || mkkey=(--mkkey --no-mon-config)
+    ceph-osd -c "$dir/ceph.conf" -i 0 --mkfs "${mkkey[@]}" >/dev/null 2>&1 || { log "ceph-osd --mkfs failed"; return 1; }
+    if [[ $auth == cephx ]]; then
+        # --mkkey wrote the OSD's new key to DIR/osd.0.keyring; the mon must know it (with the
+        # OSD's caps) before the OSD can boot.
+        ceph_cli auth add osd.0 osd 'allow *' mon 'allow profile osd' mgr 'allow profile osd' \
+            -i "$dir/osd.0.keyring" >/dev/null 2>&1 || { log "ceph auth add osd.0 failed"; return 1; }
+    fi
     ceph-osd -c "$dir/ceph.conf" -i 0 2>>"$dir/log/osd.0.stderr"
     ceph_cli osd crush add osd.0 1.0 host=localhost root=default >/dev/null 2>&1 || true
     local i
@@ -97,6 +136,15 @@ EOF
     ((i < 90)) || { log "osd.0 did not come up"; return 1; }
     ceph_cli osd pool create rbd 8 >/dev/null 2>&1
     timeout 120 rbd -c "$dir/ceph.conf" pool init rbd
+    if [[ $auth == cephx ]]; then
+        # The CSI driver's user, with the caps ceph-csi documents for RBD: images, snapshots and
+        # clones in the pool rbd, and nothing more. Made after the pool, which "profile rbd
+        # pool=rbd" names.
+        ceph_cli auth get-or-create client.kubernetes mon 'profile rbd' osd 'profile rbd pool=rbd' \
+            mgr 'profile rbd pool=rbd' >/dev/null || { log "no key for client.kubernetes"; return 1; }
+        ceph_cli auth get-key client.kubernetes >"$dir/client.kubernetes.key" ||
+            { log "ceph auth get-key client.kubernetes failed"; return 1; }
+    fi
     log "cluster up in $dir (fsid $fsid)"
 }
 

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Runs INSIDE the VDUSE guest (started by tests/e2e/run.sh): a one-node Kubernetes 1.20
-# control plane and kubelet bound to loopback, our plugin registered with kubelet by itself
-# (`serve --kubelet-registration-dir`), and the scenarios driven through kubectl. Each
-# scenario prints "RESULT name PASS|FAIL" to $GUEST_OUT_DIR/results and logs to NAME.log.
-# Everything it starts it stops.
+# control plane and kubelet bound to loopback, a one-node Ceph with cephx, the driver
+# installed the way users install it (tests/e2e/install.sh: our image, the CSI sidecars,
+# `kubectl apply` of deploy/ and deploy/rbd/ through a test overlay), and the scenarios driven
+# through kubectl only. Each scenario prints "RESULT name PASS|FAIL" to
+# $GUEST_OUT_DIR/results and logs to NAME.log. Everything it starts it stops.
 set -uo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
 CACHE=${VDUSE_CSI_E2E_CACHE:?}
+PLUGIN_IMAGE=${VDUSE_CSI_IMAGE:?}
+CHART_RBD=${VDUSE_CSI_CHART_RBD:?}
 OUT=${GUEST_OUT_DIR:?}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NODE=e2e-node
 DRIVER=vduse.csi.dev
+RBD_DRIVER=rbd.vduse.csi.dev
 W=/tmp/e2e
+CEPH=/tmp/e2e/ceph
+# Pods reach the API server as in-cluster clients do: at the `kubernetes` Service's address
+# (the first of --service-cluster-ip-range) on port 443. With no kube-proxy here, that address
+# is put on loopback and the API server listens there itself.
+SERVICE_IP=10.0.0.1
 K=$CACHE/bin
 export KUBECONFIG=$W/kubeconfig
 PIDS=()
@@ -46,17 +55,26 @@ stop_all() {
     sleep 3
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -KILL "${PIDS[i]}" 2>/dev/null; done
     pkill -KILL -f containerd-shim 2>/dev/null
+    pkill -KILL -f vduse-csi 2>/dev/null
+    "$HERE/../ceph/cluster.sh" stop "$CEPH" 2>/dev/null
     grep -o ' /var/lib/kubelet[^ ]*' /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
 }
 trap stop_all EXIT
+# shellcheck source=tests/e2e/install.sh
+source "$HERE/install.sh"
 
 # --- the node: cgroups, writable /var/lib and /var/log (kubelet hard-codes paths there) -----
 mkdir -p $W /sys/fs/cgroup
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
 echo "+cpu +memory +pids" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
-mount -t tmpfs -o size=1200m tmpfs /var/lib
+# Room for containerd's images and the native snapshotter's copy of them per container.
+mount -t tmpfs -o size=4g tmpfs /var/lib
 mount -t tmpfs tmpfs /var/log
-mkdir -p /var/lib/kubelet/plugins_registry /var/lib/kubelet/plugins/$DRIVER /var/lib/vduse-csi /run/containerd $W/cni $W/certs
+# The plugin's mounts reach kubelet and the pods through Bidirectional mount propagation,
+# which needs the host's mounts shared (systemd does this on a real node).
+mount --make-rshared /
+mkdir -p /var/lib/kubelet/plugins_registry /run/containerd $W/cni $W/certs
+ip addr add $SERVICE_IP/32 dev lo
 
 # --- control plane ---------------------------------------------------------------------------
 say "starting etcd"
@@ -70,23 +88,29 @@ echo "$TOKEN,admin,admin,system:masters" >$W/tokens.csv
 cat >$KUBECONFIG <<KC
 apiVersion: v1
 kind: Config
-clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}}]
+clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:443", insecure-skip-tls-verify: true}}]
 users: [{name: admin, user: {token: "$TOKEN"}}]
 contexts: [{name: e2e, context: {cluster: e2e, user: admin}}]
 current-context: e2e
 KC
 say "starting kube-apiserver"
-start apiserver "$K/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 --bind-address=127.0.0.1 \
-    --advertise-address=127.0.0.1 --secure-port=6443 --insecure-port=0 --cert-dir=$W/certs \
+# The sidecars are in-cluster clients: service account tokens (the ServiceAccount admission
+# plugin and the token controller) and the API server's self-signed certificate, which names
+# the Service's address, as their CA.
+start apiserver "$K/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 --bind-address=0.0.0.0 \
+    --advertise-address=127.0.0.1 --secure-port=443 --insecure-port=0 --cert-dir=$W/certs \
     --token-auth-file=$W/tokens.csv --authorization-mode=AlwaysAllow \
     --service-account-key-file=$W/certs/sa.pub --service-account-signing-key-file=$W/certs/sa.key \
-    --service-account-issuer=https://127.0.0.1:6443 --service-cluster-ip-range=10.0.0.0/24 \
-    --disable-admission-plugins=ServiceAccount --allow-privileged=true
+    --service-account-issuer=https://127.0.0.1:443 --service-cluster-ip-range=10.0.0.0/24 \
+    --allow-privileged=true
 wait_for 300 "kube-apiserver" kc get --raw /readyz || exit 1
 say "kube-apiserver ready"
 start controller_manager "$K/kube-controller-manager" --kubeconfig=$KUBECONFIG --bind-address=127.0.0.1 \
-    --controllers='*,-nodeipam,-route,-service,-cloud-node-lifecycle,-serviceaccount-token' \
+    --controllers='*,-nodeipam,-route,-service,-cloud-node-lifecycle' \
+    --service-account-private-key-file=$W/certs/sa.key --root-ca-file=$W/certs/apiserver.crt \
     --leader-elect=false --use-service-account-credentials=false
+# DaemonSet pods and WaitForFirstConsumer claims need the scheduler.
+start scheduler "$K/kube-scheduler" --kubeconfig=$KUBECONFIG --bind-address=127.0.0.1 --leader-elect=false
 
 # --- container runtime: containerd with the native snapshotter, images from host files -------
 cat >$W/cni/10-lo.conflist <<'CNI'
@@ -110,15 +134,13 @@ TOML
 say "starting containerd"
 start containerd containerd --config $W/containerd.toml
 wait_for 60 "containerd" ctr --address /run/containerd/containerd.sock version || exit 1
-for image in pause e2e; do
+# Our image (built by tests/e2e/install-images.sh from the Dockerfile), the sidecars' and the
+# test pods' images.
+for image in "$CACHE/images/pause.tar" "$CACHE/images/e2e.tar" "$PLUGIN_IMAGE" "${SIDECAR_IMAGES[@]}"; do
     ctr --address /run/containerd/containerd.sock -n k8s.io images import --snapshotter native \
-        "$CACHE/images/$image.tar" >/dev/null || { say "cannot import $image"; exit 1; }
+        "$image" >/dev/null || { say "cannot import $image"; exit 1; }
 done
-
-# --- our plugin, registering itself with kubelet ---------------------------------------------
-say "starting vduse-csi"
-start plugin "$BIN" serve --endpoint unix:///var/lib/kubelet/plugins/$DRIVER/csi.sock --node-id $NODE \
-    --state-dir /var/lib/vduse-csi --kubelet-registration-dir /var/lib/kubelet/plugins_registry
+say "images imported: $(ctr --address /run/containerd/containerd.sock -n k8s.io images ls -q | grep -v '^sha256' | tr '\n' ' ')"
 
 # --- kubelet -----------------------------------------------------------------------------------
 say "starting kubelet"
@@ -138,19 +160,14 @@ say "node Ready"
 # apiserver would try a Hostname address first, and the name resolves nowhere here.
 curl -sfk -X PATCH -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/merge-patch+json' \
     -d '{"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"}]}}' \
-    "https://127.0.0.1:6443/api/v1/nodes/$NODE/status" >/dev/null || exit 1
+    "https://127.0.0.1:443/api/v1/nodes/$NODE/status" >/dev/null || exit 1
 say "node address declared: $(kc get node $NODE -o jsonpath='{.status.addresses}')"
-wait_for 120 "CSINode with our driver" sh -c "'$K/kubectl' get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER" || exit 1
-say "kubelet registered $DRIVER"
 
-# --- our CSIDriver object (attachRequired: false: no VolumeAttachment, no attacher) -----------
-# kubectl 1.20 validates against its own schema; fields it does not know are reported, then the
-# object is applied without client-side validation (the server drops what it does not know).
-REPO=$(cd "$HERE/../.." && pwd)
-kc apply --dry-run=client -f "$REPO/deploy/01-csidriver.yaml" >"$OUT/csidriver-validation.log" 2>&1 ||
-    say "kubectl 1.20 refuses part of deploy/01-csidriver.yaml: $(tr '\n' ' ' <"$OUT/csidriver-validation.log")"
-kc apply --validate=false -f "$REPO/deploy/01-csidriver.yaml" || exit 1
-kc get csidriver $DRIVER -o yaml >"$OUT/csidriver-as-stored.yaml"
+# --- Ceph with cephx, then the driver as users install it ----------------------------------
+say "starting Ceph (cephx)"
+CEPH_AUTH=cephx "$HERE/../ceph/cluster.sh" start "$CEPH" >"$OUT/ceph.log" 2>&1 || { cat "$OUT/ceph.log"; exit 1; }
+say "Ceph up"
+install_driver || exit 1
 
 # --- scenarios ---------------------------------------------------------------------------------
 # shellcheck source=tests/e2e/scenarios.sh

@@ -1383,8 +1383,13 @@ def check_dockerfile() -> list[str]:
     lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines()
              if l.strip() and not l.strip().startswith("#")]
     froms = [l.split()[1] for l in lines if l.upper().startswith("FROM ")]
-    if froms != ["rust:1.95-bookworm", "debian:bookworm-slim"]:
-        problems.append(f"stages FROM {froms}, want rust:1.95-bookworm then debian:bookworm-slim")
+    # The binary comes from the Rust stage or, with --build-arg BINARY=prebuilt, from the
+    # context; the runtime stage copies it from whichever the argument names.
+    want_froms = ["rust:1.95-bookworm", "scratch", "binary-${BINARY}", "debian:bookworm-slim"]
+    if froms != want_froms:
+        problems.append(f"stages FROM {froms}, want {want_froms}")
+    if "ARG BINARY=source" not in lines:
+        problems.append("want ARG BINARY=source (the source build by default)")
     if not any("cargo build --release --locked" in l for l in lines):
         problems.append("builder must run cargo build --release --locked")
     # One apt-get install per stage: the builder's (bindgen's libclang and the Ceph headers),
