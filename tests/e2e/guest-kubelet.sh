@@ -5,6 +5,7 @@
 # `kubectl apply` of deploy/ and deploy/rbd/ through a test overlay), and the scenarios driven
 # through kubectl only. Each scenario prints "RESULT name PASS|FAIL" to
 # $GUEST_OUT_DIR/results and logs to NAME.log. Everything it starts it stops.
+# shellcheck source-path=SCRIPTDIR
 set -uo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
@@ -49,6 +50,9 @@ wait_for() { # SECONDS DESCRIPTION CMD...
 }
 stop_all() {
     say "stopping everything"
+    # The containers' logs (the plugin's, the sidecars', the test pods') for the record.
+    kc get pods -A -o wide >"$OUT/pods.txt" 2>&1
+    cp -r /var/log/pods "$OUT/pods" 2>/dev/null
     kc delete pods --all --grace-period=1 --wait=false >/dev/null 2>&1
     local i
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
@@ -60,7 +64,7 @@ stop_all() {
     grep -o ' /var/lib/kubelet[^ ]*' /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
 }
 trap stop_all EXIT
-# shellcheck source=tests/e2e/install.sh
+# shellcheck source=install.sh
 source "$HERE/install.sh"
 
 # --- the node: cgroups, writable /var/lib and /var/log (kubelet hard-codes paths there) -----
@@ -170,6 +174,6 @@ say "Ceph up"
 install_driver || exit 1
 
 # --- scenarios ---------------------------------------------------------------------------------
-# shellcheck source=tests/e2e/scenarios.sh
+# shellcheck source=scenarios.sh
 source "$HERE/scenarios.sh"
 run_scenarios

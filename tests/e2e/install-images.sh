@@ -29,6 +29,7 @@ log "built $IMAGE in $((SECONDS - start)) s: $(du -m "$out" | cut -f1) MiB as an
 # What it holds: the plugin and every tool it runs, each asked for its version.
 container=$(buildah from --pull=never "$IMAGE")
 trap 'buildah rm "$container" >/dev/null 2>&1; rm -rf "$context"' EXIT
+# shellcheck disable=SC2016 # expanded by the image's shell
 buildah run "$container" -- sh -c '
     set -e
     /usr/local/bin/vduse-csi --version

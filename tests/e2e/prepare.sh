@@ -46,6 +46,10 @@ if ((${#missing[@]})); then
 fi
 # containerd's service must not run on the host: the guest starts its own.
 systemctl disable --now containerd >/dev/null 2>&1 || true
+# The guest's root is this host's, read-only. deploy/'s node plugin mounts the host's
+# /lib/modules (its init container loads the VDUSE modules from there), and a node always has
+# one; a machine without kernel modules (a VM with a monolithic kernel) gets the empty folder.
+mkdir -p /lib/modules
 
 step packages
 
@@ -82,9 +86,11 @@ SOURCES
         "$tree/pkg/volume/csi/csi_client.go"
     sed -i 's/grpc.DialContext(ctx, unixSocketPath, grpc.WithInsecure(),/&  grpc.WithAuthority("localhost"),/' \
         "$tree/pkg/kubelet/pluginmanager/operationexecutor/operation_generator.go"
-    grep -q 'WithAuthority("localhost")' "$tree/pkg/volume/csi/csi_client.go" &&
-        grep -q 'WithAuthority("localhost")' "$tree/pkg/kubelet/pluginmanager/operationexecutor/operation_generator.go" ||
-        { log "cannot apply the :authority fix to kubelet"; exit 1; }
+    if ! grep -q 'WithAuthority("localhost")' "$tree/pkg/volume/csi/csi_client.go" ||
+        ! grep -q 'WithAuthority("localhost")' "$tree/pkg/kubelet/pluginmanager/operationexecutor/operation_generator.go"; then
+        log "cannot apply the :authority fix to kubelet"
+        exit 1
+    fi
     # Debian's own way (debian/rules): GOPATH mode through the tree's Makefile, which also
     # generates the OpenAPI and other files the tarball lacks.
     mkdir -p "$tree/.go/src/k8s.io"
@@ -99,7 +105,7 @@ SOURCES
     for b in "${missing[@]}"; do cp "$tree/_output/bin/$b" "$CACHE/bin/$b"; done
     log "built in $((SECONDS - start)) s"
     cp "$tree/build/pause/linux/pause.c" "$CACHE/pause.c"
-    rm -rf "$tree" "$src/home"
+    rm -rf "$tree" "${src:?}/home"
 fi
 
 if [[ ! -s $CACHE/images/pause.tar ]]; then

@@ -427,22 +427,22 @@ PY
 
 # rbd_claim_round_trip CLAIM CLASS: a claim on the RBD StorageClass CLASS (its Secret holds
 # a cephx `profile rbd` user's key): a pod writes, is deleted, a new pod reads the data back;
-# prints the data's checksum.
+# prints the data's checksum, and nothing else on stdout.
 rbd_claim_round_trip() {
     local pv sum read devices
     devices=$(ls /sys/class/vduse)
-    claim "$1" 128Mi "$2" Filesystem || return 1
+    claim "$1" 128Mi "$2" Filesystem >&2 || return 1
     pv=$(bound "$1") || return 1
     echo "provisioned $pv: $(kc get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')" >&2
     rbd -c "$CEPH/ceph.conf" ls rbd >&2
-    pod "$1-writer" "$1" Filesystem 'dd if=/dev/urandom of=/data/blob bs=64k count=32 2>/dev/null && sync && md5sum < /data/blob' || return 1
+    pod "$1-writer" "$1" Filesystem 'dd if=/dev/urandom of=/data/blob bs=64k count=32 2>/dev/null && sync && md5sum < /data/blob' >&2 || return 1
     finished "$1-writer" || return 1
     sum=$(podlog "$1-writer")
     gone "$1-writer" >&2 || return 1
     # An RBD volume's device is named after its volume ID's hash: the devices are as before.
     unstaged "$pv" >&2 || return 1
-    wait_for 60 "the RBD device to go" test "$(ls /sys/class/vduse)" == "$devices" || return 1
-    pod "$1-reader" "$1" Filesystem 'md5sum < /data/blob' || return 1
+    wait_for 60 "the RBD device to go" sh -c '[ "$(ls /sys/class/vduse)" = "$1" ]' - "$devices" >&2 || return 1
+    pod "$1-reader" "$1" Filesystem 'md5sum < /data/blob' >&2 || return 1
     finished "$1-reader" || return 1
     read=$(podlog "$1-reader")
     gone "$1-reader" >&2 || return 1
@@ -477,9 +477,12 @@ scenario_rbd_snapshot_and_restore() {
 # `helm template` would), installed the same way after deploy/ is uninstalled: the node
 # plugin and the RBD controller come up, and an RBD claim round-trips through it.
 scenario_helm_chart_with_rbd_installs_and_serves() {
-    local pvc
-    # Nothing of deploy/'s install may stay behind: its claims first, then its objects.
-    for pvc in $(kc get pvc -o name); do kc delete "$pvc" --wait=true --timeout=120s || return 1; done
+    # Nothing of deploy/'s install may stay behind: pods, snapshots and claims first (their
+    # deletion needs the driver), then its objects.
+    kc delete pods --all --wait=true --timeout=300s || return 1
+    kc delete volumesnapshots --all --wait=true --timeout=300s || return 1
+    kc delete pvc --all --wait=true --timeout=300s || return 1
+    wait_for 300 "every PV deleted" sh -c "[ -z \"\$('$K/kubectl' get pv -o name)\" ]" || return 1
     uninstall "$OUT/deploy-rbd.yaml" "$OUT/deploy.yaml" || return 1
     say "deploy/ uninstalled; installing the chart"
     kc create namespace $NS || return 1
