@@ -138,23 +138,31 @@ TOML
 say "starting containerd"
 start containerd containerd --config $W/containerd.toml
 wait_for 60 "containerd" ctr --address /run/containerd/containerd.sock version || exit 1
-# Our image (built by tests/e2e/install-images.sh from the Dockerfile), the sidecars' and the
-# test pods' images.
-for image in "$CACHE/images/pause.tar" "$CACHE/images/e2e.tar" "$PLUGIN_IMAGE" "${SIDECAR_IMAGES[@]}"; do
-    ctr --address /run/containerd/containerd.sock -n k8s.io images import --snapshotter native \
-        "$image" >/dev/null || { say "cannot import $image"; exit 1; }
-done
-say "images imported: $(ctr --address /run/containerd/containerd.sock -n k8s.io images ls -q | grep -v '^sha256' | tr '\n' ' ')"
+# The pause image now (kubelet needs it); our image (built by tests/e2e/install-images.sh from
+# the Dockerfile), the sidecars' and the test pods' images in the background while kubelet and
+# Ceph start, since importing them is most of a minute under TCG.
+import_images() {
+    local image
+    for image in "$@"; do
+        ctr --address /run/containerd/containerd.sock -n k8s.io images import --snapshotter native \
+            "$image" >/dev/null || { say "cannot import $image"; return 1; }
+    done
+}
+import_images "$CACHE/images/pause.tar" || exit 1
+import_images "$CACHE/images/e2e.tar" "$PLUGIN_IMAGE" "${SIDECAR_IMAGES[@]}" &
+IMPORT_PID=$!
 
 # --- kubelet -----------------------------------------------------------------------------------
 say "starting kubelet"
+# --sync-frequency: kubelet resyncs each pod, and so finds a grown claim to expand on the node,
+# every 15 s rather than every minute.
 start kubelet "$K/kubelet" --kubeconfig=$KUBECONFIG --container-runtime=remote \
     --container-runtime-endpoint=unix:///run/containerd/containerd.sock --cgroup-driver=cgroupfs \
     --fail-swap-on=false --node-ip=127.0.0.1 --address=127.0.0.1 --hostname-override=$NODE \
     --root-dir=/var/lib/kubelet --pod-infra-container-image=registry.local/pause:e2e \
     --read-only-port=0 --cgroups-per-qos=false --enforce-node-allocatable= \
     --eviction-hard='memory.available<1Mi,nodefs.available<1%,imagefs.available<1%' \
-    --image-gc-high-threshold=100 --volume-stats-agg-period=5s --v=2
+    --image-gc-high-threshold=100 --volume-stats-agg-period=5s --sync-frequency=15s --v=2
 wait_for 400 "node Ready" sh -c "'$K/kubectl' get node $NODE -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" || exit 1
 say "node Ready"
 # kubelet 1.20 will not report a loopback address as the node's ("nodeIP can't be loopback
@@ -171,6 +179,8 @@ say "node address declared: $(kc get node $NODE -o jsonpath='{.status.addresses}
 say "starting Ceph (cephx)"
 CEPH_AUTH=cephx "$HERE/../ceph/cluster.sh" start "$CEPH" >"$OUT/ceph.log" 2>&1 || { cat "$OUT/ceph.log"; exit 1; }
 say "Ceph up"
+wait "$IMPORT_PID" || exit 1
+say "images imported: $(ctr --address /run/containerd/containerd.sock -n k8s.io images ls -q | grep -v '^sha256' | tr '\n' ' ')"
 install_driver || exit 1
 
 # --- scenarios ---------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ strip -o "$context/vduse-csi" "$binary"
 start=$SECONDS
 # --network=host: the RUN step's apt-get reaches Debian's mirror without a container network.
 # --pull=never: every FROM is local (the base from prepare.sh; no registry can be reached).
-buildah bud --quiet --layers --network=host --pull=never --build-arg BINARY=prebuilt \
+# A clean environment, like every outside build here (nothing of cargo's reaches buildah).
+env -i PATH="$PATH" HOME="${HOME:-/root}" buildah bud --quiet --layers --network=host --pull=never --build-arg BINARY=prebuilt \
     -f "$repo/Dockerfile" -t "$IMAGE" "$context" >/dev/null
 rm -f "$out"
 buildah push --quiet "$IMAGE" "docker-archive:$out:$IMAGE" >/dev/null

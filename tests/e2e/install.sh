@@ -123,8 +123,9 @@ installed() {
 # uninstall FILE...: deletes what the rendered manifests FILE... created and waits until the
 # driver's pods and namespace are gone.
 uninstall() {
-    local i
-    kc delete --wait=false --ignore-not-found -f "$@" >/dev/null
+    local i files=() f
+    for f in "$@"; do files+=(-f "$f"); done
+    kc delete --wait=false --ignore-not-found "${files[@]}" >/dev/null
     for ((i = 0; i < 300; i++)); do
         kc get namespace $NS >/dev/null 2>&1 || return 0
         sleep 2

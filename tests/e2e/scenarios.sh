@@ -433,7 +433,11 @@ rbd_claim_round_trip() {
     devices=$(ls /sys/class/vduse)
     claim "$1" 128Mi "$2" Filesystem >&2 || return 1
     pv=$(bound "$1") || return 1
-    echo "provisioned $pv: $(kc get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')" >&2
+    echo "provisioned $pv: $(kc get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle} {.spec.csi.volumeAttributes}')" >&2
+    # external-provisioner puts its identity into every PV's volume attributes, which kubelet
+    # passes to NodeStage as the volume context: the stage below must take it.
+    kc get pv "$pv" -o jsonpath='{.spec.csi.volumeAttributes}' | grep -q 'storage.kubernetes.io/csiProvisionerIdentity' ||
+        return 1
     rbd -c "$CEPH/ceph.conf" ls rbd >&2
     pod "$1-writer" "$1" Filesystem 'dd if=/dev/urandom of=/data/blob bs=64k count=32 2>/dev/null && sync && md5sum < /data/blob' >&2 || return 1
     finished "$1-writer" || return 1
