@@ -21,13 +21,6 @@ spec:
 YAML
 }
 
-# volume_of CLAIM: the volume ID (the PV's CSI volume handle) of a bound claim.
-volume_of() {
-    local pv
-    pv=$(kc get pvc "$1" -o jsonpath='{.spec.volumeName}') && [[ -n $pv ]] &&
-        kc get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}'
-}
-
 # snapshot NAME CLAIM CLASS: a VolumeSnapshot of CLAIM; waits until it is ready to use.
 snapshot() {
     kc apply -f - <<YAML || return 1
