@@ -483,7 +483,10 @@ scenario_helm_chart_with_rbd_installs_and_serves() {
     uninstall "$OUT/deploy-rbd.yaml" "$OUT/deploy.yaml" || return 1
     say "deploy/ uninstalled; installing the chart"
     kc create namespace $NS || return 1
-    sed "s/@CEPHX_USER_KEY@/$(cat "$CEPH/client.kubernetes.key")/" "$CHART_RBD" >"$W/chart-rbd.yaml"
+    # The key is base64: it may hold '/' and '+', so no sed.
+    local key chart
+    key=$(<"$CEPH/client.kubernetes.key") && chart=$(<"$CHART_RBD") || return 1
+    printf '%s\n' "${chart//@CEPHX_USER_KEY@/$key}" >"$W/chart-rbd.yaml"
     overlay chart-rbd "$HERE/overlay/node-daemonset.yaml" "$HERE/overlay/rbd-controller.yaml" -- "$W/chart-rbd.yaml" ||
         return 1
     kc apply -f "$OUT/chart-rbd.yaml" || return 1
