@@ -199,6 +199,12 @@ struct PluginArgs {
     /// and provisions RBD volumes only.
     #[arg(long, value_name = "FILE")]
     ceph_clusters: Option<PathBuf>,
+    /// Seconds a control-plane Ceph call (create, delete, snapshot, resize; a node's open and
+    /// lock of an image) may wait before the CSI call fails UNAVAILABLE, so a pool whose
+    /// placement groups are inactive holds up nothing else. Devices' I/O never times out: it
+    /// waits for the pool, as a disk does.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), requires = "ceph_clusters")]
+    ceph_timeout: u64,
     /// Also serve the Node service at this endpoint (unix:///absolute/path) under
     /// --rbd-driver-name, for RBD volumes: kubelet reaches each driver through its own
     /// socket. Node plugins of clusters with an RBD StorageClass set it.
@@ -448,8 +454,13 @@ fn open_rbd(args: &ServeArgs) -> Result<vduse_csi::backend::rbd::RbdBackend, Str
         ),
         None => None,
     };
-    let config =
-        ClusterConfig { monitors: args.ceph_monitors.clone().unwrap_or_default(), user: args.ceph_user.clone(), key };
+    // A device's connection: its I/O waits for the pool as long as it takes.
+    let config = ClusterConfig {
+        monitors: args.ceph_monitors.clone().unwrap_or_default(),
+        user: args.ceph_user.clone(),
+        key,
+        op_timeout: None,
+    };
     let cluster = Cluster::connect(&config).map_err(|e| e.to_string())?;
     let pool = Arc::new(cluster.pool(pool).map_err(|e| e.to_string())?);
     if let Some(size) = args.size {
@@ -573,7 +584,7 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(csi::serve::run(csi::serve::ServeOptions {
+    let served = runtime.block_on(csi::serve::run(csi::serve::ServeOptions {
         endpoint: args.endpoint,
         node_id: args.node_id,
         state_dir: args.state_dir,
@@ -585,8 +596,12 @@ fn serve_plugin(args: PluginArgs) -> Result<(), String> {
         kubelet_registration,
         metrics_address: args.metrics_address.0,
         ceph_clusters: args.ceph_clusters,
+        ceph_timeout: std::time::Duration::from_secs(args.ceph_timeout),
         rbd_endpoint: args.rbd_endpoint.map(|e| (args.rbd_driver_name, e)),
-    }))
+    }));
+    // Work still blocked (a flush on a pool that does not answer) must not keep the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn list_devices() -> Result<(), String> {

@@ -84,7 +84,12 @@ impl From<crate::backend::ceph::Error> for Error {
             return Error::FailedPrecondition(e.to_string());
         }
         if let crate::backend::ceph::Error::Connect { .. } = e {
-            return Error::Unavailable(e.to_string());
+            return match e.errno() {
+                Some(libc::EACCES | libc::EPERM) => Error::FailedPrecondition(format!(
+                    "{e}: the cephx user or key of the secret (userID, userKey) was refused"
+                )),
+                _ => Error::Unavailable(e.to_string()),
+            };
         }
         match e.errno() {
             Some(libc::ENOENT) => Error::NotFound(e.to_string()),

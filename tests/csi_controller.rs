@@ -873,8 +873,40 @@ fn the_rbd_controller_and_the_rbd_node_endpoint_answer_for_their_driver() {
             ("clusterID".to_string(), "ceph".to_string()),
             ("pool".to_string(), "rbd".to_string()),
         ]);
-        let req = CreateVolumeRequest { parameters: rbd, ..create_request("pvc-rbd", 1 << 20, cap) };
+        let req = CreateVolumeRequest { parameters: rbd.clone(), ..create_request("pvc-rbd", 1 << 20, cap.clone()) };
         assert_code(c.controller.create_volume(req).await, Code::FailedPrecondition);
+
+        // With a clusters file that does not list cluster "ceph" (any more): a StorageClass
+        // naming it is wrong, but the volumes that live there need the operator to add it back.
+        std::fs::write(&clusters, r#"[{"clusterID": "other", "monitors": ["127.0.0.1:1"]}]"#).expect("clusters file");
+        let req = CreateVolumeRequest { parameters: rbd.clone(), ..create_request("pvc-rbd", 1 << 20, cap.clone()) };
+        assert_code(c.controller.create_volume(req).await, Code::InvalidArgument);
+        let gone = "rbd.ceph.1.csi-vol-00000000deadbeef";
+        let req = DeleteVolumeRequest { volume_id: gone.into(), secrets: HashMap::new() };
+        let refused = c.controller.delete_volume(req).await.expect_err("cluster left the file");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+        assert!(refused.message().contains("add the cluster back"), "{}", refused.message());
+        let req = ValidateVolumeCapabilitiesRequest {
+            volume_id: gone.into(),
+            volume_capabilities: vec![cap.clone()],
+            ..Default::default()
+        };
+        assert_code(c.controller.validate_volume_capabilities(req).await, Code::FailedPrecondition);
+        // A filesystem we cannot format is refused at CreateVolume, before Ceph is reached.
+        let mut listed = rbd.clone();
+        listed.insert("clusterID".into(), "other".into());
+        for (fs_param, cap_fs) in [(Some("btrfs"), ""), (None, "zfs")] {
+            let mut parameters = listed.clone();
+            if let Some(fs) = fs_param {
+                parameters.insert("csi.storage.k8s.io/fstype".into(), fs.into());
+            }
+            let req = CreateVolumeRequest {
+                parameters,
+                ..create_request("pvc-rbd-fs", 1 << 20, mount_cap(cap_fs, writer()))
+            };
+            let refused = c.controller.create_volume(req).await.expect_err("bad fsType");
+            assert_eq!(refused.code(), Code::InvalidArgument, "{}", refused.message());
+        }
 
         // A node plugin serves RBD volumes' Node service on a second socket, under the RBD name.
         let rbd_socket = dir.path().join("rbd-node.sock");
@@ -906,9 +938,13 @@ fn the_rbd_controller_and_the_rbd_node_endpoint_answer_for_their_driver() {
         );
         let node_caps = n.node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.expect("node caps");
         assert!(!node_caps.into_inner().capabilities.is_empty());
+        let info = n.node.node_get_info(NodeGetInfoRequest {}).await.expect("node info").into_inner();
+        assert!(info.accessible_topology.is_none(), "RBD volumes have no node topology: {info:?}");
         let mut main = connect(&node.socket).await;
         let info = main.identity.get_plugin_info(GetPluginInfoRequest {}).await.expect("info").into_inner();
         assert_eq!(info.name, "vduse.csi.dev", "the main socket keeps the node-local driver's name");
+        let info = main.node.node_get_info(NodeGetInfoRequest {}).await.expect("node info").into_inner();
+        assert!(info.accessible_topology.is_some(), "node-local volumes live on this node");
         drop(node);
         drop(controller);
     });

@@ -26,6 +26,7 @@ const HARNESS: Harness = Harness {
     plugin_flags: &["--metrics-address=127.0.0.1:9812"],
     before: None,
     after: None,
+    secrets: None,
 };
 const MIB: i64 = 1 << 20;
 

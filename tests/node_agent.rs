@@ -22,8 +22,13 @@ use vduse_csi::csi::proto::*;
 
 /// Healing runs every 100 ms here, so that a heal round certainly meets every operation
 /// that lasts longer (a snapshot's copy, a takeover).
-const HARNESS: Harness =
-    Harness { out_dir: "node-agent-tests", plugin_flags: &["--heal-interval=0.1"], before: None, after: None };
+const HARNESS: Harness = Harness {
+    out_dir: "node-agent-tests",
+    plugin_flags: &["--heal-interval=0.1"],
+    before: None,
+    after: None,
+    secrets: None,
+};
 const MIB: i64 = 1 << 20;
 /// What a call that waits on a device nobody serves would do without bound.
 const CALL_LIMIT: Duration = Duration::from_secs(30);

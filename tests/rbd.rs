@@ -2,9 +2,10 @@
 //!
 //! On the host this binary boots the VDUSE test guest and runs itself inside it (see
 //! `common::guest_node`). Inside, it first starts a one-node Ceph bound to the guest's
-//! loopback (tests/ceph/cluster.sh: a mon, a mgr and a BlueStore OSD on a file), and each
-//! scenario drives the plugin's Controller and Node services the way the CSI sidecars and
-//! kubelet do, checking the images, locks and blocklist in Ceph with its own CLI.
+//! loopback (tests/ceph/cluster.sh: a mon, a mgr and a BlueStore OSD on a file) with cephx
+//! required, and each scenario drives the plugin's Controller and Node services the way the
+//! CSI sidecars and kubelet do, as a `profile rbd` user whose key comes only in the calls'
+//! secrets, checking the images, locks and blocklist in Ceph with its own CLI (as admin).
 
 mod common;
 
@@ -23,16 +24,23 @@ const CEPH_DIR: &str = "/tmp/ceph";
 const CLUSTERS_FILE: &str = "/tmp/ceph-clusters.json";
 const CLUSTER_ID: &str = "test";
 const MIB: i64 = 1 << 20;
+/// The plugin's user (made by tests/ceph/cluster.sh as the README tells users to).
+const CEPH_USER: &str = "kubernetes";
 const HARNESS: Harness = Harness {
     out_dir: "rbd-tests",
     plugin_flags: &["--ceph-clusters=/tmp/ceph-clusters.json"],
     before: Some(start_ceph),
     after: Some(stop_ceph),
+    secrets: Some(secrets),
 };
 
 fn main() -> ExitCode {
     let scenarios: &[(&str, Scenario)] = &[
         ("rbd_volume_survives_restage_and_plugin_restart", lifecycle),
+        ("rbd_cephx_wrong_key_refused_rotated_key_taken", cephx_keys),
+        ("rbd_conformance_snapshots_clones_guards_clients", conformance),
+        ("rbd_sick_pool_holds_up_nothing_else", sick_pool),
+        ("rbd_lost_lock_degrades_then_heals", lost_lock),
         ("rbd_fio_verify_at_qd32", fio_verify),
         ("rbd_snapshot_and_clones_hold_the_same_data", snapshot_and_clones),
         ("rbd_online_resize", online_resize),
@@ -46,11 +54,27 @@ fn main() -> ExitCode {
 fn start_ceph() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ceph/cluster.sh");
     let started = Instant::now();
-    let status = Command::new(&script).args(["start", CEPH_DIR]).status().expect("run tests/ceph/cluster.sh");
+    let status = Command::new(&script)
+        .args(["start", CEPH_DIR])
+        .env("CEPH_AUTH", "cephx")
+        .status()
+        .expect("run tests/ceph/cluster.sh");
     assert!(status.success(), "the test Ceph did not start");
     println!("ceph: one-node cluster up in {:.0?}", started.elapsed());
     let clusters = format!(r#"[{{"clusterID": "{CLUSTER_ID}", "monitors": ["127.0.0.1:6789"]}}]"#);
     std::fs::write(CLUSTERS_FILE, clusters).expect("write the clusters file");
+}
+
+/// The CSI secrets of the plugin's user, as a StorageClass's secret carries them.
+fn secrets() -> HashMap<String, String> {
+    let key = std::fs::read_to_string(format!("{CEPH_DIR}/client.{CEPH_USER}.key")).expect("the user's key");
+    HashMap::from([("userID".into(), CEPH_USER.into()), ("userKey".into(), key.trim().to_owned())])
+}
+
+fn ceph_osd(action: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ceph/cluster.sh");
+    let status = Command::new(&script).args([action, CEPH_DIR]).status().expect("run tests/ceph/cluster.sh");
+    assert!(status.success(), "cluster.sh {action} failed");
 }
 
 fn stop_ceph() {
@@ -100,6 +124,7 @@ fn create_rbd(
     let req = CreateVolumeRequest {
         parameters: params,
         volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
+        secrets: secrets(),
         ..create_request(name, mib * MIB, cap.clone())
     };
     n.rt.block_on(n.c.controller.create_volume(req)).map(|r| r.into_inner().volume.expect("volume"))
@@ -118,18 +143,43 @@ fn stage_with(
         staging_target_path: path.to_string_lossy().into(),
         volume_capability: Some(cap.clone()),
         volume_context: v.volume_context.clone(),
+        secrets: secrets(),
         ..Default::default()
     };
     rt.block_on(c.node.node_stage_volume(req)).map(drop)
 }
 
+fn try_snapshot(n: &mut Node, source: &str, name: &str) -> Result<Snapshot, tonic::Status> {
+    let req = CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        secrets: secrets(),
+        ..Default::default()
+    };
+    n.rt.block_on(n.c.controller.create_snapshot(req)).map(|r| r.into_inner().snapshot.expect("snapshot"))
+}
+
+/// The volume as a PV external-provisioner made holds it: its volume context carries the
+/// provisioner's identity, and kubelet adds the pod's keys.
+fn provisioned(v: &Volume) -> Volume {
+    let mut v = v.clone();
+    for (k, val) in [
+        ("storage.kubernetes.io/csiProvisionerIdentity", "1733400000000-8081-rbd.vduse.csi.dev"),
+        ("csi.storage.k8s.io/pod.name", "app-0"),
+        ("csi.storage.k8s.io/pod.namespace", "default"),
+        ("csi.storage.k8s.io/ephemeral", "false"),
+    ] {
+        v.volume_context.insert(k.into(), val.into());
+    }
+    v
+}
+
 fn snapshot(n: &mut Node, source: &str, name: &str) -> Snapshot {
-    let req = CreateSnapshotRequest { source_volume_id: source.into(), name: name.into(), ..Default::default() };
-    n.rt.block_on(n.c.controller.create_snapshot(req)).expect("CreateSnapshot").into_inner().snapshot.expect("snapshot")
+    try_snapshot(n, source, name).expect("CreateSnapshot")
 }
 
 fn delete_snapshot(n: &mut Node, id: &str) -> Result<(), tonic::Status> {
-    let req = DeleteSnapshotRequest { snapshot_id: id.into(), secrets: HashMap::new() };
+    let req = DeleteSnapshotRequest { snapshot_id: id.into(), secrets: secrets() };
     n.rt.block_on(n.c.controller.delete_snapshot(req)).map(drop)
 }
 
@@ -193,10 +243,26 @@ fn lifecycle(n: &mut Node) {
     assert_eq!(again.volume_id, v.volume_id);
     assert_code(create_rbd(n, pv, 128, &cap, rbd_params(), None).map(tonic::Response::new), Code::AlreadyExists);
 
+    // ValidateVolumeCapabilities needs no parameters: the ID names the cluster and the pool.
+    let req = ValidateVolumeCapabilitiesRequest {
+        volume_id: v.volume_id.clone(),
+        volume_capabilities: vec![cap.clone()],
+        secrets: secrets(),
+        ..Default::default()
+    };
+    let validated = n.rt.block_on(n.c.controller.validate_volume_capabilities(req)).expect("validate").into_inner();
+    assert!(validated.confirmed.is_some(), "{}", validated.message);
+
+    // Staged with the volume context of a PV external-provisioner made, as kubelet sends it.
     let staging = n.staging(pv);
-    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage");
+    stage_with(&mut n.c, &n.rt, &provisioned(&v), &staging, &cap).expect("stage");
     let target = n.target("pod-a", pv);
     n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish");
+    // The node keeps a record of the staged RBD volume; it is not a node-local volume.
+    let listed = n.rt.block_on(n.c.controller.list_volumes(ListVolumesRequest::default())).expect("list");
+    let ids: Vec<String> =
+        listed.into_inner().entries.iter().filter_map(|e| e.volume.clone()).map(|v| v.volume_id).collect();
+    assert!(!ids.iter().any(|id| id.starts_with("rbd.")), "node-local ListVolumes lists {ids:?}");
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
     std::fs::write(target.join("before"), &data).expect("write");
     syncfs(&target);
@@ -375,6 +441,8 @@ fn sigkill_under_fio(n: &mut Node) {
         let previous = lock_owner(&state, &v.volume_id);
         n.kill_and_restart();
         kills += 1;
+        // RBD volumes are served again after the plugin is ready.
+        n.wait_condition(&v.volume_id, &target, None);
         // The successor broke its dead predecessor's lock, which blocklists it: nothing the
         // dead one still had in flight can land after the re-run requests.
         assert!(blocklisted(&previous), "{previous} is blocklisted after the takeover");
@@ -464,8 +532,7 @@ fn two_nodes(n: &mut Node) {
         PluginProcess::start_with(&n.root.join("csi.sock"), &n.root.join("state"), "all", HARNESS.plugin_flags);
     n.c = n.rt.block_on(connect(&plugin_a.socket));
     n.plugin = Some(plugin_a);
-    let condition = n.stats(&v.volume_id, &staging_a).volume_condition.expect("condition");
-    assert!(condition.abnormal && condition.message.contains("fenced"), "{condition:?}");
+    n.wait_condition(&v.volume_id, &staging_a, Some("fenced"));
     n.unpublish(&v.volume_id, &target_a).expect("unpublish on A");
     n.unstage(&v.volume_id, &staging_a).expect("unstage on A");
     // B's write survived A's comeback.
@@ -504,11 +571,16 @@ fn bad_requests(n: &mut Node) {
     n.delete("rbd.test.1.csi-vol-00000000deadbeef").expect("absent image");
     n.delete("rbd.test.999.csi-vol-00000000deadbeef").expect("absent pool");
     assert_code(n.delete("rbd.test.1.csi-vol/../../x").map(tonic::Response::new), Code::InvalidArgument);
-    assert_code(n.delete("rbd.elsewhere.1.csi-vol-0").map(tonic::Response::new), Code::InvalidArgument);
+    // A cluster the clusters file does not list (any more): the configuration is to fix,
+    // not the request.
+    let gone = n.delete("rbd.elsewhere.1.csi-vol-0").expect_err("unknown cluster");
+    assert_eq!(gone.code(), Code::FailedPrecondition, "{}", gone.message());
+    assert!(gone.message().contains("add the cluster back"), "{}", gone.message());
     delete_snapshot(n, "rbd.test.1.csi-vol-00000000deadbeef.csi-snap-0").expect("absent snapshot");
     let req = CreateSnapshotRequest {
         source_volume_id: "rbd.test.1.csi-vol-00000000deadbeef".into(),
         name: "snap-of-nothing".into(),
+        secrets: secrets(),
         ..Default::default()
     };
     assert_code(n.rt.block_on(n.c.controller.create_snapshot(req)), Code::NotFound);
@@ -526,4 +598,355 @@ fn bad_requests(n: &mut Node) {
     );
     assert!(!n.root.join("state/volumes/rbd.test.1.csi-vol-00000000deadbeef").exists());
     assert!(!images().contains(&image_name("pvc-rbd-bad")), "no image was created");
+}
+
+/// A fresh cephx key, as `ceph-authtool --gen-print-key` makes one.
+fn new_key() -> String {
+    let out = Command::new("ceph-authtool").arg("--gen-print-key").output().expect("ceph-authtool");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Gives the plugin's user a new key in Ceph (its caps unchanged), and the secret with it.
+fn rotate_key() -> String {
+    let key = new_key();
+    let keyring = format!(
+        "[client.{CEPH_USER}]\n\tkey = {key}\n\tcaps mon = \"profile rbd\"\n\tcaps osd = \"profile rbd pool=rbd\"\n\
+         \tcaps mgr = \"profile rbd pool=rbd\"\n"
+    );
+    std::fs::write("/tmp/rotated.keyring", keyring).expect("keyring");
+    ceph_cli("ceph", &["auth", "import", "-i", "/tmp/rotated.keyring"]);
+    std::fs::write(format!("{CEPH_DIR}/client.{CEPH_USER}.key"), &key).expect("key file");
+    key
+}
+
+fn node_record(n: &Node, id: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(n.root.join("state/volumes").join(id).join("rbd.json")).expect("node record");
+    serde_json::from_str(&text).expect("record JSON")
+}
+
+/// Writes 1 MiB of `byte` at the start of a block device and reads it back.
+fn write_and_check(dev: &Path, byte: u8) {
+    let (ok, text) = run(&format!(
+        "head -c 1M /dev/zero | tr '\\0' '\\{byte:o}' > /tmp/rbd-fill && dd if=/tmp/rbd-fill of={} bs=1M oflag=direct status=none && \
+         cmp -n 1048576 /tmp/rbd-fill {}",
+        dev.display(),
+        dev.display()
+    ));
+    assert!(ok, "{text}");
+}
+
+fn cephx_keys(n: &mut Node) {
+    let cap = block_cap(writer());
+    // A key Ceph does not know: refused, saying so, and never repeating the key.
+    let wrong_key = new_key();
+    let mut wrong = secrets();
+    wrong.insert("userKey".into(), wrong_key.clone());
+    let started = Instant::now();
+    let req = CreateVolumeRequest {
+        parameters: rbd_params(),
+        secrets: wrong.clone(),
+        ..create_request("pvc-rbd-wrong-key", 64 * MIB, cap.clone())
+    };
+    let refused = n.rt.block_on(n.c.controller.create_volume(req)).expect_err("a wrong key");
+    println!("wrong key at CreateVolume: {:?} {:?} after {:.1?}", refused.code(), refused.message(), started.elapsed());
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("refused"), "{}", refused.message());
+    assert!(!refused.message().contains(&wrong_key), "the key is never repeated");
+    assert!(!images().contains(&image_name("pvc-rbd-wrong-key")));
+
+    let v = create_rbd(n, "pvc-rbd-rotate", 64, &cap, rbd_params(), None).expect("CreateVolume");
+    let staging = n.block_staging("pvc-rbd-rotate");
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage");
+    let target = n.block_target("pod-a", "pvc-rbd-rotate");
+    n.publish(&v.volume_id, &staging, &target, &cap, false).expect("publish");
+    write_and_check(&target, 1);
+    // The node keeps the key to serve the volume again after a restart, without kubelet: in a
+    // file only root may read (README, "Secrets on the node").
+    let record = n.root.join("state/volumes").join(&v.volume_id).join("rbd.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&record).expect("record").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", record.display());
+    let state_mode = std::fs::metadata(n.root.join("state")).expect("state dir").permissions().mode() & 0o777;
+    assert_eq!(state_mode, 0o700, "only root enters the state dir");
+
+    // Another volume staged with the wrong key is refused and leaves no record.
+    let other = create_rbd(n, "pvc-rbd-other-key", 64, &cap, rbd_params(), None).expect("CreateVolume");
+    let other_staging = n.block_staging("pvc-rbd-other-key");
+    let req = NodeStageVolumeRequest {
+        volume_id: other.volume_id.clone(),
+        staging_target_path: other_staging.to_string_lossy().into(),
+        volume_capability: Some(cap.clone()),
+        volume_context: other.volume_context.clone(),
+        secrets: wrong,
+        ..Default::default()
+    };
+    let refused = n.rt.block_on(n.c.node.node_stage_volume(req)).expect_err("a wrong key at NodeStage");
+    println!("wrong key at NodeStage: {:?} {:?}", refused.code(), refused.message());
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert!(!refused.message().contains(&wrong_key));
+    assert!(!n.root.join("state/volumes").join(&other.volume_id).exists(), "a refused stage leaves no record");
+
+    // The user's key is rotated; kubelet's next stage brings the new one; a restarted plugin
+    // serves the volume with it (the old one would no longer log in).
+    let rotated = rotate_key();
+    n.secrets = secrets();
+    stage_with(&mut n.c, &n.rt, &v, &staging, &cap).expect("stage again with the rotated key");
+    assert_eq!(node_record(n, &v.volume_id)["key"].as_str(), Some(rotated.as_str()), "the record took the new key");
+    n.kill_and_restart();
+    n.wait_condition(&v.volume_id, &target, None);
+    write_and_check(&target, 2);
+    retire(n, &v, &staging, &target);
+    n.delete(&other.volume_id).expect("delete");
+}
+
+fn snapshot_source(id: &str) -> volume_content_source::Type {
+    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id.into() })
+}
+
+fn volume_source(id: &str) -> volume_content_source::Type {
+    volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id.into() })
+}
+
+fn create_request_rbd(name: &str, mib: i64, source: volume_content_source::Type) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        parameters: rbd_params(),
+        volume_content_source: Some(VolumeContentSource { r#type: Some(source) }),
+        secrets: secrets(),
+        ..create_request(name, mib * MIB, block_cap(writer()))
+    }
+}
+
+/// The sessions the monitor holds for the plugin's user: one per librados client.
+fn user_sessions() -> usize {
+    let out = Command::new("ceph")
+        .args(["--admin-daemon", &format!("{CEPH_DIR}/run/mon.a.asok"), "sessions"])
+        .output()
+        .expect("ceph --admin-daemon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sessions: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sessions JSON");
+    let user = format!("\"client.{CEPH_USER}\"");
+    let ours = sessions.as_array().expect("a list").iter().filter(|s| s.to_string().contains(&user)).count();
+    println!("mon sessions of client.{CEPH_USER}: {ours}");
+    ours
+}
+
+fn conformance(n: &mut Node) {
+    let cap = block_cap(writer());
+    let a = create_rbd(n, "pvc-rbd-conf-a", 32, &cap, rbd_params(), None).expect("CreateVolume a");
+    let b = create_rbd(n, "pvc-rbd-conf-b", 32, &cap, rbd_params(), None).expect("CreateVolume b");
+
+    // One CSI snapshot name for two volumes: the second is ALREADY_EXISTS, not a second snapshot.
+    let snap = snapshot(n, &a.volume_id, "snap-rbd-conf");
+    let clash = try_snapshot(n, &b.volume_id, "snap-rbd-conf").expect_err("same name, another source");
+    assert_eq!(clash.code(), Code::AlreadyExists, "{}", clash.message());
+    assert_eq!(snapshot(n, &a.volume_id, "snap-rbd-conf").snapshot_id, snap.snapshot_id, "a retry is idempotent");
+
+    // Two clones of one snapshot at once: neither trips over the other's protect or unprotect,
+    // and the snapshot is left unprotected for its DeleteSnapshot.
+    let (mut c1, mut c2) = (n.c.controller.clone(), n.c.controller.clone());
+    let (r1, r2) = n.rt.block_on(async {
+        tokio::join!(
+            c1.create_volume(create_request_rbd("pvc-rbd-twin-1", 32, snapshot_source(&snap.snapshot_id))),
+            c2.create_volume(create_request_rbd("pvc-rbd-twin-2", 32, snapshot_source(&snap.snapshot_id)))
+        )
+    });
+    let twins: Vec<Volume> =
+        [r1, r2].into_iter().map(|r| r.expect("clone").into_inner().volume.expect("volume")).collect();
+    delete_snapshot(n, &snap.snapshot_id).expect("DeleteSnapshot after two clones");
+    for twin in &twins {
+        n.delete(&twin.volume_id).expect("delete a clone");
+    }
+    // Once deleted, the name is free for another volume.
+    let snap_b = snapshot(n, &b.volume_id, "snap-rbd-conf");
+    delete_snapshot(n, &snap_b.snapshot_id).expect("DeleteSnapshot");
+
+    // A clone abandoned before its flatten (its CreateVolume interrupted and never retried)
+    // leaves a protected temporary snapshot of its source and an unfinished clone: they do not
+    // keep the source from being deleted.
+    let child = image_name("pvc-rbd-abandoned");
+    let temporary = format!("rbd/{}@csi-clone-{}", image_of(&a.volume_id), &child["csi-vol-".len()..]);
+    ceph_cli("rbd", &["snap", "create", &temporary]);
+    ceph_cli("rbd", &["snap", "protect", &temporary]);
+    ceph_cli("rbd", &["clone", "--rbd-default-clone-format", "1", &temporary, &format!("rbd/{child}")]);
+    n.delete(&a.volume_id).expect("DeleteVolume of a source with an abandoned clone");
+    let left = images();
+    assert!(!left.contains(&image_of(&a.volume_id)) && !left.contains(&child), "images left: {left:?}");
+
+    // CreateVolume (by name) and DeleteVolume (by ID) of one volume take one guard: a delete
+    // while the create runs is ABORTED, never a race that deletes half a clone.
+    ceph_cli(
+        "rbd",
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-total",
+            "32M",
+            &format!("rbd/{}", image_of(&b.volume_id)),
+        ],
+    );
+    let racing = "pvc-rbd-conf-racing";
+    let pool_id = b.volume_id.split('.').nth(2).expect("pool ID");
+    let racing_id = format!("rbd.{CLUSTER_ID}.{pool_id}.{}", image_name(racing));
+    let (mut creator, mut deleter) = (n.c.controller.clone(), n.c.controller.clone());
+    let request = create_request_rbd(racing, 32, volume_source(&b.volume_id));
+    let (created, aborted) = n.rt.block_on(async {
+        let create = tokio::spawn(async move { creator.create_volume(request).await });
+        let mut aborted = 0;
+        while !create.is_finished() {
+            let req = DeleteVolumeRequest { volume_id: racing_id.clone(), secrets: secrets() };
+            match deleter.delete_volume(req).await {
+                Err(e) if e.code() == Code::Aborted => aborted += 1,
+                other => {
+                    assert!(create.is_finished(), "DeleteVolume ran beside the CreateVolume of its volume: {other:?}")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (create.await.expect("create task"), aborted)
+    });
+    let racing_volume = created.expect("the clone").into_inner().volume.expect("volume");
+    println!("DeleteVolume was ABORTED {aborted} times while its CreateVolume ran");
+    assert!(aborted > 0, "the clone was made before any delete reached it: give it more to copy");
+
+    // One librados client per (cluster, user) and purpose, whatever the volumes and calls:
+    // the controller's and the devices'.
+    let mut staged = Vec::new();
+    for (pv, v) in [("pvc-rbd-conf-b", &b), (racing, &racing_volume)] {
+        let staging = n.block_staging(pv);
+        stage_with(&mut n.c, &n.rt, v, &staging, &cap).expect("stage");
+        staged.push((v.clone(), staging));
+    }
+    assert_eq!(user_sessions(), 2, "one control and one data connection");
+    for (v, staging) in &staged {
+        n.unstage(&v.volume_id, staging).expect("unstage");
+        n.delete(&v.volume_id).expect("delete");
+    }
+}
+
+/// The only OSD stops while volumes are staged: the RBD volume's I/O waits, as a disk's would;
+/// control-plane calls fail in bounded time; the node-local volumes, CSI calls and a plugin
+/// restart go on regardless. The OSD comes back: the volume is served and its I/O completes.
+fn sick_pool(n: &mut Node) {
+    n.flags = &["--ceph-clusters=/tmp/ceph-clusters.json", "--ceph-timeout=5", "--heal-interval=1"];
+    n.restart();
+    let cap = mount_cap("ext4", writer());
+    let v = create_rbd(n, "pvc-rbd-sick", 64, &cap, rbd_params(), None).expect("CreateVolume");
+    let staging_v = n.staging("pvc-rbd-sick");
+    stage_with(&mut n.c, &n.rt, &v, &staging_v, &cap).expect("stage");
+    let target_v = n.target("pod-a", "pvc-rbd-sick");
+    n.publish(&v.volume_id, &staging_v, &target_v, &cap, false).expect("publish");
+    std::fs::write(target_v.join("before"), b"written while the pool was well").expect("write");
+    syncfs(&target_v);
+    let local = n.create("pvc-local-sick", 64, cap.clone());
+    let staging_l = n.staging("pvc-local-sick");
+    n.stage(&local.volume_id, &staging_l, &cap).expect("stage the node-local volume");
+    let lines = kernel_lines();
+
+    ceph_osd("stop-osd");
+    let (ok, text) = run("head -c 4M /dev/urandom > /tmp/rbd-during");
+    assert!(ok, "{text}");
+    let mut writer = Command::new("dd")
+        .args([
+            "if=/tmp/rbd-during",
+            &format!("of={}", target_v.join("during").display()),
+            "bs=1M",
+            "oflag=direct",
+            "status=none",
+        ])
+        .spawn()
+        .expect("dd");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(writer.try_wait().expect("dd").is_none(), "the write waits for the pool, it does not fail");
+
+    // Control-plane calls fail UNAVAILABLE after --ceph-timeout, not never.
+    let started = Instant::now();
+    let refused = create_rbd(n, "pvc-rbd-while-sick", 64, &cap, rbd_params(), None).expect_err("pool down");
+    println!(
+        "CreateVolume on the sick pool: {:?} after {:.1?}: {}",
+        refused.code(),
+        started.elapsed(),
+        refused.message()
+    );
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    assert!(started.elapsed() < Duration::from_secs(40), "{:.1?}", started.elapsed());
+    let started = Instant::now();
+    let refused = try_snapshot(n, &v.volume_id, "snap-rbd-sick").expect_err("pool down");
+    println!("CreateSnapshot on the sick pool: {:?} after {:.1?}", refused.code(), started.elapsed());
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+
+    // Node-local volumes are untouched: a new one is made, staged and unstaged.
+    let started = Instant::now();
+    let fresh = n.create("pvc-local-fresh", 64, cap.clone());
+    let staging_f = n.staging("pvc-local-fresh");
+    n.stage(&fresh.volume_id, &staging_f, &cap).expect("stage while the pool is sick");
+    std::fs::write(staging_f.join("x"), b"local").expect("write");
+    n.unstage(&fresh.volume_id, &staging_f).expect("unstage");
+    println!("a node-local volume made, staged and unstaged in {:.1?} while the pool is sick", started.elapsed());
+
+    // The plugin stops (SIGTERM) although a flush of the RBD volume cannot end, and the next
+    // one is ready at once: it serves the node-local volume, and the RBD one waits.
+    let started = Instant::now();
+    n.restart();
+    println!("plugin stopped and ready again in {:.1?} with the pool down", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(60), "{:.1?}", started.elapsed());
+    std::fs::write(staging_l.join("after-restart"), b"still served").expect("write the node-local volume");
+    syncfs(&staging_l);
+    n.wait_condition(&v.volume_id, &target_v, Some("not running"));
+    assert!(writer.try_wait().expect("dd").is_none(), "the write still waits");
+
+    // The pool comes back: the heal loop serves the volume, and the write completes.
+    ceph_osd("start-osd");
+    let started = Instant::now();
+    n.wait_condition(&v.volume_id, &target_v, None);
+    let status = writer.wait().expect("dd");
+    println!("served again {:.1?} after the OSD came back; the write ended: {status}", started.elapsed());
+    assert!(status.success());
+    syncfs(&target_v);
+    let (same, text) = run(&format!("cmp /tmp/rbd-during {}", target_v.join("during").display()));
+    assert!(same, "{text}");
+    assert_eq!(std::fs::read(target_v.join("before")).expect("read"), b"written while the pool was well");
+    let errors = kernel_errors_since(lines);
+    assert!(errors.is_empty(), "kernel I/O errors: {errors:?}");
+    n.unstage(&local.volume_id, &staging_l).expect("unstage");
+    n.unpublish(&v.volume_id, &target_v).expect("unpublish");
+    n.unstage(&v.volume_id, &staging_v).expect("unstage");
+    n.delete(&v.volume_id).expect("delete");
+}
+
+/// The client serving a volume is blocklisted (by an operator, or a node that broke its lock):
+/// librbd fails its writes with ESHUTDOWN. The device fails none of them: it reports itself
+/// degraded, saying the lock is lost, and the heal loop takes the lock back with a new client
+/// (nobody else holds it), so the waiting write completes.
+fn lost_lock(n: &mut Node) {
+    n.flags = &["--ceph-clusters=/tmp/ceph-clusters.json", "--heal-interval=5"];
+    n.restart();
+    let (v, staging, target) = block_volume(n, "pvc-rbd-lost", 64, rbd_params());
+    write_and_check(&target, 3);
+    let state = n.root.join("state");
+    let owner = lock_owner(&state, &v.volume_id);
+    let lines = kernel_lines();
+    ceph_cli("ceph", &["osd", "blocklist", "add", &owner]);
+    let (ok, text) = run("head -c 1M /dev/zero | tr '\\0' '\\4' > /tmp/rbd-lost");
+    assert!(ok, "{text}");
+    let mut writer = Command::new("dd")
+        .args(["if=/tmp/rbd-lost", &format!("of={}", target.display()), "bs=1M", "oflag=direct", "status=none"])
+        .spawn()
+        .expect("dd");
+    let degraded = n.wait_condition(&v.volume_id, &target, Some("lock is lost"));
+    println!("after the blocklist: {}", degraded.message);
+    assert!(writer.try_wait().expect("dd").is_none(), "the write waits; it does not fail");
+    n.wait_condition(&v.volume_id, &target, None);
+    assert!(writer.wait().expect("dd").success(), "the write completed once the lock was back");
+    let (same, text) = run(&format!("cmp -n 1048576 /tmp/rbd-lost {}", target.display()));
+    assert!(same, "{text}");
+    let retaken = lock_owner(&state, &v.volume_id);
+    assert_ne!(retaken, owner, "a new client holds the lock");
+    println!("lock taken back by {retaken}");
+    let errors = kernel_errors_since(lines);
+    assert!(errors.is_empty(), "kernel I/O errors: {errors:?}");
+    retire(n, &v, &staging, &target);
 }

@@ -148,11 +148,11 @@ pub trait QueueIo: Send {
     /// never reset); `None` for an engine whose operations finish inside `submit`.
     fn notifier(&self) -> Option<BorrowedFd<'_>>;
 
-    /// False once the engine cannot run I/O any more; the queue using it must stop. Operations
-    /// still counted in flight then may still be running in the kernel: their memory must
-    /// stay mapped.
-    fn healthy(&self) -> bool {
-        true
+    /// Why the engine cannot run I/O any more, once it cannot; the queue using it must stop.
+    /// Operations still counted in flight then may still be running in the kernel (their
+    /// memory must stay mapped), or be kept back for the next server to run again.
+    fn fault(&self) -> Option<String> {
+        None
     }
 }
 

@@ -485,7 +485,7 @@ impl QueueIo for UringQueue {
         Some(self.notifier.as_fd())
     }
 
-    fn healthy(&self) -> bool {
-        !self.broken
+    fn fault(&self) -> Option<String> {
+        self.broken.then(|| "its io_uring failed (io_uring_enter)".to_owned())
     }
 }

@@ -38,8 +38,8 @@ pub enum QueueError {
     #[error("chain {0} has no writable status byte in the mapped buffers")]
     NoStatus(u16),
     /// The backend's I/O engine failed for good.
-    #[error("the backend cannot run I/O any more")]
-    Backend,
+    #[error("the backend cannot run I/O any more: {0}")]
+    Backend(String),
 }
 
 /// The memory a worker runs on: the vrings, and the data window its requests' buffers must
@@ -306,9 +306,9 @@ impl QueueWorker {
         if let Some(q) = self.stats() {
             q.in_flight.set(self.outstanding() as u64);
         }
-        if !self.io.healthy() {
+        if let Some(why) = self.io.fault() {
             self.drain(mem, notify)?;
-            return Err(QueueError::Backend);
+            return Err(QueueError::Backend(why));
         }
         Ok(pass)
     }
@@ -332,8 +332,8 @@ impl QueueWorker {
             if self.io.in_flight() == 0 {
                 break;
             }
-            if !self.io.healthy() {
-                return Err(QueueError::Backend);
+            if let Some(why) = self.io.fault() {
+                return Err(QueueError::Backend(why));
             }
             self.io.wait();
         }

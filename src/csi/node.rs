@@ -20,11 +20,19 @@ pub const CONTEXT_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
 pub struct NodeService {
     plugin: Arc<Plugin>,
+    /// Whether NodeGetInfo reports the node's topology: node-local volumes live on one node;
+    /// RBD volumes (the node's RBD endpoint) are reachable from every node.
+    topology: bool,
 }
 
 impl NodeService {
     pub fn new(plugin: Arc<Plugin>) -> Self {
-        Self { plugin }
+        Self { plugin, topology: true }
+    }
+
+    /// The Node service of the node's RBD endpoint: no topology.
+    pub fn rbd(plugin: Arc<Plugin>) -> Self {
+        Self { plugin, topology: false }
     }
 }
 
@@ -270,7 +278,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.plugin.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: Some(self.plugin.topology()),
+            accessible_topology: self.topology.then(|| self.plugin.topology()),
         }))
     }
 }

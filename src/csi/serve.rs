@@ -23,6 +23,8 @@ use crate::volume::VolumeStore;
 
 /// How long running calls get to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the flush and stop of the staged volumes may take at shutdown.
+const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// What `serve` was asked to do.
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct ServeOptions {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The `--ceph-clusters` file, if RBD volumes are served.
     pub ceph_clusters: Option<PathBuf>,
+    /// How long a control-plane Ceph call may wait (`--ceph-timeout`).
+    pub ceph_timeout: std::time::Duration,
     /// A second endpoint serving the Node service under the RBD driver's name (driver name,
     /// endpoint): kubelet knows each driver by its own socket.
     pub rbd_endpoint: Option<(String, String)>,
@@ -94,7 +98,7 @@ fn serve_rbd_node(
     let socket = socket_path(endpoint)?;
     let listener = bind(&socket)?;
     let identity = IdentityServer::new(IdentityService::rbd_node(Arc::clone(plugin), name.to_owned()));
-    let node = NodeServer::new(NodeService::new(Arc::clone(plugin)));
+    let node = NodeServer::new(NodeService::rbd(Arc::clone(plugin)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = Server::builder()
@@ -171,7 +175,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
             if let Err(e) = Clusters::load(path) {
                 tracing::warn!(error = %e, "the Ceph clusters file is not usable yet; RBD calls fail until it is");
             }
-            Clusters::from_file(path)
+            Clusters::from_file(path, opts.ceph_timeout)
         }
         None => Clusters::default(),
     };
@@ -214,6 +218,14 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         }
     }
     plugin.recovered.store(true, Ordering::Release);
+    if opts.mode.node() {
+        // Not awaited: RBD volumes' pools may not answer, and CSI calls must be served meanwhile.
+        let p = Arc::clone(&plugin);
+        tokio::task::spawn_blocking(move || {
+            p.agent.recover_remote();
+            p.agent.thaw_recorded();
+        });
+    }
     let heal_interval = opts.heal_interval;
     let healer = opts.mode.node().then(|| {
         let p = Arc::clone(&plugin);
@@ -286,16 +298,25 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         healer.abort();
     }
     let _ = metrics_stop.send(());
+    // Flush, then stop the device threads but leave the devices attached: I/O waits for the
+    // next plugin. Bounded: a volume whose pool does not answer would hold a flush for ever,
+    // and a plugin that cannot stop is worse than one that stops as if killed (which the next
+    // one takes over from safely).
     let p = Arc::clone(&plugin);
-    if let Err(e) = tokio::task::spawn_blocking(move || p.agent.flush_all()).await {
-        tracing::error!(error = %e, "flushing the staged volumes failed");
-    }
-    // Stop the device threads but leave the devices attached: I/O waits for the next plugin.
-    {
-        let n = plugin.agent.release_all();
-        if n > 0 {
-            tracing::warn!(volumes = n, "left staged volumes attached; their I/O resumes when the plugin starts again");
+    let stopping = tokio::task::spawn_blocking(move || {
+        p.agent.flush_all();
+        p.agent.release_all()
+    });
+    match tokio::time::timeout(STOP_DEADLINE, stopping).await {
+        Ok(Ok(n)) if n > 0 => {
+            tracing::warn!(volumes = n, "left staged volumes attached; their I/O resumes when the plugin starts again")
         }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "flushing and stopping the device servers failed"),
+        Err(_) => tracing::error!(
+            "flushing and stopping the device servers did not end within {STOP_DEADLINE:?} (a pool that does not \
+             answer?); exiting as if killed: the next plugin takes the devices over"
+        ),
     }
     served.map_err(|e| format!("gRPC server: {e}"))
 }

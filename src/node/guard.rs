@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Another operation holds the guard of this volume (or snapshot key).
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,19 @@ impl VolumeGuards {
         }
         Ok(VolumeGuard { busy: Arc::clone(&self.busy), id: id.to_owned() })
     }
+
+    /// Takes the guard of `id`, waiting up to `wait` for the operation that holds it: for a
+    /// short step that many operations share (the protection of a snapshot being cloned),
+    /// where a refusal would only make the caller retry. Blocks the calling thread.
+    pub fn acquire_within(&self, id: &str, wait: Duration) -> Result<VolumeGuard, Busy> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.acquire(id) {
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                other => return other,
+            }
+        }
+    }
 }
 
 impl Drop for VolumeGuard {
@@ -62,5 +76,20 @@ mod tests {
         assert!(guards.acquire("w").is_ok());
         drop(first);
         assert!(guards.acquire("v").is_ok());
+    }
+
+    #[test]
+    fn a_waiting_acquire_gets_the_guard_once_it_is_released() {
+        let guards = VolumeGuards::default();
+        let held = guards.acquire("snap").expect("first");
+        assert!(guards.acquire_within("snap", Duration::from_millis(50)).is_err(), "still held");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let started = Instant::now();
+        guards.acquire_within("snap", Duration::from_secs(10)).expect("taken once released");
+        assert!(started.elapsed() >= Duration::from_millis(80));
+        releaser.join().expect("releaser");
     }
 }

@@ -4,35 +4,67 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::NodeAgent;
+use crate::volume::VolumeMeta;
 
 impl NodeAgent {
-    /// Serves again every volume the state dir says is staged, before the plugin reports ready.
-    /// Returns why the node cannot serve volumes at all, if it cannot.
+    /// Serves again every staged volume whose image is on this node, before the plugin reports
+    /// ready. Returns why the node cannot serve volumes at all, if it cannot. Staged RBD volumes
+    /// are left to [`NodeAgent::recover_remote`]: their pools may not answer, and the plugin
+    /// must serve CSI calls (and its node-local volumes) meanwhile.
     pub fn recover(&self) -> Option<String> {
         if !Path::new(crate::vduse::CONTROL_PATH).exists() {
             let reason = crate::vduse::Error::ControlMissing.to_string();
             tracing::error!("{reason}");
             return Some(reason);
         }
-        let volumes = match self.store.volumes() {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list volumes for recovery");
-                return None;
-            }
-        };
-        for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
-            match self.start_device(&meta) {
-                Ok(server) => {
-                    tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
-                    self.servers.insert(&meta.spec.id, Arc::new(server));
-                }
-                Err(e) => {
-                    tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
-                }
-            }
+        for meta in self.staged().into_iter().filter(|m| !crate::rbd::is_rbd(&m.spec)) {
+            self.recover_one(&meta);
         }
         None
+    }
+
+    /// Serves again every staged RBD volume, all at once (each open waits for its own pool,
+    /// at most `--ceph-timeout`), while gRPC already serves. A volume an operation holds is
+    /// left to that operation, and one that does not open to the heal loop.
+    pub fn recover_remote(&self) {
+        let remote: Vec<VolumeMeta> = self
+            .staged()
+            .into_iter()
+            .filter(|m| crate::rbd::is_rbd(&m.spec) && self.servers.get(&m.spec.id).is_none())
+            .collect();
+        std::thread::scope(|scope| {
+            for meta in &remote {
+                scope.spawn(move || {
+                    if let Ok(_guard) = self.guards.acquire(&meta.spec.id) {
+                        if self.servers.get(&meta.spec.id).is_none() {
+                            self.recover_one(meta);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn staged(&self) -> Vec<VolumeMeta> {
+        match self.store.volumes() {
+            Ok(volumes) => volumes.into_iter().filter(|m| m.staged.is_some()).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the staged volumes");
+                Vec::new()
+            }
+        }
+    }
+
+    fn recover_one(&self, meta: &VolumeMeta) {
+        match self.start_device(meta) {
+            Ok(server) => {
+                tracing::info!(volume = %meta.spec.id, device = %server.block_device().display(), recovered = server.recovered(), "serving staged volume again");
+                self.servers.insert(&meta.spec.id, Arc::new(server));
+            }
+            Err(e) => {
+                tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
+            }
+        }
     }
 
     /// Whether this process serves volume `id`'s device and every one of its threads runs.
@@ -44,19 +76,24 @@ impl NodeAgent {
     /// stopped on a fault (a degraded server): the old server's threads are dropped, the device
     /// stays attached, and a new server takes it over where the old one stopped. A volume an
     /// operation holds is left for the next round (that operation heals it itself if it needs
-    /// the device: see [`NodeAgent::served`]).
+    /// the device: see [`NodeAgent::served`]). Volumes heal at once, each on its own thread:
+    /// one whose pool does not answer holds up no other.
     pub fn heal(&self) {
-        let Ok(volumes) = self.store.volumes() else { return };
-        for meta in volumes.into_iter().filter(|m| m.staged.is_some()) {
-            let id = &meta.spec.id;
-            let Ok(_guard) = self.guards.acquire(id) else { continue };
-            if self.serves_healthy(id) {
-                continue;
+        let sick: Vec<VolumeMeta> = self.staged().into_iter().filter(|m| !self.serves_healthy(&m.spec.id)).collect();
+        std::thread::scope(|scope| {
+            for meta in &sick {
+                scope.spawn(move || {
+                    let id = &meta.spec.id;
+                    let Ok(_guard) = self.guards.acquire(id) else { return };
+                    if self.serves_healthy(id) {
+                        return;
+                    }
+                    if let Err(e) = self.served(meta) {
+                        tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
+                    }
+                });
             }
-            if let Err(e) = self.served(&meta) {
-                tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
-            }
-        }
+        });
     }
 
     /// Makes every acknowledged write of the staged volumes durable before the plugin exits, so a

@@ -1,9 +1,10 @@
 //! The Ceph clusters RBD volumes may live in (`--ceph-clusters`), and connections to them
 //! as the cephx user of a call's secrets.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -12,10 +13,63 @@ use super::{SECRET_KEY, SECRET_USER};
 use crate::backend::ceph::{Cluster, ClusterConfig, Pool};
 use crate::status::{Error, Result};
 
+/// How long a control-plane call (create, delete, snapshot, resize, and a node's open and
+/// lock of an image) may wait for Ceph by default (`serve --ceph-timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection unused this long, and held by nothing else, is closed.
+const IDLE_CLIENT: Duration = Duration::from_secs(600);
+
+/// What a connection is for: how long its calls may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// Provisioning, metadata, locks: calls fail with `ETIMEDOUT` after the timeout.
+    Control,
+    /// Devices' I/O: waits for ever, as a disk does (a slow pool must not fail writes).
+    Data,
+}
+
 /// The Ceph clusters this plugin may use: the `--ceph-clusters` file, read at each use, so
-/// an edited ConfigMap takes effect without a restart and an absent one only fails RBD calls.
-#[derive(Debug, Clone, Default)]
-pub struct Clusters(Option<std::path::PathBuf>);
+/// an edited ConfigMap takes effect without a restart and an absent one only fails RBD calls;
+/// and the connections to them, one per (monitors, user, key, purpose), shared by every
+/// volume and call (a librados client is a set of threads and sockets: one per volume or
+/// per call would not scale).
+#[derive(Clone)]
+pub struct Clusters {
+    file: Option<PathBuf>,
+    timeout: Duration,
+    clients: Arc<Mutex<HashMap<ClientKey, Client>>>,
+    /// What [`Clusters::bounded`] runs now, by what it is about.
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Default for Clusters {
+    /// No clusters: every RBD call fails, saying `--ceph-clusters` is missing.
+    fn default() -> Self {
+        Self { file: None, timeout: DEFAULT_TIMEOUT, clients: Arc::default(), running: Arc::default() }
+    }
+}
+
+impl std::fmt::Debug for Clusters {
+    /// Never prints keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clusters").field("file", &self.file).field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+/// What a shared connection is keyed by: a rotated key or edited monitors get a new one.
+#[derive(PartialEq, Eq, Hash)]
+struct ClientKey {
+    monitors: String,
+    user: String,
+    key: Option<String>,
+    purpose: Purpose,
+}
+
+struct Client {
+    cluster: Arc<Cluster>,
+    last_used: Instant,
+}
 
 /// One entry of the `--ceph-clusters` file.
 #[derive(Debug, Deserialize)]
@@ -26,14 +80,19 @@ struct ClusterEntry {
 }
 
 impl Clusters {
-    /// The clusters listed in the file at `path`.
-    pub fn from_file(path: &Path) -> Self {
-        Self(Some(path.to_owned()))
+    /// The clusters listed in the file at `path`; control-plane calls wait up to `timeout`.
+    pub fn from_file(path: &Path, timeout: Duration) -> Self {
+        Self { file: Some(path.to_owned()), timeout, clients: Arc::default(), running: Arc::default() }
     }
 
     /// Whether a clusters file was given.
     pub fn configured(&self) -> bool {
-        self.0.is_some()
+        self.file.is_some()
+    }
+
+    /// How long a control-plane call may wait for Ceph.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Reads a JSON list of `{"clusterID": "...", "monitors": ["host:port", ...]}`: clusterID to
@@ -53,20 +112,144 @@ impl Clusters {
         Ok(map)
     }
 
-    pub(super) fn monitors(&self, cluster_id: &str) -> Result<String> {
-        let Some(path) = &self.0 else {
+    /// The monitors of `cluster_id`; `None` if the file does not list it.
+    fn lookup(&self, cluster_id: &str) -> Result<Option<String>> {
+        let Some(path) = &self.file else {
             return Err(Error::FailedPrecondition(
                 "this plugin serves no RBD volumes: start it with --ceph-clusters".into(),
             ));
         };
-        let mut clusters = Self::load(path).map_err(Error::FailedPrecondition)?;
-        clusters.remove(cluster_id).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "Ceph cluster {cluster_id:?} is not in {} (known: {})",
-                path.display(),
-                clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+        Ok(Self::load(path).map_err(Error::FailedPrecondition)?.remove(cluster_id))
+    }
+
+    fn not_listed(&self, cluster_id: &str) -> String {
+        let path = self.file.as_deref().unwrap_or(Path::new("")).display();
+        let known = self.file.as_deref().and_then(|p| Self::load(p).ok()).unwrap_or_default();
+        let known = known.keys().cloned().collect::<Vec<_>>().join(", ");
+        format!("Ceph cluster {cluster_id:?} is not in {path} (known: {known})")
+    }
+
+    /// Refuses a StorageClass's `clusterID` that the clusters file does not list.
+    pub fn check_listed(&self, cluster_id: &str) -> Result<()> {
+        match self.lookup(cluster_id)? {
+            Some(_) => Ok(()),
+            None => Err(Error::InvalidArgument(self.not_listed(cluster_id))),
+        }
+    }
+
+    /// The monitors of the cluster an existing volume or snapshot lives in. A cluster that
+    /// left the file is FAILED_PRECONDITION, with the fix: the request is right, the
+    /// configuration is not.
+    pub(super) fn monitors(&self, cluster_id: &str) -> Result<String> {
+        self.lookup(cluster_id)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "{}: its volumes and snapshots cannot be reached; add the cluster back to the \
+                 clusters file (the ConfigMap) to use or delete them",
+                self.not_listed(cluster_id)
             ))
         })
+    }
+}
+
+/// Whether an error means the connection itself is finished (blocklisted, shut down), so a
+/// new one is needed.
+fn connection_lost(e: &crate::backend::ceph::Error) -> bool {
+    e.errno() == Some(libc::ESHUTDOWN)
+}
+
+impl Clusters {
+    /// The shared connection to `cluster_id` as `user` for `purpose`, made on first use.
+    pub fn client(
+        &self,
+        cluster_id: &str,
+        user: String,
+        key: Option<String>,
+        purpose: Purpose,
+    ) -> Result<Arc<Cluster>> {
+        let monitors = self.monitors(cluster_id)?;
+        let wanted = ClientKey { monitors, user, key, purpose };
+        {
+            let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            clients.retain(|_, c| Arc::strong_count(&c.cluster) > 1 || now.duration_since(c.last_used) < IDLE_CLIENT);
+            if let Some(client) = clients.get_mut(&wanted) {
+                client.last_used = now;
+                return Ok(Arc::clone(&client.cluster));
+            }
+        }
+        // Connected outside the lock: a cluster that does not answer must not hold up
+        // calls to the others. Two first calls may both connect; one connection is kept.
+        let op_timeout = (purpose == Purpose::Control).then_some(self.timeout);
+        let config = ClusterConfig {
+            monitors: wanted.monitors.clone(),
+            user: wanted.user.clone(),
+            key: wanted.key.clone(),
+            op_timeout,
+        };
+        let cluster = Cluster::connect(&config)?;
+        tracing::info!(cluster = cluster_id, user = %wanted.user, ?purpose, "connected to Ceph");
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = clients.entry(wanted).or_insert(Client { cluster, last_used: Instant::now() });
+        Ok(Arc::clone(&entry.cluster))
+    }
+
+    /// Drops `cluster` from the shared connections if `error` says it is finished (its client
+    /// was blocklisted): the next call connects anew. Returns the error.
+    pub fn forget_if_lost(&self, cluster: &Arc<Cluster>, error: crate::backend::ceph::Error) -> Error {
+        if connection_lost(&error) {
+            tracing::warn!(error = %error, "the Ceph connection is lost (blocklisted?); the next call reconnects");
+            self.clients
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, c| !Arc::ptr_eq(&c.cluster, cluster));
+        }
+        error.into()
+    }
+
+    /// Runs `work`, which may wait on Ceph for ever, on a thread of its own, and waits for it
+    /// up to the timeout: then UNAVAILABLE, and the work goes on alone (what it returns late is
+    /// dropped: an image it opened is closed). The same `what` is not started twice: while
+    /// one is still running, another is UNAVAILABLE at once, so a sick pool piles up no threads.
+    pub fn bounded<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if !self.running.lock().unwrap_or_else(PoisonError::into_inner).insert(what.to_owned()) {
+            return Err(Error::Unavailable(format!(
+                "{what}: an earlier attempt still waits for Ceph; try again later"
+            )));
+        }
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let (running, key) = (Arc::clone(&self.running), what.to_owned());
+        let spawned = std::thread::Builder::new().name("ceph-bounded".into()).spawn(move || {
+            let outcome = work();
+            running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+            // Nobody waits any more: `outcome` is dropped here.
+            let _ = done.send(outcome);
+        });
+        if let Err(e) = spawned {
+            self.running.lock().unwrap_or_else(PoisonError::into_inner).remove(what);
+            return Err(Error::Internal(format!("{what}: cannot start a thread: {e}")));
+        }
+        match result.recv_timeout(self.timeout) {
+            Ok(outcome) => outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Error::Internal(format!("{what}: the work ended without an answer (it panicked)")))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Unavailable(format!(
+                "{what}: Ceph did not answer within {:?} (are the pool's placement groups active?); \
+                 it goes on in the background, try again later",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// The pool of `loc`, reached as the secrets' user, for the control plane.
+    pub fn pool_of(&self, loc: &ImageLocation, secrets: &HashMap<String, String>) -> Result<Arc<Pool>> {
+        let (user, key) = identity(secrets);
+        let cluster = self.client(&loc.cluster_id, user, key, Purpose::Control)?;
+        Ok(Arc::new(cluster.pool_by_id(loc.pool_id).map_err(|e| self.forget_if_lost(&cluster, e))?))
     }
 }
 
@@ -75,17 +258,4 @@ impl Clusters {
 pub(super) fn identity(secrets: &HashMap<String, String>) -> (String, Option<String>) {
     let user = secrets.get(SECRET_USER).filter(|u| !u.is_empty()).cloned().unwrap_or_else(|| "admin".into());
     (user, secrets.get(SECRET_KEY).filter(|k| !k.is_empty()).cloned())
-}
-
-/// Connects to `cluster_id` as `user`.
-pub fn connect(clusters: &Clusters, cluster_id: &str, user: String, key: Option<String>) -> Result<Arc<Cluster>> {
-    let monitors = clusters.monitors(cluster_id)?;
-    Ok(Cluster::connect(&ClusterConfig { monitors, user, key })?)
-}
-
-/// The pool of `loc`, reached as the secrets' user.
-pub fn pool_of(clusters: &Clusters, loc: &ImageLocation, secrets: &HashMap<String, String>) -> Result<Arc<Pool>> {
-    let (user, key) = identity(secrets);
-    let cluster = connect(clusters, &loc.cluster_id, user, key)?;
-    Ok(Arc::new(cluster.pool_by_id(loc.pool_id)?))
 }

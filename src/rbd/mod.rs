@@ -19,12 +19,14 @@
 
 //!
 //! Split by what it does: [`ids`] (volume and snapshot IDs, image names), [`clusters`] (the
-//! `--ceph-clusters` file and connections), [`params`] (StorageClass parameters),
+//! `--ceph-clusters` file and the shared connections), [`guard`] (operation guard keys),
+//! [`params`] (StorageClass parameters),
 //! [`provision`] (the controller's images, snapshots, clones and resizes) and [`node`] (what
 //! a node records to stage a volume, and opening its image for a device server). Used by the
 //! CSI controller and by the node agent; errors are `status::Error`.
 
 pub mod clusters;
+pub mod guard;
 pub mod ids;
 pub mod node;
 pub mod params;
@@ -136,16 +138,46 @@ mod tests {
         let path = dir.path().join("clusters.json");
         std::fs::write(&path, r#"[{"clusterID": "c1", "monitors": ["127.0.0.1:6789", "127.0.0.2:6789"]}]"#)
             .expect("write");
-        let clusters = Clusters::from_file(&path);
+        let clusters = Clusters::from_file(&path, clusters::DEFAULT_TIMEOUT);
         assert_eq!(clusters.monitors("c1").ok().as_deref(), Some("127.0.0.1:6789,127.0.0.2:6789"));
-        assert!(matches!(clusters.monitors("c2"), Err(Error::InvalidArgument(_))));
+        // A StorageClass naming a cluster the file does not list is wrong; an existing volume
+        // whose cluster left the file needs the operator to add it back.
+        assert!(matches!(clusters.check_listed("c2"), Err(Error::InvalidArgument(_))));
+        match clusters.monitors("c2") {
+            Err(Error::FailedPrecondition(m)) => assert!(m.contains("add the cluster back"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(clusters.check_listed("c1").is_ok());
         std::fs::write(&path, r#"[{"clusterID": "../x", "monitors": ["a"]}]"#).expect("write");
         assert!(Clusters::load(&path).is_err());
         assert!(matches!(
-            Clusters::from_file(&dir.path().join("absent")).monitors("c1"),
+            Clusters::from_file(&dir.path().join("absent"), clusters::DEFAULT_TIMEOUT).monitors("c1"),
             Err(Error::FailedPrecondition(_))
         ));
         assert!(matches!(Clusters::default().monitors("c1"), Err(Error::FailedPrecondition(_))));
+    }
+
+    #[test]
+    fn an_existing_volume_takes_its_cluster_and_pool_from_its_id() {
+        let loc = ImageLocation { cluster_id: "c1".into(), pool_id: 4, image: image_name("pvc-1") };
+        let p = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let none = params::for_volume(&HashMap::new(), &loc).expect("no parameters at all");
+        assert_eq!((none.cluster_id.as_str(), none.pool.as_str()), ("c1", "4"));
+        // A provisioner-made PV's context, with kubelet's keys.
+        let context = p(&[
+            ("backend", "rbd"),
+            ("clusterID", "c1"),
+            ("pool", "rbd"),
+            ("storage.kubernetes.io/csiProvisionerIdentity", "1700000000000-8081-rbd.vduse.csi.dev"),
+            ("csi.storage.k8s.io/pod.name", "app-0"),
+            ("csi.storage.k8s.io/ephemeral", "false"),
+        ]);
+        assert!(params::for_volume(&context, &loc).is_ok());
+        for bad in [p(&[("clusterID", "c2")]), p(&[("backend", "file")]), p(&[("cache", "writeback")])] {
+            assert!(matches!(params::for_volume(&bad, &loc), Err(Error::InvalidArgument(_))), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::clusters::{Clusters, connect, identity};
-use super::ids::location;
-use super::params::parameters;
-use super::{BACKEND_RBD, HOLDER_KEY, NODE_RECORD, PARAM_CLUSTER_ID, PARAM_POOL};
+use super::clusters::{Clusters, Purpose, identity};
+use super::ids::{ImageLocation, location};
+use super::params::for_volume;
+use super::{HOLDER_KEY, NODE_RECORD};
 use crate::backend::ceph;
 use crate::backend::rbd::RbdBackend;
 use crate::status::{Error, Result};
-use crate::volume::{PARAM_BACKEND, VolumeMeta, VolumeSpec, VolumeStore};
+use crate::volume::{VolumeMeta, VolumeSpec, VolumeStore};
 
 /// What a node keeps about an RBD volume it stages, root-only: how to reach the image again
 /// after a restart, and which client held its lock last.
@@ -62,12 +62,8 @@ pub fn record_for_stage(
         return Ok(meta);
     }
     // The volume context is what CreateVolume kept, plus the keys kubelet and the
-    // provisioner add (crate::params: ignored, never refused); check it like parameters.
-    let mut params = crate::params::own(context);
-    params.insert(PARAM_BACKEND.into(), BACKEND_RBD.into());
-    params.entry(PARAM_CLUSTER_ID.into()).or_insert_with(|| loc.cluster_id.clone());
-    params.entry(PARAM_POOL.into()).or_insert_with(|| loc.pool_id.to_string());
-    let parsed = parameters(&params)?;
+    // provisioner add (ignored, never refused); checked like parameters.
+    let parsed = for_volume(context, &loc)?;
     let queues = parsed
         .kept
         .get(crate::params::QUEUES)
@@ -103,17 +99,39 @@ pub enum Opened {
 /// A volume this node served before (its record names a lock owner) is fenced rather than
 /// served if another node holds the lock or took it since: the kernel here may still queue
 /// writes from before the takeover, and replaying them would overwrite the other node's.
+///
+/// The image is opened with the datapath's connection, whose calls wait for ever (a device's
+/// I/O must not fail on a slow pool), so the open runs on a thread of its own and this call
+/// waits for it no longer than `--ceph-timeout`: a sick pool makes it UNAVAILABLE, never hangs
+/// the caller (a stage, the heal loop, recovery).
 pub fn open_backend(store: &VolumeStore, clusters: &Clusters, node_id: &str, meta: &VolumeMeta) -> Result<Opened> {
     let id = &meta.spec.id;
     let loc = location(id)?;
     let mut record: NodeRecord = store.read_private(id, NODE_RECORD)?.ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id}: this node's record of the RBD image is missing"))
     })?;
-    let cluster = connect(clusters, &loc.cluster_id, record.user.clone(), record.key.clone())?;
-    let pool = Arc::new(cluster.pool_by_id(loc.pool_id)?);
+    let opened = {
+        let (clusters_, node, record) = (clusters.clone(), node_id.to_owned(), record.clone());
+        let what = format!("opening image {} of volume {id}", loc.image);
+        clusters.bounded(&what, move || open_image(&clusters_, &loc, &node, &record))?
+    };
+    if let Opened::Served(backend) = &opened {
+        if record.lock_owner.as_deref() != Some(backend.lock_owner()) {
+            record.lock_owner = Some(backend.lock_owner().to_owned());
+            store.write_private(id, NODE_RECORD, &record)?;
+        }
+    }
+    Ok(opened)
+}
+
+/// The Ceph side of [`open_backend`].
+fn open_image(clusters: &Clusters, loc: &ImageLocation, node_id: &str, record: &NodeRecord) -> Result<Opened> {
+    let cluster = clusters.client(&loc.cluster_id, record.user.clone(), record.key.clone(), Purpose::Data)?;
+    let lost = |e| clusters.forget_if_lost(&cluster, e);
+    let pool = Arc::new(cluster.pool_by_id(loc.pool_id).map_err(lost)?);
     let served_before = record.lock_owner.is_some();
     if served_before {
-        let holder = pool.open(&loc.image)?.metadata(HOLDER_KEY)?;
+        let holder = pool.open(&loc.image).and_then(|img| img.metadata(HOLDER_KEY)).map_err(lost)?;
         if let Some(other) = holder.filter(|h| *h != node_id) {
             return Ok(Opened::Fenced(format!("node {other} took image {} over since this node served it", loc.image)));
         }
@@ -122,12 +140,8 @@ pub fn open_backend(store: &VolumeStore, clusters: &Clusters, node_id: &str, met
         Err(ceph::Error::Locked { owners, .. }) if served_before => {
             return Ok(Opened::Fenced(format!("client {owners} of another node holds image {}", loc.image)));
         }
-        other => other?,
+        other => other.map_err(lost)?,
     };
-    backend.image().set_metadata(HOLDER_KEY, node_id)?;
-    if record.lock_owner.as_deref() != Some(backend.lock_owner()) {
-        record.lock_owner = Some(backend.lock_owner().to_owned());
-        store.write_private(id, NODE_RECORD, &record)?;
-    }
+    backend.image().set_metadata(HOLDER_KEY, node_id).map_err(lost)?;
     Ok(Opened::Served(backend))
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::ids::check_cluster_id;
+use super::ids::{ImageLocation, check_cluster_id};
 use super::{BACKEND_RBD, PARAM_CLUSTER_ID, PARAM_POOL};
 use crate::params::{CACHE, THICK, check_local};
 use crate::status::{Error, Result};
@@ -46,4 +46,32 @@ pub fn parameters(params: &HashMap<String, String>) -> Result<RbdParameters> {
     kept.insert(PARAM_CLUSTER_ID.into(), cluster_id.clone());
     kept.insert(PARAM_POOL.into(), pool.clone());
     Ok(RbdParameters { cluster_id, pool, kept })
+}
+
+/// The parameters of an existing volume at `loc`, from what a call brings (a volume context,
+/// ValidateVolumeCapabilities's parameters): the ID names the cluster and the pool, so they may
+/// be left out; given, they must be the volume's. Keys kubelet and the CSI sidecars add
+/// (`csi.storage.k8s.io/...`, `storage.kubernetes.io/csiProvisionerIdentity`) are ignored.
+pub fn for_volume(given: &HashMap<String, String>, loc: &ImageLocation) -> Result<RbdParameters> {
+    let mut params = crate::params::own(given);
+    if params.get(PARAM_BACKEND).is_some_and(|b| b != BACKEND_RBD) {
+        return Err(Error::InvalidArgument(format!(
+            "volume {} is an RBD volume, not {PARAM_BACKEND}={}",
+            loc.volume_id(),
+            params[PARAM_BACKEND]
+        )));
+    }
+    params.insert(PARAM_BACKEND.into(), BACKEND_RBD.into());
+    params.entry(PARAM_CLUSTER_ID.into()).or_insert_with(|| loc.cluster_id.clone());
+    params.entry(PARAM_POOL.into()).or_insert_with(|| loc.pool_id.to_string());
+    let parsed = parameters(&params)?;
+    if parsed.cluster_id != loc.cluster_id {
+        return Err(Error::InvalidArgument(format!(
+            "volume {} lives in Ceph cluster {}, not {}",
+            loc.volume_id(),
+            loc.cluster_id,
+            parsed.cluster_id
+        )));
+    }
+    Ok(parsed)
 }

@@ -6,12 +6,36 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::clusters::{Clusters, connect, identity, pool_of};
+use serde::{Deserialize, Serialize};
+
+use super::clusters::{Clusters, Purpose, identity};
+use super::guard::{snapshot_of_snap, volume_of_image};
 use super::ids::{ImageLocation, SnapshotLocation, image_name, location, name_hash, snapshot_name};
 use super::params::RbdParameters;
 use super::{NAME_KEY, READY_KEY};
 use crate::backend::ceph::{self, Pool};
+use crate::node::guard::{VolumeGuard, VolumeGuards};
 use crate::status::{Error, Result};
+
+/// Prefix of a clone's temporary snapshot of its source volume ([`clone_volume`]).
+const CLONE_SNAPSHOT_PREFIX: &str = "csi-clone-";
+/// Pool metadata: the CSI snapshot a snapshot name was taken for, and of which image
+/// ([`SnapshotRecord`]). Snapshot names derive from CSI names alone, so without it the same
+/// CSI name on two volumes would make two snapshots.
+const SNAPSHOT_KEY_PREFIX: &str = "vduse-csi.snapshot.";
+
+/// What the pool records of each CSI snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotRecord {
+    name: String,
+    image: String,
+}
+
+/// Waits for the guard of a snapshot shared by clones: its protection is changed by one of
+/// them at a time (and never while DeleteSnapshot runs).
+fn snapshot_guard(guards: &VolumeGuards, timeout: std::time::Duration, snap: &str) -> Result<VolumeGuard> {
+    Ok(guards.acquire_within(&snapshot_of_snap(snap), timeout)?)
+}
 
 /// Where a new volume's data comes from.
 pub enum Source {
@@ -53,15 +77,17 @@ pub struct Created {
 /// flattening its source first if it has one.
 pub fn create_volume(
     clusters: &Clusters,
+    guards: &VolumeGuards,
     name: &str,
     capacity: u64,
     params: &RbdParameters,
     source: Option<Source>,
     secrets: &HashMap<String, String>,
 ) -> Result<Created> {
+    clusters.check_listed(&params.cluster_id)?;
     let (user, key) = identity(secrets);
-    let cluster = connect(clusters, &params.cluster_id, user, key)?;
-    let pool = Arc::new(cluster.pool(&params.pool)?);
+    let cluster = clusters.client(&params.cluster_id, user, key, Purpose::Control)?;
+    let pool = Arc::new(cluster.pool(&params.pool).map_err(|e| clusters.forget_if_lost(&cluster, e))?);
     let image = image_name(name);
     let loc = ImageLocation { cluster_id: params.cluster_id.clone(), pool_id: pool.id(), image: image.clone() };
     // Refused before anything is made: a clone stays in its source's pool, and cannot be
@@ -93,7 +119,10 @@ pub fn create_volume(
     }
     let created = match &source {
         None => pool.create_image(&image, capacity),
-        Some(Source::Snapshot(snap)) => clone_snapshot(&pool, snap, &image),
+        Some(Source::Snapshot(snap)) => {
+            let _snapshot = snapshot_guard(guards, clusters.timeout(), &snap.snap)?;
+            clone_snapshot(&pool, snap, &image)
+        }
         Some(Source::Volume(vol)) => clone_volume(&pool, vol, name, &image),
     };
     let fresh = match created {
@@ -134,7 +163,10 @@ pub fn create_volume(
     let size = img.size()?;
     drop(img);
     match &source {
-        Some(Source::Snapshot(snap)) => release_source_snapshot(&pool, snap),
+        Some(Source::Snapshot(snap)) => {
+            let _snapshot = snapshot_guard(guards, clusters.timeout(), &snap.snap)?;
+            release_source_snapshot(&pool, snap);
+        }
         Some(Source::Volume(vol)) => remove_clone_snapshot(&pool, vol, name),
         None => {}
     }
@@ -166,7 +198,7 @@ fn release_source_snapshot(pool: &Arc<Pool>, snap: &SnapshotLocation) {
 
 /// The snapshot of a volume taken for the clone called `name` alone.
 fn clone_snapshot_name(name: &str) -> String {
-    format!("csi-clone-{}", name_hash(name))
+    format!("{CLONE_SNAPSHOT_PREFIX}{}", name_hash(name))
 }
 
 /// Clones the volume `source` as `child`, through a snapshot taken for this clone alone
@@ -199,9 +231,14 @@ fn remove_clone_snapshot(pool: &Arc<Pool>, source: &ImageLocation, name: &str) {
 }
 
 /// DeleteVolume for RBD. A missing image or pool is success (a retry).
-pub fn delete_volume(clusters: &Clusters, id: &str, secrets: &HashMap<String, String>) -> Result<()> {
+pub fn delete_volume(
+    clusters: &Clusters,
+    guards: &VolumeGuards,
+    id: &str,
+    secrets: &HashMap<String, String>,
+) -> Result<()> {
     let loc = location(id)?;
-    let pool = match pool_of(clusters, &loc, secrets) {
+    let pool = match clusters.pool_of(&loc, secrets) {
         Err(Error::NotFound(_)) => return Ok(()),
         other => other?,
     };
@@ -209,8 +246,15 @@ pub fn delete_volume(clusters: &Clusters, id: &str, secrets: &HashMap<String, St
         Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
         other => other?,
     };
-    let snaps: Vec<String> = img.snapshots()?.into_iter().map(|s| s.name).collect();
+    let mut snaps: Vec<String> = img.snapshots()?.into_iter().map(|s| s.name).collect();
     drop(img);
+    // A clone's temporary snapshot is left behind when that clone was abandoned (its
+    // CreateVolume interrupted and never retried): it is not a user's snapshot, and must not
+    // keep this volume for ever.
+    for snap in snaps.iter().filter(|s| s.starts_with(CLONE_SNAPSHOT_PREFIX)) {
+        remove_abandoned_clone(&pool, guards, &loc.image, snap)?;
+    }
+    snaps.retain(|s| !s.starts_with(CLONE_SNAPSHOT_PREFIX));
     if !snaps.is_empty() {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} has snapshots ({}); delete them first",
@@ -226,8 +270,41 @@ pub fn delete_volume(clusters: &Clusters, id: &str, secrets: &HashMap<String, St
     }
 }
 
+/// Removes `source`'s temporary clone snapshot `snap` and the clone it was taken for, if that
+/// clone was never finished: a clone still being made holds its guard (FAILED_PRECONDITION:
+/// retry), and a finished one (flattened) owes the snapshot nothing and is kept.
+fn remove_abandoned_clone(pool: &Arc<Pool>, guards: &VolumeGuards, source: &str, snap: &str) -> Result<()> {
+    // The clone's image has the snapshot's hash: csi-clone-<hash> was taken for csi-vol-<hash>.
+    let child = format!("csi-vol-{}", &snap[CLONE_SNAPSHOT_PREFIX.len()..]);
+    let _clone = guards.acquire(&volume_of_image(&child)).map_err(|_| {
+        Error::FailedPrecondition(format!("a clone of image {source} ({child}) is being made; retry when it is done"))
+    })?;
+    match pool.open(&child) {
+        Err(e) if e.errno() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+        Ok(img) => {
+            let unfinished = img.has_parent()?;
+            drop(img);
+            if unfinished {
+                tracing::warn!(image = child, source, "removing a clone whose CreateVolume was abandoned");
+                match pool.remove_image(&child) {
+                    Err(e) if e.errno() != Some(libc::ENOENT) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let img = pool.open(source)?;
+    img.unprotect_snapshot(snap)?;
+    match img.remove_snapshot(snap) {
+        Err(e) if e.errno() != Some(libc::ENOENT) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// CreateSnapshot for RBD: an RBD snapshot of the volume's image, crash-consistent (librbd
-/// has the node serving the image take it).
+/// has the node serving the image take it). The pool records which image each CSI snapshot
+/// name was taken of: the same name for another volume is ALREADY_EXISTS.
 pub fn create_snapshot(
     clusters: &Clusters,
     source_id: &str,
@@ -235,9 +312,25 @@ pub fn create_snapshot(
     secrets: &HashMap<String, String>,
 ) -> Result<SnapshotInfo> {
     let loc = location(source_id)?;
-    let pool = pool_of(clusters, &loc, secrets)?;
-    let img = pool.open(&loc.image)?;
+    let pool = clusters.pool_of(&loc, secrets)?;
     let snap = snapshot_name(name);
+    let key = format!("{SNAPSHOT_KEY_PREFIX}{snap}");
+    let ours = SnapshotRecord { name: name.to_owned(), image: loc.image.clone() };
+    if let Some(text) = pool.metadata(&key)? {
+        let record: Option<SnapshotRecord> = serde_json::from_str(&text).ok();
+        if let Some(other) = record.filter(|r| r.name != ours.name || r.image != ours.image) {
+            if snapshot_exists(&pool, &other.image, &snap)? {
+                let other_id = ImageLocation { image: other.image, ..loc.clone() }.volume_id();
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {:?} exists already, of volume {other_id}, not of {source_id}",
+                    other.name
+                )));
+            }
+        }
+    }
+    let record = serde_json::to_string(&ours).map_err(|e| Error::Internal(e.to_string()))?;
+    pool.set_metadata(&key, &record)?;
+    let img = pool.open(&loc.image)?;
     let found = img.snapshots()?.into_iter().find(|s| s.name == snap);
     let info = match found {
         Some(info) => info,
@@ -254,40 +347,59 @@ pub fn create_snapshot(
     Ok(SnapshotInfo { id, source_volume_id: source_id.to_owned(), size_bytes: info.size, created: info.created })
 }
 
+/// Whether `image` in `pool` has snapshot `snap` (a missing image has none).
+fn snapshot_exists(pool: &Arc<Pool>, image: &str, snap: &str) -> Result<bool> {
+    match pool.open(image) {
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+        Ok(img) => Ok(img.snapshots()?.iter().any(|s| s.name == snap)),
+    }
+}
+
 /// DeleteSnapshot for RBD; a missing snapshot or image is success.
 pub fn delete_snapshot(clusters: &Clusters, id: &str, secrets: &HashMap<String, String>) -> Result<()> {
     let Some(loc) = SnapshotLocation::parse(id) else {
         return Err(Error::InvalidArgument(format!("{id:?} is not an RBD snapshot ID")));
     };
-    let pool = match pool_of(clusters, &loc.volume, secrets) {
+    let pool = match clusters.pool_of(&loc.volume, secrets) {
         Err(Error::NotFound(_)) => return Ok(()),
         other => other?,
     };
     let img = match pool.open(&loc.volume.image) {
-        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) if e.errno() == Some(libc::ENOENT) => return forget_snapshot(&pool, &loc),
         other => other?,
     };
-    if !img.snapshots()?.iter().any(|s| s.name == loc.snap) {
-        return Ok(());
+    if img.snapshots()?.iter().any(|s| s.name == loc.snap) {
+        if let Err(e) = img.unprotect_snapshot(&loc.snap) {
+            return Err(match e.errno() {
+                Some(libc::EBUSY) => Error::FailedPrecondition(format!(
+                    "snapshot {id} is being cloned into a new volume; retry when it is done"
+                )),
+                _ => e.into(),
+            });
+        }
+        match img.remove_snapshot(&loc.snap) {
+            Err(e) if e.errno() != Some(libc::ENOENT) => return Err(e.into()),
+            _ => {}
+        }
     }
-    if let Err(e) = img.unprotect_snapshot(&loc.snap) {
-        return Err(match e.errno() {
-            Some(libc::EBUSY) => Error::FailedPrecondition(format!(
-                "snapshot {id} is being cloned into a new volume; retry when it is done"
-            )),
-            _ => e.into(),
-        });
+    forget_snapshot(&pool, &loc)
+}
+
+/// Removes the pool's record of a deleted snapshot, if it is this one's.
+fn forget_snapshot(pool: &Arc<Pool>, loc: &SnapshotLocation) -> Result<()> {
+    let key = format!("{SNAPSHOT_KEY_PREFIX}{}", loc.snap);
+    let record: Option<SnapshotRecord> = pool.metadata(&key)?.and_then(|t| serde_json::from_str(&t).ok());
+    if record.is_some_and(|r| r.image == loc.volume.image) {
+        pool.remove_metadata(&key)?;
     }
-    match img.remove_snapshot(&loc.snap) {
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
-        other => Ok(other?),
-    }
+    Ok(())
 }
 
 /// ControllerExpandVolume for RBD: resizes the image (librbd has the node serving it do it).
 pub fn expand_volume(clusters: &Clusters, id: &str, capacity: u64, secrets: &HashMap<String, String>) -> Result<u64> {
     let loc = location(id)?;
-    let img = pool_of(clusters, &loc, secrets)?.open(&loc.image)?;
+    let img = clusters.pool_of(&loc, secrets)?.open(&loc.image)?;
     if img.size()? < capacity {
         img.resize(capacity)?;
     }
@@ -299,5 +411,5 @@ pub fn expand_volume(clusters: &Clusters, id: &str, capacity: u64, secrets: &Has
 /// Whether the volume's image exists (ValidateVolumeCapabilities); NotFound if not.
 pub fn check_exists(clusters: &Clusters, id: &str, secrets: &HashMap<String, String>) -> Result<u64> {
     let loc = location(id)?;
-    Ok(pool_of(clusters, &loc, secrets)?.open(&loc.image)?.size()?)
+    Ok(clusters.pool_of(&loc, secrets)?.open(&loc.image)?.size()?)
 }

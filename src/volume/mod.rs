@@ -189,13 +189,16 @@ pub struct VolumeStore {
 
 impl VolumeStore {
     /// Opens (creating if needed) the store at `root` with the default overcommit ratio, and
-    /// removes what interrupted creates left behind.
+    /// removes what interrupted creates left behind. Only its owner may enter `root`: it holds
+    /// the volumes' data and the cephx keys of staged RBD volumes.
     pub fn open(root: &Path) -> Result<Self> {
         for sub in ["volumes", "snapshots"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
             remove_leftovers(&dir)?;
         }
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_err("restrict", root))?;
         Ok(Self { root: root.to_owned(), overcommit_ratio: DEFAULT_OVERCOMMIT_RATIO })
     }
 

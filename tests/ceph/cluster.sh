@@ -6,6 +6,8 @@
 # Usage: [CEPH_AUTH=none|cephx] tests/ceph/cluster.sh start DIR
 #                                          # prints nothing; DIR/ceph.conf is the client config
 #        tests/ceph/cluster.sh stop DIR    # kills the daemons, removes DIR
+#        tests/ceph/cluster.sh stop-osd DIR   # stops the one OSD: every placement group inactive
+#        tests/ceph/cluster.sh start-osd DIR  # starts it again; returns once it is up
 #
 # With CEPH_AUTH=cephx, DIR/ceph.conf still works for the ceph and rbd CLIs as client.admin
 # (its key is DIR/client.admin.keyring, found through the "keyring" setting), and the user
@@ -25,7 +27,7 @@ die() {
 
 cmd=${1:-}
 dir=${2:-}
-[[ -n $cmd && -n $dir ]] || die "usage: [CEPH_AUTH=none|cephx] $0 start|stop DIR"
+[[ -n $cmd && -n $dir ]] || die "usage: [CEPH_AUTH=none|cephx] $0 start|stop|stop-osd|start-osd DIR"
 auth=${CEPH_AUTH:-none}
 [[ $auth == none || $auth == cephx ]] || die "CEPH_AUTH must be none or cephx, not $auth"
 
@@ -160,8 +162,39 @@ start() {
     die "no cluster after 3 attempts"
 }
 
+# A sick pool, as users meet one: the only OSD goes away (it tells the mon it goes down, so its
+# placement groups are inactive at once), and every I/O to the pool waits.
+stop_osd() {
+    local pid
+    pid=$(cat "$dir/run/osd.0.pid") || die "no OSD pid file in $dir/run"
+    kill -TERM "$pid"
+    local i
+    for ((i = 0; i < 60; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    for ((i = 0; i < 60; i++)); do
+        ceph_cli osd stat 2>/dev/null | grep -q "0 up" && return 0
+        sleep 1
+    done
+    die "osd.0 is still up for the mon"
+}
+
+start_osd() {
+    ceph-osd -c "$dir/ceph.conf" -i 0 2>>"$dir/log/osd.0.stderr"
+    local i
+    for ((i = 0; i < 90; i++)); do
+        ceph_cli osd stat 2>/dev/null | grep -q "1 up" && return 0
+        sleep 1
+    done
+    die "osd.0 did not come back up"
+}
+
 case $cmd in
 start) start ;;
 stop) stop ;;
+stop-osd) stop_osd ;;
+start-osd) start_osd ;;
 *) die "unknown command $cmd" ;;
 esac

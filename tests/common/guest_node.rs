@@ -22,6 +22,8 @@ pub struct Harness {
     /// Runs in the guest before the first scenario (a panic fails the run) and after the last.
     pub before: Option<fn()>,
     pub after: Option<fn()>,
+    /// The CSI secrets every call of a scenario carries (the cephx user of tests/rbd.rs).
+    pub secrets: Option<fn() -> HashMap<String, String>>,
 }
 
 pub type Scenario = fn(&mut Node);
@@ -78,6 +80,7 @@ fn in_guest(harness: &Harness, scenarios: &[(&str, Scenario)]) -> ExitCode {
         }
         let result = std::panic::catch_unwind(|| {
             let mut node = Node::start(name, harness.plugin_flags);
+            node.secrets = harness.secrets.map(|f| f()).unwrap_or_default();
             scenario(&mut node);
             node.finish();
         });
@@ -136,6 +139,8 @@ pub struct Node {
     pub root: PathBuf,
     pub plugin: Option<PluginProcess>,
     pub c: Clients,
+    /// Sent with every call that takes secrets.
+    pub secrets: HashMap<String, String>,
 }
 
 impl Node {
@@ -145,7 +150,7 @@ impl Node {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let plugin = PluginProcess::start_with(&root.join("csi.sock"), &root.join("state"), "all", flags);
         let c = rt.block_on(connect(&plugin.socket));
-        let mut node = Self { flags, rt, root, plugin: Some(plugin), c };
+        let mut node = Self { flags, rt, root, plugin: Some(plugin), c, secrets: HashMap::new() };
         let probe = node.rt.block_on(node.c.identity.probe(ProbeRequest {})).expect("probe").into_inner();
         assert_eq!(probe.ready, Some(true));
         node
@@ -231,7 +236,8 @@ impl Node {
     }
 
     pub fn create(&mut self, name: &str, mib: i64, cap: VolumeCapability) -> Volume {
-        let r = self.rt.block_on(self.c.controller.create_volume(create_request(name, mib * MIB, cap)));
+        let req = CreateVolumeRequest { secrets: self.secrets.clone(), ..create_request(name, mib * MIB, cap) };
+        let r = self.rt.block_on(self.c.controller.create_volume(req));
         r.expect("CreateVolume").into_inner().volume.expect("volume")
     }
 
@@ -240,6 +246,7 @@ impl Node {
             volume_id: id.into(),
             staging_target_path: path.to_string_lossy().into(),
             volume_capability: Some(cap.clone()),
+            secrets: self.secrets.clone(),
             ..Default::default()
         };
         self.rt.block_on(self.c.node.node_stage_volume(req)).map(drop)
@@ -290,6 +297,7 @@ impl Node {
             .block_on(self.c.controller.controller_expand_volume(ControllerExpandVolumeRequest {
                 volume_id: id.into(),
                 capacity_range: range,
+                secrets: self.secrets.clone(),
                 ..Default::default()
             }))
             .expect("ControllerExpandVolume")
@@ -299,13 +307,36 @@ impl Node {
             volume_id: id.into(),
             volume_path: path.to_string_lossy().into(),
             capacity_range: range,
+            secrets: self.secrets.clone(),
             ..Default::default()
         };
         self.rt.block_on(self.c.node.node_expand_volume(req)).expect("NodeExpandVolume").into_inner().capacity_bytes
     }
 
+    /// Waits (up to 90 s) until volume `id`'s condition, seen through `path`, is `wanted`
+    /// (`None`: normal; `Some(text)`: abnormal, saying `text`): staged RBD volumes are served
+    /// again after the plugin is ready, not before.
+    pub fn wait_condition(&mut self, id: &str, path: &Path, wanted: Option<&str>) -> VolumeCondition {
+        let started = std::time::Instant::now();
+        loop {
+            let condition = self.stats(id, path).volume_condition.expect("condition");
+            let reached = match wanted {
+                None => !condition.abnormal,
+                Some(text) => condition.abnormal && condition.message.contains(text),
+            };
+            if reached {
+                return condition;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(90),
+                "volume {id}: {condition:?}, not {wanted:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     pub fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
-        let req = DeleteVolumeRequest { volume_id: id.into(), secrets: HashMap::new() };
+        let req = DeleteVolumeRequest { volume_id: id.into(), secrets: self.secrets.clone() };
         self.rt.block_on(self.c.controller.delete_volume(req)).map(drop)
     }
 }

@@ -48,6 +48,15 @@ impl Pool {
     pub fn open(self: &Arc<Self>, _name: &str) -> Result<Image> {
         match self.0 {}
     }
+    pub fn metadata(&self, _key: &str) -> Result<Option<String>> {
+        match self.0 {}
+    }
+    pub fn set_metadata(&self, _key: &str, _value: &str) -> Result<()> {
+        match self.0 {}
+    }
+    pub fn remove_metadata(&self, _key: &str) -> Result<()> {
+        match self.0 {}
+    }
 }
 
 /// A snapshot of an image.

@@ -23,6 +23,28 @@ fn cstring(what: &'static str, value: &str) -> Result<CString> {
     CString::new(value).map_err(|_| Error::Nul { what })
 }
 
+/// A string a librados/librbd call writes into our buffer: `call(buf, len)` with room for
+/// `*len` bytes. `ERANGE` (with the size needed in `len`) or `ENAMETOOLONG` grow the buffer;
+/// `ENOENT` is `None`.
+fn read_string(op: &'static str, mut call: impl FnMut(*mut c_char, &mut usize) -> c_int) -> Result<Option<String>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let mut len = buf.len();
+        match call(buf.as_mut_ptr().cast::<c_char>(), &mut len) {
+            r if r == -libc::ENOENT => return Ok(None),
+            r if (r == -libc::ERANGE || r == -libc::ENAMETOOLONG) && buf.len() < 1 << 20 => {
+                let grown = len.max(buf.len() * 2);
+                buf.resize(grown, 0);
+            }
+            r => {
+                check(op, r)?;
+                let value = CStr::from_bytes_until_nul(&buf).map_err(|_| Error::Nul { what: "returned string" })?;
+                return Ok(Some(value.to_string_lossy().into_owned()));
+            }
+        }
+    }
+}
+
 /// A connection to one Ceph cluster.
 pub struct Cluster {
     handle: sys::rados_t,
@@ -34,10 +56,66 @@ unsafe impl Send for Cluster {}
 // SAFETY: as above; every call through `&Cluster` is one of librados's thread-safe calls.
 unsafe impl Sync for Cluster {}
 
+/// Options the operator's `CEPH_ARGS` may change.
+fn default_options() -> Vec<(&'static str, String)> {
+    vec![
+        ("log_to_stderr", "false".into()),
+        ("err_to_stderr", "false".into()),
+        // A dead monitor address must not hang a CSI call for ever.
+        ("client_mount_timeout", "30".into()),
+        ("rados_mon_op_timeout", "30".into()),
+    ]
+}
+
+/// The options `ceph_args` sets (`--name=value` or `--name value`), as `name_with_underscores`.
+fn named_options(ceph_args: &str) -> std::collections::HashSet<String> {
+    ceph_args
+        .split_whitespace()
+        .filter_map(|a| a.strip_prefix("--"))
+        .map(|a| a.split('=').next().unwrap_or(a).replace('-', "_"))
+        .collect()
+}
+
+/// Options set after `CEPH_ARGS`: what the plugin's guarantees rest on, whatever it says.
+fn enforced_options(config: &ClusterConfig) -> Vec<(&'static str, String)> {
+    let mut options = vec![
+        ("mon_host", config.monitors.clone()),
+        // Acknowledged writes must be on the OSDs: a process killed with writes in a
+        // writeback cache would lose them, and the kernel above already caches.
+        ("rbd_cache", "false".into()),
+        // Clones are flattened right away, so the simplest format does: no cluster-wide
+        // `require-min-compat-client` needed.
+        ("rbd_default_clone_format", "1".into()),
+        // 0: wait for ever, as a disk does; a device's I/O must never fail because a pool
+        // is slow. The control plane bounds its calls instead.
+        ("rados_osd_op_timeout", config.op_timeout.map_or(0, |t| t.as_secs().max(1)).to_string()),
+    ];
+    match &config.key {
+        Some(key) => options.push(("key", key.clone())),
+        // No key: a cluster without cephx; do not go looking for keyring files.
+        None => {
+            options.push(("auth_client_required", "none".into()));
+            options.push(("keyring", "/dev/null".into()));
+        }
+    }
+    options
+}
+
 impl Cluster {
     /// Connects with `config`'s monitors and credentials. The key is handed to librados in
     /// memory and never written anywhere.
     pub fn connect(config: &ClusterConfig) -> Result<Arc<Self>> {
+        let cluster = Self::configured(config, &std::env::var("CEPH_ARGS").unwrap_or_default())?;
+        // SAFETY: the handle is valid and configured.
+        check("rados_connect", unsafe { sys::rados_connect(cluster.handle) })
+            .map_err(|e| Error::Connect { monitors: config.monitors.clone(), source: Box::new(e) })?;
+        Ok(Arc::new(cluster))
+    }
+
+    /// A handle configured but not connected: our defaults unless `ceph_args` (the operator's
+    /// `CEPH_ARGS`, e.g. `--debug-rbd=20 --log-file=...` for a diagnosis) names them, then
+    /// `ceph_args`, then the options nothing may change ([`enforced_options`]).
+    fn configured(config: &ClusterConfig, ceph_args: &str) -> Result<Self> {
         let user = cstring("user", &config.user)?;
         let mut handle: sys::rados_t = ptr::null_mut();
         // SAFETY: `handle` is a valid out-pointer and `user` a NUL-terminated string that
@@ -45,42 +123,45 @@ impl Cluster {
         check("rados_create", unsafe { sys::rados_create(&mut handle, user.as_ptr()) })?;
         // From here on `drop` shuts the handle down, whatever fails next.
         let cluster = Self { handle };
-        let mut options: Vec<(&str, String)> = vec![
-            ("mon_host", config.monitors.clone()),
-            // Acknowledged writes must be on the OSDs: a process killed with writes in a
-            // writeback cache would lose them, and the kernel above already caches.
-            ("rbd_cache", "false".into()),
-            // Clones are flattened right away, so the simplest format does: no cluster-wide
-            // `require-min-compat-client` needed.
-            ("rbd_default_clone_format", "1".into()),
-            ("log_to_stderr", "false".into()),
-            ("err_to_stderr", "false".into()),
-            // A dead monitor address must not hang a CSI call for ever.
-            ("client_mount_timeout", "30".into()),
-            ("rados_mon_op_timeout", "30".into()),
-        ];
-        match &config.key {
-            Some(key) => options.push(("key", key.clone())),
-            // No key: a cluster without cephx; do not go looking for keyring files.
-            None => {
-                options.push(("auth_client_required", "none".into()));
-                options.push(("keyring", "/dev/null".into()));
-            }
-        }
-        for (name, value) in &options {
+        // An option set through the API outranks the command line in librados, so a default
+        // the operator names is left to the operator.
+        let named = named_options(ceph_args);
+        let defaults: Vec<_> = default_options().into_iter().filter(|(name, _)| !named.contains(*name)).collect();
+        cluster.set_options(&defaults)?;
+        // librados skips the first argument, as a program's name.
+        let args = std::iter::once("vduse-csi")
+            .chain(ceph_args.split_whitespace())
+            .map(|a| cstring("CEPH_ARGS", a))
+            .collect::<Result<Vec<_>>>()?;
+        let mut argv: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        // SAFETY: the handle is valid and not connected; `argv` holds `argv.len()` pointers to
+        // NUL-terminated strings (`args`) that outlive the call.
+        check("rados_conf_parse_argv", unsafe {
+            sys::rados_conf_parse_argv(cluster.handle, argv.len() as c_int, argv.as_mut_ptr())
+        })?;
+        cluster.set_options(&enforced_options(config))?;
+        Ok(cluster)
+    }
+
+    fn set_options(&self, options: &[(&'static str, String)]) -> Result<()> {
+        for (name, value) in options {
             let (n, v) = (cstring("option name", name)?, cstring(name, value)?);
             // SAFETY: both strings are NUL-terminated and outlive the call; the handle is
             // valid and not connected yet.
-            check("rados_conf_set", unsafe { sys::rados_conf_set(cluster.handle, n.as_ptr(), v.as_ptr()) })?;
+            check("rados_conf_set", unsafe { sys::rados_conf_set(self.handle, n.as_ptr(), v.as_ptr()) })?;
         }
-        // Last, so an operator's CEPH_ARGS (e.g. `--debug-rbd=20 --log-file=...`) can override
-        // any option above for a diagnosis.
-        // SAFETY: the handle is valid and not connected; a null name means CEPH_ARGS.
-        check("rados_conf_parse_env", unsafe { sys::rados_conf_parse_env(cluster.handle, ptr::null()) })?;
-        // SAFETY: the handle is valid and configured.
-        check("rados_connect", unsafe { sys::rados_connect(cluster.handle) })
-            .map_err(|e| Error::Connect { monitors: config.monitors.clone(), source: Box::new(e) })?;
-        Ok(Arc::new(cluster))
+        Ok(())
+    }
+
+    /// The value of configuration option `name`.
+    pub fn option(&self, name: &str) -> Result<String> {
+        let n = cstring("option name", name)?;
+        read_string("rados_conf_get", |buf, len| {
+            // SAFETY: the handle is valid, `n` outlives the call and `buf` has `*len` writable
+            // bytes; librados does not change `len` (it fails with ENAMETOOLONG when short).
+            unsafe { sys::rados_conf_get(self.handle, n.as_ptr(), buf, *len) }
+        })?
+        .ok_or(Error::Call { op: "rados_conf_get", source: io::Error::from_raw_os_error(libc::ENOENT) })
     }
 
     /// An I/O context on the pool named `name`.
@@ -172,6 +253,33 @@ impl Pool {
         })
         .map_err(|e| e.context(format!("clone {parent}@{snap} as {child}")))?;
         Ok(())
+    }
+
+    /// The pool's metadata `key` (librbd's key/value store of the pool), `None` if unset.
+    pub fn metadata(&self, key: &str) -> Result<Option<String>> {
+        let ckey = cstring("metadata key", key)?;
+        read_string("rbd_pool_metadata_get", |buf, len| {
+            // SAFETY: the context is valid, `ckey` outlives the call, `buf` has `*len`
+            // writable bytes and `len` is an in/out pointer.
+            unsafe { sys::rbd_pool_metadata_get(self.io, ckey.as_ptr(), buf, len) }
+        })
+    }
+
+    pub fn set_metadata(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (cstring("metadata key", key)?, cstring("metadata value", value)?);
+        // SAFETY: the context is valid and both strings outlive the call.
+        check("rbd_pool_metadata_set", unsafe { sys::rbd_pool_metadata_set(self.io, k.as_ptr(), v.as_ptr()) })?;
+        Ok(())
+    }
+
+    /// Removes the pool's metadata `key`; an unset key is not an error.
+    pub fn remove_metadata(&self, key: &str) -> Result<()> {
+        let k = cstring("metadata key", key)?;
+        // SAFETY: the context is valid and `k` outlives the call.
+        match unsafe { sys::rbd_pool_metadata_remove(self.io, k.as_ptr()) } {
+            r if r == -libc::ENOENT => Ok(()),
+            r => check("rbd_pool_metadata_remove", r).map(drop),
+        }
     }
 
     /// Opens an image for I/O and administration.
@@ -270,24 +378,11 @@ impl Image {
     /// The value of metadata `key`, `None` if unset.
     pub fn metadata(&self, key: &str) -> Result<Option<String>> {
         let ckey = cstring("metadata key", key)?;
-        let mut buf = vec![0u8; 256];
-        loop {
-            let mut len = buf.len();
-            // SAFETY: the image is open, `ckey` outlives the call, `buf` has `len` writable
+        read_string("rbd_metadata_get", |buf, len| {
+            // SAFETY: the image is open, `ckey` outlives the call, `buf` has `*len` writable
             // bytes and `len` is an in/out pointer.
-            let ret = unsafe {
-                sys::rbd_metadata_get(self.handle, ckey.as_ptr(), buf.as_mut_ptr().cast::<c_char>(), &mut len)
-            };
-            match ret {
-                r if r == -libc::ENOENT => return Ok(None),
-                r if r == -libc::ERANGE && len > buf.len() => buf.resize(len, 0),
-                r => {
-                    check("rbd_metadata_get", r)?;
-                    let value = CStr::from_bytes_until_nul(&buf).map_err(|_| Error::Nul { what: "metadata value" })?;
-                    return Ok(Some(value.to_string_lossy().into_owned()));
-                }
-            }
-        }
+            unsafe { sys::rbd_metadata_get(self.handle, ckey.as_ptr(), buf, len) }
+        })
     }
 
     pub fn set_metadata(&self, key: &str, value: &str) -> Result<()> {
@@ -424,5 +519,37 @@ impl Drop for Image {
         if ret < 0 {
             tracing::warn!(image = %self.name, error = %io::Error::from_raw_os_error(-ret), "rbd_close failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(op_timeout: Option<std::time::Duration>) -> ClusterConfig {
+        ClusterConfig { monitors: "127.0.0.1:1".into(), user: "kubernetes".into(), key: None, op_timeout }
+    }
+
+    /// The first number of an option's value ("20/20", "30.000000").
+    fn number(cluster: &Cluster, name: &str) -> f64 {
+        let value = cluster.option(name).expect("option");
+        let digits: String = value.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        digits.parse().unwrap_or_else(|_| panic!("{name} = {value:?}"))
+    }
+
+    #[test]
+    fn ceph_args_tune_but_cannot_undo_what_the_plugin_relies_on() {
+        let args =
+            "--rbd_cache=true --rados_osd_op_timeout=5 --mon_host=10.9.9.9 --debug_rbd=20 --client-mount-timeout=7";
+        let data = Cluster::configured(&config(None), args).expect("configured");
+        assert_eq!(data.option("rbd_cache").expect("rbd_cache"), "false");
+        assert_eq!(number(&data, "rados_osd_op_timeout"), 0.0, "a device's I/O waits for ever");
+        assert_eq!(data.option("mon_host").expect("mon_host"), "127.0.0.1:1");
+        assert_eq!(number(&data, "debug_rbd"), 20.0, "diagnosis options pass");
+        assert_eq!(number(&data, "client_mount_timeout"), 7.0, "defaults may be tuned");
+        let control = Cluster::configured(&config(Some(std::time::Duration::from_secs(12))), "").expect("configured");
+        assert_eq!(number(&control, "rados_osd_op_timeout"), 12.0);
+        assert_eq!(number(&control, "client_mount_timeout"), 30.0);
+        assert_eq!(control.option("auth_client_required").expect("auth"), "none");
     }
 }

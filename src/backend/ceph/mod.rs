@@ -70,6 +70,9 @@ pub struct ClusterConfig {
     pub user: String,
     /// The user's key; `None` for a cluster without cephx.
     pub key: Option<String>,
+    /// How long a call may wait for the monitors and OSDs before it fails with `ETIMEDOUT`:
+    /// bounded for the control plane, `None` (wait like a disk) for a device's I/O.
+    pub op_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -79,6 +82,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("monitors", &self.monitors)
             .field("user", &self.user)
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("op_timeout", &self.op_timeout)
             .finish()
     }
 }

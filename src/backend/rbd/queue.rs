@@ -62,6 +62,17 @@ pub struct RbdQueue {
     ready: Vec<Completion>,
     /// Each tag's record while it is not in flight (made at the tag's first use).
     spare: Vec<Option<Box<InFlight>>>,
+    /// Set once an operation failed because this client lost the image's lock.
+    lost: Option<i32>,
+    /// Operations that failed so: never completed here, so they stay in flight for the driver
+    /// and the next server (with the lock back, or fenced) runs them again.
+    withheld: usize,
+}
+
+/// Whether a result says this client lost the image's exclusive lock: it was blocklisted
+/// (librados's EBLOCKLISTED is ESHUTDOWN), or librbd refuses writes without the lock (EROFS).
+fn lock_lost(result: &io::Result<()>) -> Option<i32> {
+    result.as_ref().err().and_then(io::Error::raw_os_error).filter(|e| [libc::ESHUTDOWN, libc::EROFS].contains(e))
 }
 
 impl RbdQueue {
@@ -73,11 +84,35 @@ impl RbdQueue {
             notifier,
         });
         let spare = (0..depth).map(|_| None).collect();
-        Ok(Self { image, posted, capacity: depth.into(), submitted: 0, ready: Vec::new(), spare })
+        Ok(Self {
+            image,
+            posted,
+            capacity: depth.into(),
+            submitted: 0,
+            ready: Vec::new(),
+            spare,
+            lost: None,
+            withheld: 0,
+        })
+    }
+
+    /// Keeps back an operation that failed because the lock is lost: failing it would fail a
+    /// write that the image, with its lock back, can still take. Returns whether it did.
+    fn withhold(&mut self, result: &io::Result<()>) -> bool {
+        let Some(errno) = lock_lost(result) else { return false };
+        if self.lost.is_none() {
+            tracing::error!(error = %io::Error::from_raw_os_error(errno), "the RBD image's exclusive lock is lost; the queue stops, its requests wait");
+        }
+        self.lost.get_or_insert(errno);
+        self.withheld += 1;
+        true
     }
 
     fn fail(&mut self, tag: u16, errno: i32) {
-        self.ready.push(Completion { tag, result: Err(io::Error::from_raw_os_error(errno)) });
+        let result = Err(io::Error::from_raw_os_error(errno));
+        if !self.withhold(&result) {
+            self.ready.push(Completion { tag, result });
+        }
     }
 
     /// Fills `table` with the iovecs of `bufs` in `mem`; false if a buffer is not mapped.
@@ -207,19 +242,22 @@ impl QueueIo for RbdQueue {
         if self.posted.count.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut done = self.posted.done.lock().unwrap_or_else(|e| e.into_inner());
-        self.posted.count.fetch_sub(done.len(), Ordering::Release);
+        let posted = Arc::clone(&self.posted);
+        let mut done = posted.done.lock().unwrap_or_else(|e| e.into_inner());
+        posted.count.fetch_sub(done.len(), Ordering::Release);
         self.submitted -= done.len();
         for mut record in done.drain(..) {
             let result = std::mem::replace(&mut record.result, Ok(()));
-            out.push(Completion { tag: record.tag, result });
-            let tag = usize::from(record.tag);
-            self.spare[tag] = Some(record);
+            let tag = record.tag;
+            self.spare[usize::from(tag)] = Some(record);
+            if !self.withhold(&result) {
+                out.push(Completion { tag, result });
+            }
         }
     }
 
     fn in_flight(&self) -> usize {
-        self.submitted + self.ready.len()
+        self.submitted + self.ready.len() + self.withheld
     }
 
     fn has_completions(&mut self) -> bool {
@@ -240,6 +278,15 @@ impl QueueIo for RbdQueue {
 
     fn notifier(&self) -> Option<BorrowedFd<'_>> {
         Some(self.posted.notifier.as_fd())
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.lost.map(|errno| {
+            format!(
+                "the RBD image's exclusive lock is lost ({}): this client was blocklisted, or another took the lock",
+                io::Error::from_raw_os_error(errno)
+            )
+        })
     }
 }
 

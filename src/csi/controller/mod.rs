@@ -41,15 +41,18 @@ impl ControllerService {
         capacity: u64,
     ) -> std::result::Result<Response<CreateVolumeResponse>, Status> {
         let params = rbd::params::parameters(&req.parameters)?;
+        fs_type_of(&req.volume_capabilities, &req.parameters)?;
         let content_source = req.volume_content_source.clone();
         let source = rbd_source(req.volume_content_source.and_then(|s| s.r#type), &params.cluster_id)?;
-        let guard = self.plugin.agent.guards().acquire(&name)?;
+        // The image's key: DeleteVolume, which knows the volume by its ID, takes the same one.
+        let guard = self.plugin.agent.guards().acquire(&rbd::guard::volume_of_name(&name))?;
         let plugin = Arc::clone(&self.plugin);
         let secrets = req.secrets;
         let context: HashMap<String, String> = params.kept.clone().into_iter().collect();
         let created = blocking(move || {
             let _guard = guard;
-            provision::create_volume(&plugin.ceph, &name, capacity, &params, source, &secrets)
+            let guards = plugin.agent.guards();
+            provision::create_volume(&plugin.ceph, guards, &name, capacity, &params, source, &secrets)
         })
         .await?;
         tracing::info!(volume = %created.id, capacity = created.capacity, "CreateVolume (RBD)");
@@ -154,18 +157,19 @@ impl Controller for ControllerService {
     ) -> std::result::Result<Response<DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = volume_id(&req.volume_id)?.to_owned();
-        let guard = self.plugin.agent.guards().acquire(&id)?;
         let plugin = Arc::clone(&self.plugin);
         if rbd::is_rbd_id(&id) {
+            let guard = self.plugin.agent.guards().acquire(&rbd::guard::volume_of_id(&id)?)?;
             let secrets = req.secrets;
             blocking(move || {
                 let _guard = guard;
-                provision::delete_volume(&plugin.ceph, &id, &secrets)
+                provision::delete_volume(&plugin.ceph, plugin.agent.guards(), &id, &secrets)
             })
             .await?;
             tracing::info!(volume = %req.volume_id, "DeleteVolume (RBD)");
             return Ok(Response::new(DeleteVolumeResponse {}));
         }
+        let guard = self.plugin.agent.guards().acquire(&id)?;
         let existed = blocking(move || {
             let _guard = guard;
             if plugin.agent.store().volume(&id)?.is_some_and(|meta| meta.staged.is_some()) {
@@ -213,7 +217,7 @@ impl Controller for ControllerService {
         }
         let (confirmed, message) = match check_capabilities(&req.volume_capabilities).and_then(|_| {
             if rbd_volume {
-                rbd::params::parameters(&req.parameters).map(drop)
+                rbd::location(id).and_then(|loc| rbd::params::for_volume(&req.parameters, &loc)).map(drop)
             } else {
                 params::check_local(&req.parameters).map(drop)
             }
@@ -237,7 +241,9 @@ impl Controller for ControllerService {
         request: Request<ListVolumesRequest>,
     ) -> std::result::Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        let volumes = self.plugin.agent.store().volumes().map_err(Error::from)?;
+        // The node's records of staged RBD volumes are not this driver's volumes.
+        let mut volumes = self.plugin.agent.store().volumes().map_err(Error::from)?;
+        volumes.retain(|m| !rbd::is_rbd(&m.spec));
         let (page, next_token) = page(volumes, |v| v.spec.id.as_str(), req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
@@ -321,10 +327,10 @@ impl Controller for ControllerService {
         let source = volume_id(&req.source_volume_id)?.to_owned();
         let name = required("name", &req.name)?.to_owned();
         validate_id("snapshot name", &name).map_err(Error::from)?;
-        let guard = self.plugin.agent.guards().acquire(&source)?;
-        let snapshot_guard = self.plugin.agent.guards().acquire(&format!("snapshot/{name}"))?;
         let plugin = Arc::clone(&self.plugin);
         if rbd::is_rbd_id(&source) {
+            let guard = self.plugin.agent.guards().acquire(&rbd::guard::volume_of_id(&source)?)?;
+            let snapshot_guard = self.plugin.agent.guards().acquire(&rbd::guard::snapshot_of_name(&name))?;
             let secrets = req.secrets;
             let snapshot = blocking(move || {
                 let _guards = (guard, snapshot_guard);
@@ -333,6 +339,8 @@ impl Controller for ControllerService {
             .await?;
             return Ok(Response::new(CreateSnapshotResponse { snapshot: Some(snapshot) }));
         }
+        let guard = self.plugin.agent.guards().acquire(&source)?;
+        let snapshot_guard = self.plugin.agent.guards().acquire(&format!("snapshot/{name}"))?;
         let snapshot = blocking(move || {
             let _guards = (guard, snapshot_guard);
             if let Some(existing) = plugin.agent.store().snapshot(&name)? {
@@ -362,8 +370,8 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let id = required("snapshot_id", &req.snapshot_id)?;
         validate_id("snapshot ID", id).map_err(Error::from)?;
-        let guard = self.plugin.agent.guards().acquire(&format!("snapshot/{id}"))?;
         if rbd::is_rbd_id(id) {
+            let guard = self.plugin.agent.guards().acquire(&rbd::guard::snapshot_of_id(id)?)?;
             let (plugin, id, secrets) = (Arc::clone(&self.plugin), id.to_owned(), req.secrets);
             blocking(move || {
                 let _guard = guard;
@@ -372,6 +380,7 @@ impl Controller for ControllerService {
             .await?;
             return Ok(Response::new(DeleteSnapshotResponse {}));
         }
+        let guard = self.plugin.agent.guards().acquire(&format!("snapshot/{id}"))?;
         let (store, id) = (self.plugin.agent.store().clone(), id.to_owned());
         blocking(move || {
             let _guard = guard;
@@ -410,8 +419,8 @@ impl Controller for ControllerService {
         if let Some(cap) = &req.volume_capability {
             check_capability(cap)?;
         }
-        let guard = self.plugin.agent.guards().acquire(&id)?;
         if rbd::is_rbd_id(&id) {
+            let guard = self.plugin.agent.guards().acquire(&rbd::guard::volume_of_id(&id)?)?;
             let (plugin, secrets) = (Arc::clone(&self.plugin), req.secrets);
             let size = blocking(move || {
                 let _guard = guard;
@@ -424,6 +433,7 @@ impl Controller for ControllerService {
                 node_expansion_required: true,
             }));
         }
+        let guard = self.plugin.agent.guards().acquire(&id)?;
         let store = self.plugin.agent.store().clone();
         // Growing the sparse image is cheap and safe while staged: the node step tells the
         // driver and grows the filesystem.
