@@ -795,6 +795,8 @@ fn conformance(n: &mut Node) {
     let request = create_request_rbd(racing, 32, volume_source(&b.volume_id));
     let (created, aborted) = n.rt.block_on(async {
         let create = tokio::spawn(async move { creator.create_volume(request).await });
+        // The create takes its guard first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let mut aborted = 0;
         while !create.is_finished() {
             let req = DeleteVolumeRequest { volume_id: racing_id.clone(), secrets: secrets() };
@@ -808,9 +810,12 @@ fn conformance(n: &mut Node) {
         }
         (create.await.expect("create task"), aborted)
     });
-    let racing_volume = created.expect("the clone").into_inner().volume.expect("volume");
+    created.expect("the clone");
     println!("DeleteVolume was ABORTED {aborted} times while its CreateVolume ran");
     assert!(aborted > 0, "the clone was made before any delete reached it: give it more to copy");
+    // The last delete may have come after the create, and deleted the clone: made again.
+    let racing_volume = create_rbd(n, racing, 32, &cap, rbd_params(), Some(volume_source(&b.volume_id)))
+        .expect("CreateVolume after the race");
 
     // One librados client per (cluster, user) and purpose, whatever the volumes and calls:
     // the controller's and the devices'.

@@ -30,6 +30,8 @@ pub enum Error {
     UnsupportedFs(String),
     #[error("unsupported mount flag {0:?}")]
     BadFlag(String),
+    #[error("{what} did not end within {limit:?}")]
+    TimedOut { what: String, limit: std::time::Duration },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -250,6 +252,37 @@ pub fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
 pub fn sync_fs(path: &Path) -> Result<()> {
     let dir = fs::File::open(path).map_err(|source| Error::Io { op: "open", path: path.to_owned(), source })?;
     nix::unistd::syncfs(&dir).map_err(|e| Error::Io { op: "syncfs", path: path.to_owned(), source: e.into() })
+}
+
+/// Like [`sync_fs`], but in a child process (`sync --file-system`), waited for up to `limit`.
+/// A syncfs whose device does not answer sleeps uninterruptibly, and a process with such a
+/// thread cannot even exit; the child takes that wait instead, and is left to it.
+pub fn sync_fs_within(path: &Path, limit: std::time::Duration) -> Result<()> {
+    let tool = "sync";
+    let mut child = Command::new(tool)
+        .arg("--file-system")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| Error::Spawn { tool: tool.into(), source })?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                return Err(Error::Tool {
+                    tool: format!("sync --file-system {}", path.display()),
+                    status: status.to_string(),
+                    stderr: String::new(),
+                });
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Ok(None) => return Err(Error::TimedOut { what: format!("syncfs of {}", path.display()), limit }),
+            Err(source) => return Err(Error::Io { op: "wait for sync of", path: path.to_owned(), source }),
+        }
+    }
 }
 
 /// Size of a block device in bytes, from sysfs.

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use super::NodeAgent;
 use crate::volume::VolumeMeta;
 
+/// How long the sync of one staged filesystem may take at shutdown.
+const SHUTDOWN_SYNC: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl NodeAgent {
     /// Serves again every staged volume whose image is on this node, before the plugin reports
     /// ready. Returns why the node cannot serve volumes at all, if it cannot. Staged RBD volumes
@@ -108,13 +111,25 @@ impl NodeAgent {
             }
         };
         // Only filesystems on devices this process serves and that serve well: a sync of one
-        // whose device nobody answers would wait forever.
-        for meta in volumes.iter().filter(|m| self.serves_healthy(&m.spec.id)) {
-            let Some(stage) = meta.staged.as_ref().filter(|s| !s.block) else { continue };
-            if let Err(e) = crate::host::sync_fs(&stage.staging_path) {
-                tracing::error!(volume = %meta.spec.id, error = %e, "cannot sync the staged filesystem");
+        // whose device nobody answers would wait forever. Each in a child process, all at once,
+        // each waited for a bounded time: a pool that does not answer keeps its sync waiting,
+        // not this process (see `host::sync_fs_within`).
+        let staged: Vec<(&str, &std::path::Path)> = volumes
+            .iter()
+            .filter(|m| self.serves_healthy(&m.spec.id))
+            .filter_map(|m| {
+                m.staged.as_ref().filter(|s| !s.block).map(|s| (m.spec.id.as_str(), s.staging_path.as_path()))
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for (id, path) in staged {
+                scope.spawn(move || {
+                    if let Err(e) = crate::host::sync_fs_within(path, SHUTDOWN_SYNC) {
+                        tracing::error!(volume = %id, error = %e, "cannot sync the staged filesystem");
+                    }
+                });
             }
-        }
+        });
         for (id, server) in self.servers.all() {
             match server.flush() {
                 Ok(()) => tracing::info!(volume = %id, "flushed"),

@@ -64,8 +64,8 @@ pub struct RbdQueue {
     spare: Vec<Option<Box<InFlight>>>,
     /// Set once an operation failed because this client lost the image's lock.
     lost: Option<i32>,
-    /// Operations that failed so: never completed here, so they stay in flight for the driver
-    /// and the next server (with the lock back, or fenced) runs them again.
+    /// Operations that failed so, or came after: never completed here, so the driver still
+    /// waits for them and the next server (with the lock back, or fenced) runs them again.
     withheld: usize,
 }
 
@@ -169,6 +169,11 @@ impl QueueIo for RbdQueue {
         if usize::from(tag) >= self.capacity {
             return self.fail(tag, libc::EINVAL);
         }
+        if self.lost.is_some() {
+            // Without the lock it would fail: kept back for the next server at once.
+            self.withheld += 1;
+            return;
+        }
         let mut record = self.spare[usize::from(tag)].take().unwrap_or_else(|| {
             Box::new(InFlight {
                 posted: Arc::clone(&self.posted),
@@ -256,8 +261,10 @@ impl QueueIo for RbdQueue {
         }
     }
 
+    /// Withheld operations are not counted: nothing of theirs runs any more, and they are
+    /// never reaped (the worker leaves them unanswered, for the next server).
     fn in_flight(&self) -> usize {
-        self.submitted + self.ready.len() + self.withheld
+        self.submitted + self.ready.len()
     }
 
     fn has_completions(&mut self) -> bool {
@@ -280,11 +287,19 @@ impl QueueIo for RbdQueue {
         Some(self.posted.notifier.as_fd())
     }
 
+    /// Once the lock is lost, and every operation librbd still ran has come back (they fail
+    /// fast on a blocklisted client): the worker then stops with nothing in flight, so the
+    /// queue's memory can go and a new server can take the device over.
     fn fault(&self) -> Option<String> {
+        if self.submitted > 0 || !self.ready.is_empty() {
+            return None;
+        }
         self.lost.map(|errno| {
             format!(
-                "the RBD image's exclusive lock is lost ({}): this client was blocklisted, or another took the lock",
-                io::Error::from_raw_os_error(errno)
+                "the RBD image's exclusive lock is lost ({}): this client was blocklisted, or another took the lock; \
+                 {} requests wait for the next server",
+                io::Error::from_raw_os_error(errno),
+                self.withheld
             )
         })
     }
