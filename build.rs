@@ -27,6 +27,7 @@ fn rbd_binding() -> Result<(), Box<dyn std::error::Error>> {
         "rados_conf_set",
         "rados_conf_parse_argv",
         "rados_conf_get",
+        "rados_getaddrs",
         "rados_connect",
         "rados_shutdown",
         "rados_ioctx_create",

@@ -533,7 +533,9 @@ fn two_nodes(n: &mut Node) {
     n.c = n.rt.block_on(connect(&plugin_a.socket));
     n.plugin = Some(plugin_a);
     n.wait_condition(&v.volume_id, &staging_a, Some("fenced"));
-    n.unpublish(&v.volume_id, &target_a).expect("unpublish on A");
+    // The comeback serves the fenced device on a thread of its own, holding the volume until
+    // it is up: the unpublish that comes meanwhile is ABORTED, and retried as kubelet does.
+    n.as_kubelet(|n| n.unpublish(&v.volume_id, &target_a)).expect("unpublish on A");
     n.unstage(&v.volume_id, &staging_a).expect("unstage on A");
     // B's write survived A's comeback.
     let staging_c = n.staging("pvc-rbd-shared-again");
@@ -753,6 +755,9 @@ fn conformance(n: &mut Node) {
     });
     let twins: Vec<Volume> =
         [r1, r2].into_iter().map(|r| r.expect("clone").into_inner().volume.expect("volume")).collect();
+    let snap_name = snap.snapshot_id.rsplit('.').next().expect("snapshot name");
+    let info = ceph_cli("rbd", &["info", &format!("rbd/{}@{snap_name}", image_of(&a.volume_id))]);
+    assert!(info.contains("protected: False"), "the clones left the snapshot protected: {info}");
     delete_snapshot(n, &snap.snapshot_id).expect("DeleteSnapshot after two clones");
     for twin in &twins {
         n.delete(&twin.volume_id).expect("delete a clone");

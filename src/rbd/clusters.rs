@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -58,7 +58,7 @@ impl std::fmt::Debug for Clusters {
 }
 
 /// What a shared connection is keyed by: a rotated key or edited monitors get a new one.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct ClientKey {
     monitors: String,
     user: String,
@@ -151,6 +151,31 @@ impl Clusters {
     }
 }
 
+/// Where [`Clusters::bounded`]'s work leaves its outcome for the caller.
+struct Handoff<T> {
+    slot: Mutex<Slot<T>>,
+    ready: Condvar,
+}
+
+enum Slot<T> {
+    Waiting,
+    Done(Result<T>),
+    /// The caller gave up: the work drops its outcome itself.
+    Abandoned,
+}
+
+/// Marks what [`Clusters::bounded`] runs, until dropped.
+struct Running {
+    set: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
+}
+
 /// Whether an error means the connection itself is finished (blocklisted, shut down), so a
 /// new one is needed.
 fn connection_lost(e: &crate::backend::ceph::Error) -> bool {
@@ -168,15 +193,26 @@ impl Clusters {
     ) -> Result<Arc<Cluster>> {
         let monitors = self.monitors(cluster_id)?;
         let wanted = ClientKey { monitors, user, key, purpose };
+        let idle: Vec<Client>;
         {
             let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
-            clients.retain(|_, c| Arc::strong_count(&c.cluster) > 1 || now.duration_since(c.last_used) < IDLE_CLIENT);
+            let expired: Vec<ClientKey> = clients
+                .iter()
+                .filter(|(_, c)| Arc::strong_count(&c.cluster) == 1 && now.duration_since(c.last_used) >= IDLE_CLIENT)
+                .map(|(k, _)| k.clone())
+                .collect();
+            idle = expired.iter().filter_map(|k| clients.remove(k)).collect();
             if let Some(client) = clients.get_mut(&wanted) {
                 client.last_used = now;
-                return Ok(Arc::clone(&client.cluster));
+                let found = Arc::clone(&client.cluster);
+                drop(clients);
+                // Shut down outside the lock (rados_shutdown waits for the client's threads).
+                drop(idle);
+                return Ok(found);
             }
         }
+        drop(idle);
         // Connected outside the lock: a cluster that does not answer must not hold up
         // calls to the others. Two first calls may both connect; one connection is kept.
         let op_timeout = (purpose == Purpose::Control).then_some(self.timeout);
@@ -189,8 +225,16 @@ impl Clusters {
         let cluster = Cluster::connect(&config)?;
         tracing::info!(cluster = cluster_id, user = %wanted.user, ?purpose, "connected to Ceph");
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = clients.entry(wanted).or_insert(Client { cluster, last_used: Instant::now() });
-        Ok(Arc::clone(&entry.cluster))
+        if let Some(first) = clients.get(&wanted) {
+            // Another call connected meanwhile: keep its connection; ours shuts down outside
+            // the lock.
+            let first = Arc::clone(&first.cluster);
+            drop(clients);
+            drop(cluster);
+            return Ok(first);
+        }
+        clients.insert(wanted, Client { cluster: Arc::clone(&cluster), last_used: Instant::now() });
+        Ok(cluster)
     }
 
     /// Drops `cluster` from the shared connections if `error` says it is finished (its client
@@ -220,28 +264,45 @@ impl Clusters {
                 "{what}: an earlier attempt still waits for Ceph; try again later"
             )));
         }
-        let (done, result) = std::sync::mpsc::sync_channel(1);
-        let (running, key) = (Arc::clone(&self.running), what.to_owned());
+        let handoff = Arc::new(Handoff { slot: Mutex::new(Slot::Waiting), ready: Condvar::new() });
+        let running = Running { set: Arc::clone(&self.running), key: what.to_owned() };
+        let worker = Arc::clone(&handoff);
         let spawned = std::thread::Builder::new().name("ceph-bounded".into()).spawn(move || {
+            // Dropped last: another attempt may start only once this one's outcome (an open
+            // image and its lock) is delivered or gone, even if `work` panics.
+            let _running = running;
             let outcome = work();
-            running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
-            // Nobody waits any more: `outcome` is dropped here.
-            let _ = done.send(outcome);
+            let mut slot = worker.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(*slot, Slot::Abandoned) {
+                drop(slot);
+                // Nobody waits any more: what came too late is dropped here, not in the caller.
+                drop(outcome);
+                return;
+            }
+            *slot = Slot::Done(outcome);
+            worker.ready.notify_one();
         });
         if let Err(e) = spawned {
-            self.running.lock().unwrap_or_else(PoisonError::into_inner).remove(what);
+            // The closure, and the `Running` in it, were dropped with the error.
             return Err(Error::Internal(format!("{what}: cannot start a thread: {e}")));
         }
-        match result.recv_timeout(self.timeout) {
-            Ok(outcome) => outcome,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                Err(Error::Internal(format!("{what}: the work ended without an answer (it panicked)")))
+        let deadline = Instant::now() + self.timeout;
+        let mut slot = handoff.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match std::mem::replace(&mut *slot, Slot::Waiting) {
+                Slot::Done(outcome) => return outcome,
+                Slot::Waiting | Slot::Abandoned => {}
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Unavailable(format!(
-                "{what}: Ceph did not answer within {:?} (are the pool's placement groups active?); \
-                 it goes on in the background, try again later",
-                self.timeout
-            ))),
+            let now = Instant::now();
+            if now >= deadline {
+                *slot = Slot::Abandoned;
+                return Err(Error::Unavailable(format!(
+                    "{what}: Ceph did not answer within {:?} (are the pool's placement groups active?); \
+                     it goes on in the background, try again later",
+                    self.timeout
+                )));
+            }
+            slot = handoff.ready.wait_timeout(slot, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 

@@ -275,7 +275,13 @@ pub fn delete_volume(
 /// retry), and a finished one (flattened) owes the snapshot nothing and is kept.
 fn remove_abandoned_clone(pool: &Arc<Pool>, guards: &VolumeGuards, source: &str, snap: &str) -> Result<()> {
     // The clone's image has the snapshot's hash: csi-clone-<hash> was taken for csi-vol-<hash>.
-    let child = format!("csi-vol-{}", &snap[CLONE_SNAPSHOT_PREFIX.len()..]);
+    let hash = &snap[CLONE_SNAPSHOT_PREFIX.len()..];
+    if hash.len() != 16 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::FailedPrecondition(format!(
+            "image {source} has a snapshot {snap} that vduse-csi did not take; remove it first"
+        )));
+    }
+    let child = format!("csi-vol-{hash}");
     let _clone = guards.acquire(&volume_of_image(&child)).map_err(|_| {
         Error::FailedPrecondition(format!("a clone of image {source} ({child}) is being made; retry when it is done"))
     })?;
@@ -283,7 +289,10 @@ fn remove_abandoned_clone(pool: &Arc<Pool>, guards: &VolumeGuards, source: &str,
         Err(e) if e.errno() == Some(libc::ENOENT) => {}
         Err(e) => return Err(e.into()),
         Ok(img) => {
-            let unfinished = img.has_parent()?;
+            // Only the clone of exactly this snapshot, still reading from it, is removed.
+            let unfinished = img.parent()?.is_some_and(|(pool_id, image, parent_snap)| {
+                pool_id == pool.id() && image == source && parent_snap == snap
+            });
             drop(img);
             if unfinished {
                 tracing::warn!(image = child, source, "removing a clone whose CreateVolume was abandoned");

@@ -335,6 +335,26 @@ impl Node {
         }
     }
 
+    /// Runs `call` as kubelet runs a node call: again, every 200 ms for up to 60 s, while the
+    /// plugin answers ABORTED (another operation on the volume, such as the recovery of a
+    /// volume that was staged before a restart, still holds it).
+    pub fn as_kubelet(
+        &mut self,
+        mut call: impl FnMut(&mut Self) -> Result<(), tonic::Status>,
+    ) -> Result<(), tonic::Status> {
+        let started = std::time::Instant::now();
+        loop {
+            match call(self) {
+                Err(e)
+                    if e.code() == tonic::Code::Aborted && started.elapsed() < std::time::Duration::from_secs(60) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200))
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     pub fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
         let req = DeleteVolumeRequest { volume_id: id.into(), secrets: self.secrets.clone() };
         self.rt.block_on(self.c.controller.delete_volume(req)).map(drop)

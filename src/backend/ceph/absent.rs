@@ -26,6 +26,9 @@ impl Cluster {
     pub fn pool_by_id(self: &Arc<Self>, _id: i64) -> Result<Pool> {
         match self.0 {}
     }
+    pub fn address(&self) -> Result<String> {
+        match self.0 {}
+    }
 }
 
 /// A pool's I/O context; none exists in this build.
@@ -33,6 +36,9 @@ impl Cluster {
 pub struct Pool(Never);
 
 impl Pool {
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        match self.0 {}
+    }
     pub fn id(&self) -> i64 {
         match self.0 {}
     }
@@ -83,6 +89,9 @@ impl Image {
         match self.0 {}
     }
     pub fn has_parent(&self) -> Result<bool> {
+        match self.0 {}
+    }
+    pub fn parent(&self) -> Result<Option<(i64, String, String)>> {
         match self.0 {}
     }
     pub fn flush(&self) -> Result<()> {

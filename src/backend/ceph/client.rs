@@ -90,6 +90,12 @@ fn enforced_options(config: &ClusterConfig) -> Vec<(&'static str, String)> {
         // is slow. The control plane bounds its calls instead.
         ("rados_osd_op_timeout", config.op_timeout.map_or(0, |t| t.as_secs().max(1)).to_string()),
     ];
+    // A control connection's every wait for Ceph is bounded by its timeout.
+    if let Some(timeout) = config.op_timeout {
+        let secs = timeout.as_secs().max(1).to_string();
+        options.push(("client_mount_timeout", secs.clone()));
+        options.push(("rados_mon_op_timeout", secs));
+    }
     match &config.key {
         Some(key) => options.push(("key", key.clone())),
         // No key: a cluster without cephx; do not go looking for keyring files.
@@ -153,6 +159,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// This client's addresses (`ip:port/nonce`, or a `[v2:...,v1:...]` list): what an
+    /// image's lock records as its owner when this client holds it.
+    pub fn address(&self) -> Result<String> {
+        let mut addrs: *mut c_char = ptr::null_mut();
+        // SAFETY: the cluster is connected; `addrs` is an out-pointer librados fills with a
+        // string it allocates with malloc.
+        check("rados_getaddrs", unsafe { sys::rados_getaddrs(self.handle, &mut addrs) })?;
+        if addrs.is_null() {
+            return Ok(String::new());
+        }
+        // SAFETY: librados wrote a NUL-terminated string at `addrs`.
+        let text = unsafe { CStr::from_ptr(addrs) }.to_string_lossy().into_owned();
+        // SAFETY: the string came from librados's malloc and is freed once, here.
+        unsafe { libc::free(addrs.cast()) };
+        Ok(text)
+    }
+
     /// The value of configuration option `name`.
     pub fn option(&self, name: &str) -> Result<String> {
         let n = cstring("option name", name)?;
@@ -171,7 +194,7 @@ impl Cluster {
         // SAFETY: the cluster is connected, `cname` outlives the call, `io` is an out-pointer.
         check("rados_ioctx_create", unsafe { sys::rados_ioctx_create(self.handle, cname.as_ptr(), &mut io) })
             .map_err(|e| e.context(format!("pool {name}")))?;
-        Ok(Pool { _cluster: Arc::clone(self), io })
+        Ok(Pool { cluster: Arc::clone(self), io })
     }
 
     /// An I/O context on the pool with ID `id`.
@@ -180,7 +203,7 @@ impl Cluster {
         // SAFETY: the cluster is connected and `io` is an out-pointer.
         check("rados_ioctx_create2", unsafe { sys::rados_ioctx_create2(self.handle, id, &mut io) })
             .map_err(|e| e.context(format!("pool id {id}")))?;
-        Ok(Pool { _cluster: Arc::clone(self), io })
+        Ok(Pool { cluster: Arc::clone(self), io })
     }
 }
 
@@ -195,7 +218,7 @@ impl Drop for Cluster {
 /// A pool's I/O context.
 pub struct Pool {
     /// Keeps the connection up while the pool is in use.
-    _cluster: Arc<Cluster>,
+    cluster: Arc<Cluster>,
     io: sys::rados_ioctx_t,
 }
 
@@ -215,6 +238,11 @@ const IMAGE_FEATURES: u64 = (sys::RBD_FEATURE_LAYERING
     | sys::RBD_FEATURE_DEEP_FLATTEN) as u64;
 
 impl Pool {
+    /// The connection this pool is reached through.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
     /// The pool's numeric ID (stable for the pool's life, unlike its name).
     pub fn id(&self) -> i64 {
         // SAFETY: the context is valid.
@@ -350,20 +378,35 @@ impl Image {
 
     /// Whether the image is a clone that still reads from its parent (not flattened yet).
     pub fn has_parent(&self) -> Result<bool> {
+        Ok(self.parent()?.is_some())
+    }
+
+    /// The parent of a clone not flattened yet: its pool ID, image name and snapshot name.
+    pub fn parent(&self) -> Result<Option<(i64, String, String)>> {
         // SAFETY: both specs are plain C structs for which all-zero is a valid (empty) value.
-        let (mut image, mut snap) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        let (mut image, mut snap): (sys::rbd_linked_image_spec_t, sys::rbd_snap_spec_t) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         // SAFETY: the image is open; `image` and `snap` are out-pointers that librbd fills
         // with strings it allocates, freed below.
         match unsafe { sys::rbd_get_parent(self.handle, &mut image, &mut snap) } {
-            r if r == -libc::ENOENT => Ok(false),
+            r if r == -libc::ENOENT => Ok(None),
             r => {
                 check("rbd_get_parent", r)?;
+                let text = |p: *mut c_char| {
+                    if p.is_null() {
+                        String::new()
+                    } else {
+                        // SAFETY: librbd filled the spec with NUL-terminated strings.
+                        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                    }
+                };
+                let parent = (image.pool_id, text(image.image_name), text(snap.name));
                 // SAFETY: librbd filled both specs; each is cleaned up once.
                 unsafe {
                     sys::rbd_linked_image_spec_cleanup(&mut image);
                     sys::rbd_snap_spec_cleanup(&mut snap);
                 }
-                Ok(true)
+                Ok(Some(parent))
             }
         }
     }
@@ -549,7 +592,8 @@ mod tests {
         assert_eq!(number(&data, "client_mount_timeout"), 7.0, "defaults may be tuned");
         let control = Cluster::configured(&config(Some(std::time::Duration::from_secs(12))), "").expect("configured");
         assert_eq!(number(&control, "rados_osd_op_timeout"), 12.0);
-        assert_eq!(number(&control, "client_mount_timeout"), 30.0);
+        assert_eq!(number(&control, "client_mount_timeout"), 12.0, "a control connection waits no longer");
+        assert_eq!(number(&control, "rados_mon_op_timeout"), 12.0);
         assert_eq!(control.option("auth_client_required").expect("auth"), "none");
     }
 }

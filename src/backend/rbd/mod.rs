@@ -35,9 +35,16 @@ impl RbdBackend {
     /// Opens `name` in `pool` and takes its exclusive lock. If `predecessor` (the lock owner a
     /// previous server of this node recorded) still holds the lock, that server is dead (we
     /// are its successor, on the same node): its lock is broken and it is blocklisted first.
+    ///
+    /// The connection is shared by the node's volumes, so a lock held under our own address
+    /// is never broken (that would blocklist every volume of the connection): it is an earlier
+    /// handle of this process still closing, and the open fails `EBUSY` to be retried.
     pub fn open(pool: &Arc<Pool>, name: &str, predecessor: Option<&str>) -> Result<Self> {
         let image = pool.open(name)?;
-        if let Some(previous) = predecessor {
+        let own = pool.cluster().address()?;
+        let ours =
+            |owner: &str| !owner.is_empty() && own.contains(owner.trim_start_matches("v1:").trim_start_matches("v2:"));
+        if let Some(previous) = predecessor.filter(|p| !ours(p)) {
             if image.lock_owners()?.iter().any(|o| o == previous) {
                 tracing::warn!(image = name, previous, "breaking the lock of this node's previous server");
                 image.break_lock(previous)?;
@@ -48,6 +55,13 @@ impl RbdBackend {
                 // librbd's answers when a live owner refuses to hand the lock over.
                 Some(libc::EROFS | libc::EBUSY | libc::EAGAIN) => {
                     let owners = image.lock_owners().unwrap_or_default();
+                    if owners.iter().any(|o| ours(o)) {
+                        let source = io::Error::from_raw_os_error(libc::EBUSY);
+                        return Err(Error::Call {
+                            op: "rbd_lock_acquire: an earlier handle of this process holds the lock",
+                            source,
+                        });
+                    }
                     Err(Error::Locked { image: name.to_owned(), owners: owners.join(", ") })
                 }
                 _ => Err(e),
