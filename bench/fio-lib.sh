@@ -1,20 +1,45 @@
 # Sourced by the guest benchmark scripts: one fio job on one device, its figures appended to
-# $OUT/bench.raw. Needs OUT, RUNTIME and SIZE_MB.
+# $OUT/bench.raw. Needs OUT, RUNTIME and SIZE_MB. With FIO_CPU set (a taskset CPU list), fio
+# runs on those CPUs, and the CPU time every vCPU spent busy while fio counted (after its ramp)
+# is appended to $OUT/bench.cpu too, per 100k requests.
+
+# cpu_busy: "CPU BUSY_TICKS" per vCPU, from /proc/stat (busy: all but idle and iowait)
+cpu_busy() {
+    awk '$1 ~ /^cpu[0-9]+$/ { print substr($1, 4), $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
 
 # run_job PEER DEV "NAME RW BS IODEPTH NUMJOBS": appends "PEER NAME IOPS MiB/s" to bench.raw
+# and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu
 run_job() {
-    local peer=$1 dev=$2 name rw bs qd jobs line iops kib
+    local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid
     read -r name rw bs qd jobs <<<"$3"
-    line=$(fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
+    [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
+    "${pin[@]}" fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --numjobs="$jobs" --group_reporting --runtime="$RUNTIME" --ramp_time=1 \
         --time_based --size="${SIZE_MB}M" --randrepeat=0 --norandommap --output-format=terse \
-        --terse-version=3)
+        --terse-version=3 >"$OUT/fio.out" &
+    fio_pid=$!
+    if [[ -n ${FIO_CPU:-} ]]; then
+        # fio counts after its 1 s ramp, for RUNTIME seconds: the CPU is sampled over the same.
+        sleep 1
+        before=$(cpu_busy)
+    fi
+    wait "$fio_pid"
+    line=$(cat "$OUT/fio.out")
     if [[ $rw == *read ]]; then
         kib=$(cut -d';' -f7 <<<"$line"); iops=$(cut -d';' -f8 <<<"$line")
     else
         kib=$(cut -d';' -f48 <<<"$line"); iops=$(cut -d';' -f49 <<<"$line")
     fi
     echo "$peer $name $iops $((kib / 1024))" | tee -a "$OUT/bench.raw"
+    if [[ -n ${FIO_CPU:-} ]]; then
+        after=$(cpu_busy)
+        # ticks are USER_HZ (100/s); requests = IOPS x RUNTIME
+        join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
+            -v t="$RUNTIME" -v hz="$(getconf CLK_TCK)" \
+            '{ printf "%s %s cpu%s %.3f\n", p, n, $1, (iops > 0 ? ($3 - $2) / hz / (iops * t) * 100000 : 0) }' \
+            >>"$OUT/bench.cpu"
+    fi
 }
 
 # run_jobs PEER DEV: every job of $JOBS

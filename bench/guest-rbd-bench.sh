@@ -7,7 +7,15 @@
 #   krbd        the kernel's own RBD client (`rbd map`)
 #   rbd-nbd     librbd behind the kernel's NBD client (`rbd-nbd map`), ceph-csi's other mounter
 # Only one of them has the image open at a time (each takes the exclusive lock). The OSD runs
-# in the same 2-vCPU TCG guest as the client, so every row is bounded by it: compare ratios.
+# in the same TCG guest as the client, so every row is bounded by it: compare ratios.
+#
+# With 2 or more vCPUs (BENCH_PIN=1, the default) the Ceph daemons are pinned to vCPU 0 and
+# the client side (fio, our server, rbd-nbd) to vCPU 1, so the two do not take each other's
+# CPU, and each vCPU's busy time while fio counts is reported per 100k requests (bench.cpu).
+# krbd's work runs in the kernel where it is queued: its submissions on the client's vCPU,
+# its replies mostly where the loopback delivers them (the OSD's), so its client figure is
+# low and the all-vCPU figure is the fair one to compare.
+# BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
 set -euo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
@@ -24,6 +32,15 @@ CEPH=/tmp/ceph
 "$here/../tests/ceph/cluster.sh" start "$CEPH"
 trap '"$here/../tests/ceph/cluster.sh" stop "$CEPH"' EXIT
 C=(-c "$CEPH/ceph.conf")
+CLIENT=()
+if [[ ${BENCH_PIN:-1} != 0 && $(nproc) -ge 2 ]]; then
+    for daemon in ceph-mon ceph-mgr ceph-osd; do
+        for pid in $(pgrep -x "$daemon"); do taskset -apc 0 "$pid" >/dev/null; done
+    done
+    CLIENT=(taskset -c 1)
+    export FIO_CPU=1
+    : >"$OUT/bench.cpu"
+fi
 rbd "${C[@]}" create --size "${SIZE_MB}M" rbd/bench
 # Written in full, so reads fetch data from the OSD rather than answering holes with zeroes.
 rbd "${C[@]}" bench --io-type write --io-size 4M --io-threads 4 --io-pattern seq \
@@ -41,16 +58,21 @@ JOBS=(
 # shellcheck source=bench/fio-lib.sh
 source "$here/fio-lib.sh"
 
-vduse_rbd() {
+# serve_ours LABEL [CEPH_ARGS]
+serve_ours() {
     local pid dev i
-    "$BIN" device serve --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 --name rbdbench \
-        --queues "$QUEUES" --log-level warn >"$W/ours.out" &
+    rm -f "$W/ours.out"
+    CEPH_ARGS=${2:-} "${CLIENT[@]}" "$BIN" device serve --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 \
+        --name rbdbench --queues "$QUEUES" --log-level warn >"$W/ours.out" &
     pid=$!
     for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
     dev=$(head -n1 "$W/ours.out")
-    run_jobs vduse-rbd "$dev"
+    run_jobs "$1" "$dev"
     kill -TERM "$pid"; wait "$pid"
 }
+
+vduse_rbd() { serve_ours vduse-rbd; }
+vduse_rbd_tuned() { serve_ours vduse-rbd-tuned "$BENCH_RBD_TUNED"; }
 
 # The guest has no udev: `noudev` keeps the rbd CLI from waiting for its events for ever
 # (devtmpfs makes /dev/rbdN). Every map and unmap is bounded, so a hang fails the run.
@@ -63,7 +85,7 @@ krbd() {
 
 rbd_nbd() {
     local dev
-    dev=$(timeout 120 rbd-nbd "${C[@]}" map rbd/bench)
+    dev=$(timeout 120 "${CLIENT[@]}" rbd-nbd "${C[@]}" map rbd/bench)
     run_jobs rbd-nbd "$dev"
     timeout 120 rbd-nbd "${C[@]}" unmap "$dev"
 }
@@ -73,20 +95,24 @@ rbd_nbd() {
 # loads its modules, the OSD settles after the fill) and the guest drifts, so every device
 # gets one early slot and the median drops it.
 devices=(vduse_rbd krbd rbd_nbd)
+[[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
-    for i in 0 1 2; do
-        "${devices[$(((round - 1 + i) % 3))]}"
+    for i in "${!devices[@]}"; do
+        "${devices[$(((round - 1 + i) % ${#devices[@]}))]}"
     done
 done
 
-# Table: per job, each device's median IOPS and MiB/s over the rounds, and our ratio to each.
-awk '
+# median(KEY): the median of the numbers listed, space-separated, in vals[KEY]
+MEDIAN='
 function median(key,    n, i, j, t, a) {
     n = split(vals[key], a, " ")
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return n ? a[int((n + 1) / 2)] : 0
-}
+}'
+
+# Table: per job, each device's median IOPS and MiB/s over the rounds, and our ratio to each.
+awk "$MEDIAN"'
 { vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
 END {
     printf "%-18s %10s %7s %10s %7s %10s %7s %9s %10s\n", "job", "vduse-rbd", "MiB/s", "krbd", "MiB/s", "rbd-nbd", "MiB/s", "vs krbd", "vs rbd-nbd"
@@ -98,3 +124,37 @@ END {
         printf "%-18s %10d %7d %10d %7d %10d %7d %8.2fx %9.2fx\n", j, o, om, k, km, b, bm, (k ? o/k : 0), (b ? o/b : 0)
     }
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"
+if [[ -n ${BENCH_RBD_TUNED:-} ]]; then
+    echo "ours with CEPH_ARGS=\"$BENCH_RBD_TUNED\" against ours with the defaults (median IOPS):" | tee -a "$OUT/bench.table"
+    awk "$MEDIAN"'
+    { vals[$1" "$2] = vals[$1" "$2] " " $3; if (!seen[$2]++) order[n++] = $2 }
+    END {
+        for (i = 0; i < n; i++) {
+            j = order[i]; o = median("vduse-rbd "j); t = median("vduse-rbd-tuned "j)
+            printf "%-18s %10d %10d %8.2fx\n", j, o, t, (o ? t/o : 0)
+        }
+    }' "$OUT/bench.raw" | tee -a "$OUT/bench.table"
+fi
+
+# CPU: per job and device, the median over the rounds of each vCPU's busy seconds per 100k
+# requests while fio counted (vCPU 1: the client side; all: both, the kernel's share included).
+if [[ -s $OUT/bench.cpu ]]; then
+    echo "CPU seconds per 100k requests (median of the rounds), client vCPU / all vCPUs:" | tee -a "$OUT/bench.table"
+    awk "$MEDIAN"'
+    # One line per (peer, job, cpu, round): sum the vCPUs of each run into "all".
+    {
+        run = $1" "$2" "(++count[$1" "$2" "$3]); total[run] += $4
+        if ($3 == "cpu1") vals[$1" "$2" client"] = vals[$1" "$2" client"] " " $4
+        if (!pseen[$1]++) peers[np++] = $1
+        if (!seen[$2]++) order[n++] = $2
+    }
+    END {
+        for (r in total) { split(r, f, " "); vals[f[1]" "f[2]" all"] = vals[f[1]" "f[2]" all"] " " total[r] }
+        printf "%-18s", "job"; for (p = 0; p < np; p++) printf " %21s", peers[p]; printf "\n"
+        for (i = 0; i < n; i++) {
+            j = order[i]; printf "%-18s", j
+            for (p = 0; p < np; p++) printf " %10.2f / %8.2f", median(peers[p]" "j" client"), median(peers[p]" "j" all")
+            printf "\n"
+        }
+    }' "$OUT/bench.cpu" | tee -a "$OUT/bench.table"
+fi

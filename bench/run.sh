@@ -7,7 +7,9 @@
 #  3. in a second boot, the RBD rows: a one-node Ceph in the guest, one image, the same jobs
 #     through our device on librbd, the kernel's RBD client (krbd) and rbd-nbd
 #     (bench/guest-rbd-bench.sh; BENCH_RBD=0 skips it, BENCH_RBD_SIZE_MB sizes the image;
-#     BENCH_MAIN=0 runs it alone).
+#     BENCH_MAIN=0 runs it alone). The Ceph daemons run on vCPU 0 and the client side on
+#     vCPU 1 (BENCH_PIN=0: unpinned), and a second table gives CPU seconds per 100k requests;
+#     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth.
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -64,7 +66,7 @@ fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
-    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
+    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$rbd_out/bench.table"
