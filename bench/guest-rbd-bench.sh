@@ -16,6 +16,7 @@
 # its replies mostly where the loopback delivers them (the OSD's), so its client figure is
 # low and the all-vCPU figure is the fair one to compare.
 # BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
+# BENCH_RBD_DEVICES: which of vduse_rbd, krbd and rbd_nbd run (all three by default).
 set -euo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
@@ -94,7 +95,7 @@ rbd_nbd() {
 # Each round starts with another device: the cluster is slower in its first minutes (the mgr
 # loads its modules, the OSD settles after the fill) and the guest drifts, so every device
 # gets one early slot and the median drops it.
-devices=(vduse_rbd krbd rbd_nbd)
+read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd krbd rbd_nbd}"
 [[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2

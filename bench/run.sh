@@ -9,7 +9,8 @@
 #     (bench/guest-rbd-bench.sh; BENCH_RBD=0 skips it, BENCH_RBD_SIZE_MB sizes the image;
 #     BENCH_MAIN=0 runs it alone). The Ceph daemons run on vCPU 0 and the client side on
 #     vCPU 1 (BENCH_PIN=0: unpinned), and a second table gives CPU seconds per 100k requests;
-#     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth.
+#     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth;
+#     BENCH_RBD_DEVICES (default "vduse_rbd krbd rbd_nbd") picks the others.
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -32,7 +33,8 @@ if [[ -n $plot ]] && ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 
 # rublk (crates.io) needs libclang to build; the guest sees /usr/local/bin, not ~/.cargo/bin.
-if ! command -v rublk >/dev/null; then
+# Only the main rows use it.
+if [[ ${BENCH_MAIN:-1} != 0 ]] && ! command -v rublk >/dev/null; then
     if ! dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "install ok installed"; then
         apt-get install -y -qq --no-install-recommends libclang-dev >/dev/null
     fi
@@ -66,7 +68,7 @@ fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
-    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
+    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$rbd_out/bench.table"
