@@ -193,8 +193,7 @@ impl Clusters {
     ) -> Result<Arc<Cluster>> {
         let monitors = self.monitors(cluster_id)?;
         let wanted = ClientKey { monitors, user, key, purpose };
-        let idle: Vec<Client>;
-        {
+        let (found, idle) = {
             let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let expired: Vec<ClientKey> = clients
@@ -202,17 +201,18 @@ impl Clusters {
                 .filter(|(_, c)| Arc::strong_count(&c.cluster) == 1 && now.duration_since(c.last_used) >= IDLE_CLIENT)
                 .map(|(k, _)| k.clone())
                 .collect();
-            idle = expired.iter().filter_map(|k| clients.remove(k)).collect();
-            if let Some(client) = clients.get_mut(&wanted) {
+            let idle: Vec<Client> = expired.iter().filter_map(|k| clients.remove(k)).collect();
+            let found = clients.get_mut(&wanted).map(|client| {
                 client.last_used = now;
-                let found = Arc::clone(&client.cluster);
-                drop(clients);
-                // Shut down outside the lock (rados_shutdown waits for the client's threads).
-                drop(idle);
-                return Ok(found);
-            }
-        }
+                Arc::clone(&client.cluster)
+            });
+            (found, idle)
+        };
+        // Shut down outside the lock (rados_shutdown waits for the client's threads).
         drop(idle);
+        if let Some(found) = found {
+            return Ok(found);
+        }
         // Connected outside the lock: a cluster that does not answer must not hold up
         // calls to the others. Two first calls may both connect; one connection is kept.
         let op_timeout = (purpose == Purpose::Control).then_some(self.timeout);

@@ -71,6 +71,11 @@ pub(super) fn name_hash(name: &str) -> String {
     format!("{:016x}", crate::volume::stable_hash(name))
 }
 
+/// Whether `text` has the form of [`name_hash`]'s output.
+pub(super) fn is_name_hash(text: &str) -> bool {
+    text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The image name of the volume called `name`.
 pub fn image_name(name: &str) -> String {
     format!("csi-vol-{}", name_hash(name))

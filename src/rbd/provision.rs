@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clusters::{Clusters, Purpose, identity};
 use super::guard::{snapshot_of_snap, volume_of_image};
-use super::ids::{ImageLocation, SnapshotLocation, image_name, location, name_hash, snapshot_name};
+use super::ids::{ImageLocation, SnapshotLocation, image_name, is_name_hash, location, name_hash, snapshot_name};
 use super::params::RbdParameters;
 use super::{NAME_KEY, READY_KEY};
 use crate::backend::ceph::{self, Pool};
@@ -275,12 +275,11 @@ pub fn delete_volume(
 /// retry), and a finished one (flattened) owes the snapshot nothing and is kept.
 fn remove_abandoned_clone(pool: &Arc<Pool>, guards: &VolumeGuards, source: &str, snap: &str) -> Result<()> {
     // The clone's image has the snapshot's hash: csi-clone-<hash> was taken for csi-vol-<hash>.
-    let hash = &snap[CLONE_SNAPSHOT_PREFIX.len()..];
-    if hash.len() != 16 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let Some(hash) = snap.strip_prefix(CLONE_SNAPSHOT_PREFIX).filter(|h| is_name_hash(h)) else {
         return Err(Error::FailedPrecondition(format!(
             "image {source} has a snapshot {snap} that vduse-csi did not take; remove it first"
         )));
-    }
+    };
     let child = format!("csi-vol-{hash}");
     let _clone = guards.acquire(&volume_of_image(&child)).map_err(|_| {
         Error::FailedPrecondition(format!("a clone of image {source} ({child}) is being made; retry when it is done"))
