@@ -2,6 +2,7 @@
 //! as the cephx user of a call's secrets.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -267,18 +268,29 @@ impl Clusters {
         let handoff = Arc::new(Handoff { slot: Mutex::new(Slot::Waiting), ready: Condvar::new() });
         let running = Running { set: Arc::clone(&self.running), key: what.to_owned() };
         let worker = Arc::clone(&handoff);
+        let what_owned = what.to_owned();
         let spawned = std::thread::Builder::new().name("ceph-bounded".into()).spawn(move || {
-            // Dropped last: another attempt may start only once this one's outcome (an open
-            // image and its lock) is delivered or gone, even if `work` panics.
-            let _running = running;
-            let outcome = work();
+            // A guard, so that even a thread that dies some other way frees its key.
+            let running = running;
+            // A panic in `work` is an answer too: the caller gets INTERNAL now, not
+            // UNAVAILABLE at the deadline (which would read as a sick pool).
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|_| {
+                Err(Error::Internal(format!("{what_owned}: the call into Ceph panicked (see the log)")))
+            });
             let mut slot = worker.slot.lock().unwrap_or_else(PoisonError::into_inner);
             if matches!(*slot, Slot::Abandoned) {
                 drop(slot);
-                // Nobody waits any more: what came too late is dropped here, not in the caller.
+                // Nobody waits any more: what came too late is dropped here, not in the
+                // caller, and only then may another attempt start (an open image holds its
+                // lock until dropped).
                 drop(outcome);
+                drop(running);
                 return;
             }
+            // Freed before the outcome is handed over (under the slot's lock, so the caller
+            // cannot see one without the other): a caller that retries at once is not told
+            // that this attempt still runs.
+            drop(running);
             *slot = Slot::Done(outcome);
             worker.ready.notify_one();
         });
@@ -319,4 +331,73 @@ impl Clusters {
 pub(super) fn identity(secrets: &HashMap<String, String>) -> (String, Option<String>) {
     let user = secrets.get(SECRET_USER).filter(|u| !u.is_empty()).cloned().unwrap_or_else(|| "admin".into());
     (user, secrets.get(SECRET_KEY).filter(|k| !k.is_empty()).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn clusters(timeout: Duration) -> Clusters {
+        Clusters { timeout, ..Clusters::default() }
+    }
+
+    #[test]
+    fn bounded_work_that_answers_in_time_gives_its_answer() {
+        let c = clusters(Duration::from_secs(10));
+        assert_eq!(c.bounded("open a", || Ok(7)).unwrap(), 7);
+        // Done, so the same call may start again at once.
+        assert!(matches!(c.bounded("open a", || Err::<(), _>(Error::NotFound("x".into()))), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn bounded_work_that_waits_too_long_is_unavailable_and_blocks_only_its_own_retry() {
+        let c = clusters(Duration::from_millis(100));
+        let (release, released) = mpsc::channel::<()>();
+        let (dropped, late_dropped) = mpsc::channel::<()>();
+        /// What the late work hands back: its drop is the sign it was not lost.
+        struct Late(mpsc::Sender<()>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let started = Instant::now();
+        let late = c.bounded("open a", move || {
+            let _ = released.recv();
+            Ok(Late(dropped))
+        });
+        assert!(matches!(late, Err(Error::Unavailable(_))), "a call past its timeout is UNAVAILABLE");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The same call while the first still waits: refused at once, no second thread.
+        assert!(matches!(c.bounded("open a", || Ok(())), Err(Error::Unavailable(m)) if m.contains("earlier attempt")));
+        // Another call is not held up by it.
+        assert_eq!(c.bounded("open b", || Ok(1)).unwrap(), 1);
+        release.send(()).unwrap();
+        // The late outcome is dropped by the worker, not leaked.
+        late_dropped.recv_timeout(Duration::from_secs(10)).expect("the late outcome was dropped");
+        // Once the worker is gone, the call may be tried again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.bounded("open a", || Ok(2)) {
+                Ok(v) => break assert_eq!(v, 2),
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("retry after the late outcome: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bounded_work_that_panics_is_internal_at_once_and_may_be_retried() {
+        let c = clusters(Duration::from_secs(30));
+        let started = Instant::now();
+        let r = c.bounded("open a", || -> Result<()> { panic!("librados misbehaved") });
+        assert!(matches!(r, Err(Error::Internal(m)) if m.contains("panicked")));
+        assert!(started.elapsed() < Duration::from_secs(10), "not held until the deadline");
+        // Its key was freed with its answer: a retry starts at once.
+        assert_eq!(c.bounded("open a", || Ok(3)).unwrap(), 3);
+    }
 }

@@ -135,6 +135,17 @@ bound() {
     return 1
 }
 
+# registrar_logs POD UID: the restart counts of the node pod's containers, and every run of its
+# registrars (kubelet keeps the log of each restart), for the verdict's log.
+registrar_logs() {
+    local f
+    kc -n $NS get pod "$1" -o jsonpath='{range .status.containerStatuses[*]}{.name}: restarts={.restartCount} last={.lastState.terminated.reason}/{.lastState.terminated.exitCode}{"\n"}{end}'
+    for f in /var/log/pods/${NS}_"$1"_"$2"/node-driver-registrar*/*.log; do
+        echo "--- $f"
+        cut -d' ' -f4- "$f" | tail -n 20
+    done
+}
+
 # The driver as `kubectl apply` installed it: the node plugin's pod Running with every
 # container ready, both drivers registered with kubelet by node-driver-registrar (the plugin
 # does not register itself: no --kubelet-registration-dir), livenessprobe answering, the RBD
@@ -146,8 +157,16 @@ scenario_installed_with_kubectl_apply() {
     kc -n $NS get pods -o wide
     containers=$(kc -n $NS get pod "$pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.ready} {end}')
     echo "node pod $pod: $containers"
+    registrar_logs "$pod" "$uid"
     [[ $(kc -n $NS get pod "$pod" -o jsonpath='{.status.phase}') == Running ]] || return 1
     [[ $containers != *=false* && $(wc -w <<<"$containers") -eq 7 ]] || return 1
+    # Ready without a restart: a registrar whose one call timed out exits and is restarted (why
+    # deploy/ gives it --timeout=30s), and a plugin that crashed would be restarted too.
+    local restarts c
+    restarts=$(kc -n $NS get pod "$pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.restartCount} {end}')
+    for c in vduse-csi node-driver-registrar node-driver-registrar-rbd; do
+        [[ " $restarts" == *" $c=0 "* ]] || return 1
+    done
     kc get csinode "$NODE" -o jsonpath='{.spec.drivers[*].name}{"\n"}'
     kc get csinode "$NODE" -o jsonpath='{.spec.drivers[*].name}' | grep -qw "$DRIVER" || return 1
     kc get csinode "$NODE" -o jsonpath='{.spec.drivers[*].name}' | grep -qw "$RBD_DRIVER" || return 1
