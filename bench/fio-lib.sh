@@ -9,22 +9,36 @@ cpu_busy() {
 }
 
 # run_job PEER DEV "NAME RW BS IODEPTH NUMJOBS": appends "PEER NAME IOPS MiB/s" to bench.raw
-# and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu
+# and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu. DEV is a block
+# device, or rbd:POOL/IMAGE for fio's own librbd engine (no block device: the userspace
+# client's ceiling), which reads the cluster from $CEPH_CONF. With PERF_JOBS listing NAME,
+# the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data.
 run_job() {
-    local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid
+    local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid=
     read -r name rw bs qd jobs <<<"$3"
     [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
-    "${pin[@]}" fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
+    if [[ $dev == rbd:* ]]; then
+        dev=${dev#rbd:}
+        target=(--ioengine=rbd --clientname=admin --pool="${dev%%/*}" --rbdname="${dev#*/}")
+    else
+        target=(--filename="$dev" --ioengine=libaio --direct=1 --size="${SIZE_MB}M")
+    fi
+    "${pin[@]}" fio --name="$name" "${target[@]}" --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --numjobs="$jobs" --group_reporting --runtime="$RUNTIME" --ramp_time=1 \
-        --time_based --size="${SIZE_MB}M" --randrepeat=0 --norandommap --output-format=terse \
+        --time_based --randrepeat=0 --norandommap --output-format=terse \
         --terse-version=3 >"$OUT/fio.out" &
     fio_pid=$!
-    if [[ -n ${FIO_CPU:-} ]]; then
+    if [[ -n ${FIO_CPU:-} || " ${PERF_JOBS:-} " == *" $name "* ]]; then
         # fio counts after its 1 s ramp, for RUNTIME seconds: the CPU is sampled over the same.
         sleep 1
-        before=$(cpu_busy)
+        [[ -n ${FIO_CPU:-} ]] && before=$(cpu_busy)
+    fi
+    if [[ " ${PERF_JOBS:-} " == *" $name "* ]]; then
+        perf record -q -a -g -e cpu-clock -o "$OUT/perf-$peer-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
+        perf_pid=$!
     fi
     wait "$fio_pid"
+    [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")
     if [[ $rw == *read ]]; then
         kib=$(cut -d';' -f7 <<<"$line"); iops=$(cut -d';' -f8 <<<"$line")

@@ -6,6 +6,8 @@
 #   vduse-rbd   our `vduse-csi device serve --rbd` (librbd, asynchronous, cache off)
 #   krbd        the kernel's own RBD client (`rbd map`)
 #   rbd-nbd     librbd behind the kernel's NBD client (`rbd-nbd map`), ceph-csi's other mounter
+#   librbd      fio's own librbd engine, no block device at all: what librbd itself reaches,
+#               the ceiling of any userspace client (ours and rbd-nbd add a frontend to it)
 # Only one of them has the image open at a time (each takes the exclusive lock). The OSD runs
 # in the same TCG guest as the client, so every row is bounded by it: compare ratios.
 #
@@ -16,7 +18,10 @@
 # its replies mostly where the loopback delivers them (the OSD's), so its client figure is
 # low and the all-vCPU figure is the fair one to compare.
 # BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
-# BENCH_RBD_DEVICES: which of vduse_rbd, krbd and rbd_nbd run (all three by default).
+# BENCH_RBD_DEVICES: which of vduse_rbd, librbd, krbd and rbd_nbd run (all four by default).
+# BENCH_PERF="JOB...": after the rounds, one more round samples the whole guest with perf
+# during those jobs (it is not in the medians), and bench.perf gives each device's CPU by
+# thread and its hottest functions.
 set -euo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
@@ -84,6 +89,8 @@ krbd() {
     timeout 120 rbd "${C[@]}" device unmap -o noudev "$dev"
 }
 
+librbd() { CEPH_CONF=$CEPH/ceph.conf run_jobs librbd rbd:rbd/bench; }
+
 rbd_nbd() {
     local dev
     dev=$(timeout 120 "${CLIENT[@]}" rbd-nbd "${C[@]}" map rbd/bench)
@@ -95,7 +102,7 @@ rbd_nbd() {
 # Each round starts with another device: the cluster is slower in its first minutes (the mgr
 # loads its modules, the OSD settles after the fill) and the guest drifts, so every device
 # gets one early slot and the median drops it.
-read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd krbd rbd_nbd}"
+read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd librbd krbd rbd_nbd}"
 [[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
@@ -103,6 +110,24 @@ for round in $(seq 1 "$ROUNDS"); do
         "${devices[$(((round - 1 + i) % ${#devices[@]}))]}"
     done
 done
+if [[ -n ${BENCH_PERF:-} ]]; then
+    echo "--- perf round (not in the medians)" >&2
+    mv "$OUT/bench.raw" "$OUT/bench.raw.keep"
+    [[ -e $OUT/bench.cpu ]] && mv "$OUT/bench.cpu" "$OUT/bench.cpu.keep"
+    for d in "${devices[@]}"; do PERF_JOBS=$BENCH_PERF "$d"; done
+    mv "$OUT/bench.raw" "$OUT/bench.raw.perf"
+    mv "$OUT/bench.raw.keep" "$OUT/bench.raw"
+    [[ -e $OUT/bench.cpu.keep ]] && mv "$OUT/bench.cpu.keep" "$OUT/bench.cpu"
+    : >"$OUT/bench.perf"
+    for f in "$OUT"/perf-*.data; do
+        {
+            echo "=== ${f##*/perf-}: CPU by thread (all vCPUs), then the hottest functions"
+            perf report -i "$f" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
+            perf report -i "$f" --no-children --sort comm,dso,sym --stdio -g none 2>/dev/null |
+                grep -v '^#' | grep -v '^$' | head -n 40
+        } >>"$OUT/bench.perf"
+    done
+fi
 
 # median(KEY): the median of the numbers listed, space-separated, in vals[KEY]
 MEDIAN='
@@ -116,13 +141,13 @@ function median(key,    n, i, j, t, a) {
 awk "$MEDIAN"'
 { vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
 END {
-    printf "%-18s %10s %7s %10s %7s %10s %7s %9s %10s\n", "job", "vduse-rbd", "MiB/s", "krbd", "MiB/s", "rbd-nbd", "MiB/s", "vs krbd", "vs rbd-nbd"
+    printf "%-18s %10s %7s %10s %7s %10s %7s %10s %7s %9s %10s %10s\n", "job", "vduse-rbd", "MiB/s", "krbd", "MiB/s", "rbd-nbd", "MiB/s", "librbd", "MiB/s", "vs krbd", "vs rbd-nbd", "vs librbd"
     for (i = 0; i < n; i++) {
         j = order[i]
-        o = median("vduse-rbd "j); k = median("krbd "j); b = median("rbd-nbd "j)
+        o = median("vduse-rbd "j); k = median("krbd "j); b = median("rbd-nbd "j); l = median("librbd "j)
         vals["m"] = mb["vduse-rbd "j]; om = median("m"); vals["m"] = mb["krbd "j]; km = median("m")
-        vals["m"] = mb["rbd-nbd "j]; bm = median("m")
-        printf "%-18s %10d %7d %10d %7d %10d %7d %8.2fx %9.2fx\n", j, o, om, k, km, b, bm, (k ? o/k : 0), (b ? o/b : 0)
+        vals["m"] = mb["rbd-nbd "j]; bm = median("m"); vals["m"] = mb["librbd "j]; lm = median("m")
+        printf "%-18s %10d %7d %10d %7d %10d %7d %10d %7d %8.2fx %9.2fx %9.2fx\n", j, o, om, k, km, b, bm, l, lm, (k ? o/k : 0), (b ? o/b : 0), (l ? o/l : 0)
     }
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"
 if [[ -n ${BENCH_RBD_TUNED:-} ]]; then

@@ -10,7 +10,9 @@
 #     BENCH_MAIN=0 runs it alone). The Ceph daemons run on vCPU 0 and the client side on
 #     vCPU 1 (BENCH_PIN=0: unpinned), and a second table gives CPU seconds per 100k requests;
 #     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth;
-#     BENCH_RBD_DEVICES (default "vduse_rbd krbd rbd_nbd") picks the others.
+#     BENCH_RBD_DEVICES (default "vduse_rbd librbd krbd rbd_nbd") picks the others (librbd:
+#     fio's librbd engine, no block device, the userspace ceiling); BENCH_PERF="JOB..." adds
+#     a round sampled by perf during those jobs, reported by thread and function (bench.perf).
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -68,7 +70,7 @@ fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
-    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
+    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES BENCH_PERF" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$rbd_out/bench.table"
