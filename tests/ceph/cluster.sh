@@ -3,11 +3,14 @@
 # sparse file, bound to 127.0.0.1 only, everything under one scratch directory. By default
 # without authentication; CEPH_AUTH=cephx turns cephx on.
 #
-# Usage: [CEPH_AUTH=none|cephx] tests/ceph/cluster.sh start DIR
+# Usage: [CEPH_AUTH=none|cephx] [CEPH_MGR=0] tests/ceph/cluster.sh start DIR
 #                                          # prints nothing; DIR/ceph.conf is the client config
 #        tests/ceph/cluster.sh stop DIR    # kills the daemons, removes DIR
 #        tests/ceph/cluster.sh stop-osd DIR   # stops the one OSD: every placement group inactive
 #        tests/ceph/cluster.sh start-osd DIR  # starts it again; returns once it is up
+#
+# CEPH_MGR=0 starts no ceph-mgr: RBD I/O, images, snapshots, clones, locks and blocklists
+# need only the mon and the OSD (placement group statistics and `ceph -s` need the mgr).
 #
 # With CEPH_AUTH=cephx, DIR/ceph.conf still works for the ceph and rbd CLIs as client.admin
 # (its key is DIR/client.admin.keyring, found through the "keyring" setting), and the user
@@ -108,12 +111,14 @@ EOF
     fi
     ceph-mon -c "$dir/ceph.conf" --mkfs -i a --monmap "$dir/monmap" "${mkfs_keyring[@]}" >/dev/null
     ceph-mon -c "$dir/ceph.conf" -i a 2>>"$dir/log/mon.stderr"
-    if [[ $auth == cephx ]]; then
-        # The mgr cannot log in without its key, so it is made (by the mon) before the mgr starts.
-        ceph_cli auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
-            -o "$dir/mgr.x.keyring" || { log "no key for mgr.x"; return 1; }
+    if [[ ${CEPH_MGR:-1} != 0 ]]; then
+        if [[ $auth == cephx ]]; then
+            # The mgr cannot log in without its key, so it is made (by the mon) before the mgr starts.
+            ceph_cli auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+                -o "$dir/mgr.x.keyring" || { log "no key for mgr.x"; return 1; }
+        fi
+        ceph-mgr -c "$dir/ceph.conf" -i x 2>>"$dir/log/mgr.stderr"
     fi
-    ceph-mgr -c "$dir/ceph.conf" -i x 2>>"$dir/log/mgr.stderr"
     local id
     id=$(ceph_cli osd create)
     [[ $id == 0 ]] || die "expected osd id 0, got $id"

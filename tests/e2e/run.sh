@@ -25,8 +25,7 @@ export VDUSE_CSI_IMAGE=$built/vduse-csi.tar VDUSE_CSI_CHART_RBD=$built/chart-rbd
 "$repo/tests/e2e/install-images.sh" "$VDUSE_CSI_BIN" "$VDUSE_CSI_IMAGE"
 "$repo/target/venv/bin/python" "$repo/tests/e2e/render-chart.py" "$VDUSE_CSI_CHART_RBD"
 export GUEST_ENV="VDUSE_CSI_BIN VDUSE_CSI_E2E_CACHE VDUSE_CSI_IMAGE VDUSE_CSI_CHART_RBD E2E_FILTER"
-# Kubernetes, Ceph, and containerd's images on tmpfs (the native snapshotter copies each image
-# per container).
+# Kubernetes, Ceph, and containerd's images on tmpfs.
 export GUEST_MEM=${GUEST_MEM:-8192} GUEST_TIMEOUT=${GUEST_TIMEOUT:-3000} GUEST_TMP_SIZE=${GUEST_TMP_SIZE:-2g}
 export GUEST_QUIET=${GUEST_QUIET:-1}
 status=0

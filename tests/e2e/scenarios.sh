@@ -3,6 +3,28 @@
 # (tests/e2e/install.sh). Each runs through kubectl only: claims, snapshots and pods; no CSI
 # call comes from the test. They run in the order of SCENARIOS at the end.
 
+# watch_until SECONDS PATTERN GET-ARGS...: follows `kubectl get --watch GET-ARGS` and prints
+# the first line that matches PATTERN (an extended regular expression); fails if none comes
+# within SECONDS. One kubectl and one watch per wait, where a poll would start a kubectl (a Go
+# start and a TLS handshake with the API server, costly under TCG) every second; and it sees
+# a change at once.
+watch_until() {
+    local secs=$1 pattern=$2 line fd pid status=1
+    shift 2
+    exec {fd}< <(exec timeout "$secs" "$K/kubectl" get --watch "$@" 2>/dev/null)
+    pid=$!
+    while read -r -u "$fd" line; do
+        if [[ $line =~ $pattern ]]; then
+            echo "$line"
+            status=0
+            break
+        fi
+    done
+    kill "$pid" 2>/dev/null
+    exec {fd}<&-
+    return $status
+}
+
 # claim NAME SIZE CLASS MODE [SOURCE]: a PVC of the StorageClass CLASS, restored from the
 # VolumeSnapshot SOURCE if given.
 claim() {
@@ -31,11 +53,7 @@ spec:
   volumeSnapshotClassName: $3
   source: {persistentVolumeClaimName: $2}
 YAML
-    local i
-    for ((i = 0; i < 300; i++)); do
-        [[ $(kc get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}') == true ]] && return 0
-        sleep 1
-    done
+    watch_until 300 '^true$' volumesnapshot "$1" -o jsonpath='{.status.readyToUse}{"\n"}' >/dev/null && return 0
     kc describe volumesnapshot "$1"
     return 1
 }
@@ -78,20 +96,14 @@ YAML
 
 # finished NAME: waits until the pod has run to its end; true if it succeeded.
 finished() {
-    local phase i
-    for ((i = 0; i < 600; i++)); do
-        phase=$(kc get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null)
-        case $phase in
-        Succeeded) return 0 ;;
-        Failed)
-            kc describe pod "$1"
-            return 1
-            ;;
-        esac
-        # A pod still not done after a minute: what every process waits on, for the log.
-        ((i == 60)) && ps -eo pid,ppid,stat,wchan:30,args >"$OUT/ps-$1.log" 2>&1
-        sleep 1
-    done
+    local phase dump
+    # A pod still not done after a minute: what every process waits on, for the log. (Its
+    # output goes elsewhere: a caller's $(...) must not wait for this watcher.)
+    (sleep 60 && ps -eo pid,ppid,stat,wchan:30,args >"$OUT/ps-$1.log") >/dev/null 2>&1 &
+    dump=$!
+    phase=$(watch_until 600 '^(Succeeded|Failed)$' pod "$1" -o jsonpath='{.status.phase}{"\n"}')
+    kill "$dump" 2>/dev/null
+    [[ $phase == Succeeded ]] && return 0
     kc describe pod "$1"
     return 1
 }
@@ -125,12 +137,11 @@ unstaged() {
 # bound CLAIM: waits until the claim is bound (for WaitForFirstConsumer, after its first pod
 # was scheduled), and prints its PV's name.
 bound() {
-    local i pv
-    for ((i = 0; i < 300; i++)); do
-        pv=$(kc get pvc "$1" -o jsonpath='{.spec.volumeName}' 2>/dev/null)
-        [[ -n $pv && $(kc get pvc "$1" -o jsonpath='{.status.phase}') == Bound ]] && echo "$pv" && return 0
-        sleep 1
-    done
+    local line
+    if line=$(watch_until 300 '^Bound .' pvc "$1" -o jsonpath='{.status.phase} {.spec.volumeName}{"\n"}'); then
+        echo "${line#Bound }"
+        return 0
+    fi
     kc describe pvc "$1" >&2
     return 1
 }
@@ -224,18 +235,12 @@ scenario_block_claim_is_a_device_in_the_pod() {
 }
 
 running() { # NAME: waits until the pod runs; fails at once if it ended instead
-    local i phase
-    for ((i = 0; i < 300; i++)); do
-        phase=$(kc get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null)
-        case $phase in
-        Running) return 0 ;;
-        Succeeded | Failed)
-            echo "pod $1 ended ($phase) instead of running: $(podlog "$1" | tr '\n' ';')"
-            break
-            ;;
-        esac
-        sleep 1
-    done
+    local phase
+    phase=$(watch_until 600 '^(Running|Succeeded|Failed)$' pod "$1" -o jsonpath='{.status.phase}{"\n"}')
+    case $phase in
+    Running) return 0 ;;
+    Succeeded | Failed) echo "pod $1 ended ($phase) instead of running: $(podlog "$1" | tr '\n' ';')" ;;
+    esac
     kc describe pod "$1"
     return 1
 }
@@ -319,10 +324,7 @@ scenario_expansion_by_editing_the_claim_reaches_the_pod() {
     sleep 3
     before=$(awk '{print $2}' < <(podlog grower | tail -1))
     kc patch pvc grown -p '{"spec":{"resources":{"requests":{"storage":"256Mi"}}}}' || return 1
-    for ((i = 0; i < 300; i++)); do
-        [[ $(kc get pvc grown -o jsonpath='{.status.capacity.storage}') == 256Mi ]] && break
-        sleep 1
-    done
+    watch_until 300 '^256Mi$' pvc grown -o jsonpath='{.status.capacity.storage}{"\n"}' >/dev/null
     kc get pvc grown -o jsonpath='{.status.capacity.storage} {.status.conditions}{"\n"}'
     grep -h "NodeExpandVolume" "$OUT/kubelet.daemon.log" | tail -2
     mount=$(ls -d /var/lib/kubelet/pods/*/volumes/kubernetes.io~csi/"$pv"/mount)
@@ -376,10 +378,7 @@ scenario_deleting_the_claim_removes_the_image() {
     "$BIN" volume list --state-dir /var/lib/vduse-csi | grep -w "$pv" || return 1
     find /var/lib/vduse-csi -name "*$pv*" | head -3
     kc delete pvc doomed --wait=true --timeout=120s || return 1
-    for ((i = 0; i < 120; i++)); do
-        kc get pv "$pv" >/dev/null 2>&1 || break
-        sleep 1
-    done
+    kc wait --for=delete --timeout=120s pv "$pv" >/dev/null 2>&1
     if kc get pv "$pv" 2>/dev/null; then
         echo "the PV outlived its claim"
         return 1
@@ -437,12 +436,11 @@ PY
     echo "device and image are gone with the pod"
 }
 
-# rbd_claim_round_trip CLAIM CLASS: a claim on the RBD StorageClass CLASS (its Secret holds
-# a cephx `profile rbd` user's key): a pod writes, is deleted, a new pod reads the data back;
-# prints the data's checksum, and nothing else on stdout.
-rbd_claim_round_trip() {
-    local pv sum read devices
-    devices=$(ls /sys/class/vduse)
+# rbd_written CLAIM CLASS: a claim on the RBD StorageClass CLASS (its Secret holds a cephx
+# `profile rbd` user's key) that a pod wrote, synced and left; prints "PV CHECKSUM" of the data,
+# and nothing else on stdout.
+rbd_written() {
+    local pv sum
     claim "$1" 128Mi "$2" Filesystem >&2 || return 1
     pv=$(bound "$1") || return 1
     echo "provisioned $pv: $(kc get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle} {.spec.csi.volumeAttributes}')" >&2
@@ -455,29 +453,40 @@ rbd_claim_round_trip() {
     finished "$1-writer" || return 1
     sum=$(podlog "$1-writer")
     gone "$1-writer" >&2 || return 1
-    # An RBD volume's device is named after its volume ID's hash: the devices are as before.
-    unstaged "$pv" >&2 || return 1
-    wait_for 60 "the RBD device to go" sh -c '[ "$(ls /sys/class/vduse)" = "$1" ]' - "$devices" >&2 || return 1
-    pod "$1-reader" "$1" Filesystem 'md5sum < /data/blob' >&2 || return 1
+    [[ -n $sum ]] || return 1
+    echo "$pv $sum"
+}
+
+# read_back CLAIM SUM: a new pod reads the claim's data; true if its checksum is SUM.
+read_back() {
+    local read
+    pod "$1-reader" "$1" Filesystem 'md5sum < /data/blob' || return 1
     finished "$1-reader" || return 1
     read=$(podlog "$1-reader")
-    gone "$1-reader" >&2 || return 1
-    echo "written $sum, read back $read" >&2
-    [[ -n $sum && $read == "$sum" ]] || return 1
-    echo "$sum"
+    gone "$1-reader" || return 1
+    echo "written $2, read back $read"
+    [[ $read == "$2" ]]
 }
 
 # An RBD claim with cephx: the controller creates the image as the restricted user, the node
-# stages it with the same Secret; the data outlives the pod.
+# stages it with the same Secret; the data outlives the pod: after the volume is unstaged (its
+# device gone), a new pod reads it back.
 scenario_rbd_claim_with_cephx_outlives_its_pod() {
+    local written devices
     grep -q "auth client required = cephx" "$CEPH/ceph.conf" || return 1
-    rbd_claim_round_trip rbd-data vduse-rbd-ext4 >/dev/null
+    devices=$(ls /sys/class/vduse)
+    written=$(rbd_written rbd-data vduse-rbd-ext4) || return 1
+    # An RBD volume's device is named after its volume ID's hash: the devices are as before.
+    unstaged "${written% *}" || return 1
+    wait_for 60 "the RBD device to go" sh -c '[ "$(ls /sys/class/vduse)" = "$1" ]' - "$devices" || return 1
+    read_back rbd-data "${written#* }"
 }
 
 # An RBD snapshot (the RBD VolumeSnapshotClass) and a claim restored from it: equal data.
 scenario_rbd_snapshot_and_restore() {
-    local sum restored
-    sum=$(rbd_claim_round_trip rbd-origin vduse-rbd-ext4) || return 1
+    local written sum restored
+    written=$(rbd_written rbd-origin vduse-rbd-ext4) || return 1
+    sum=${written#* }
     snapshot rbd-snap rbd-origin vduse-rbd-snapclass || return 1
     claim rbd-restored 128Mi vduse-rbd-ext4 Filesystem rbd-snap || return 1
     bound rbd-restored >/dev/null || return 1
@@ -491,7 +500,7 @@ scenario_rbd_snapshot_and_restore() {
 
 # The Helm chart, rendered with RBD enabled (tests/e2e/render-chart.py on the host, as
 # `helm template` would), installed the same way after deploy/ is uninstalled: the node
-# plugin and the RBD controller come up, and an RBD claim round-trips through it.
+# plugin and the RBD controller come up, and an RBD claim a pod wrote is read by another.
 scenario_helm_chart_with_rbd_installs_and_serves() {
     # Nothing of deploy/'s install may stay behind: pods, snapshots and claims first (their
     # deletion needs the driver), then its objects.
@@ -511,7 +520,9 @@ scenario_helm_chart_with_rbd_installs_and_serves() {
     kc apply -f "$OUT/chart-rbd.yaml" || return 1
     installed || return 1
     kc -n $NS get pods -o wide
-    rbd_claim_round_trip chart-rbd vduse-rbd-ext4 >/dev/null
+    local written
+    written=$(rbd_written chart-rbd vduse-rbd-ext4) || return 1
+    read_back chart-rbd "${written#* }"
 }
 
 SCENARIOS=(

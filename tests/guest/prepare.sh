@@ -26,8 +26,9 @@ GUEST_DIR=${GUEST_DIR:-$repo/target/guest}
 # (vdpa, vhost_iotlb, netfs, 9pnet, jbd2, crc32c, ...). vhost_vdpa is
 # deliberately absent: on the vdpa bus the first loaded driver wins the bind,
 # and it must be virtio_vdpa so that devices become /dev/vdX (VDUSE.md §2).
-# ublk_drv: the benchmark's rublk peer; rbd and nbd: its krbd and rbd-nbd peers.
-MODULES=(9p 9pnet_virtio vduse virtio_vdpa virtio_blk ext4 xfs loop ublk_drv rbd nbd)
+# ublk_drv: the benchmark's rublk peer; rbd and nbd: its krbd and rbd-nbd peers; overlay:
+# containerd's snapshotter in the kubelet e2e (each container's root without a copy).
+MODULES=(9p 9pnet_virtio vduse virtio_vdpa virtio_blk ext4 xfs loop ublk_drv rbd nbd overlay)
 # Package name pattern for apt-cache (regex) and for files in the cache (glob).
 KPKG_RE='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 KPKG_GLOB='linux-image-6.12.*+deb12-amd64-unsigned_*.deb'
