@@ -8,13 +8,21 @@ cpu_busy() {
     awk '$1 ~ /^cpu[0-9]+$/ { print substr($1, 4), $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
 }
 
+# proc_cpu PID: user + system clock ticks of the whole process, all its threads
+proc_cpu() {
+    # The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
 # run_job PEER DEV "NAME RW BS IODEPTH NUMJOBS": appends "PEER NAME IOPS MiB/s" to bench.raw
 # and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu. DEV is a block
 # device, or rbd:POOL/IMAGE for fio's own librbd engine (no block device: the userspace
 # client's ceiling), which reads the cluster from $CEPH_CONF. With PERF_JOBS listing NAME,
 # the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data.
+# With SERVER_PID set, that process's CPU time (all threads, user + system) while fio counts is
+# appended to bench.cpu as "PEER NAME srv SECONDS_PER_100K".
 run_job() {
-    local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid=
+    local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid= srv0= srv1=
     read -r name rw bs qd jobs <<<"$3"
     [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
     if [[ $dev == rbd:* ]]; then
@@ -28,16 +36,18 @@ run_job() {
         --time_based --randrepeat=0 --norandommap --output-format=terse \
         --terse-version=3 >"$OUT/fio.out" &
     fio_pid=$!
-    if [[ -n ${FIO_CPU:-} || " ${PERF_JOBS:-} " == *" $name "* ]]; then
+    if [[ -n ${FIO_CPU:-} || -n ${SERVER_PID:-} || " ${PERF_JOBS:-} " == *" $name "* ]]; then
         # fio counts after its 1 s ramp, for RUNTIME seconds: the CPU is sampled over the same.
         sleep 1
         [[ -n ${FIO_CPU:-} ]] && before=$(cpu_busy)
+        [[ -n ${SERVER_PID:-} ]] && srv0=$(proc_cpu "$SERVER_PID")
     fi
     if [[ " ${PERF_JOBS:-} " == *" $name "* ]]; then
         perf record -q -a -g -e cpu-clock -o "$OUT/perf-$peer-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
         perf_pid=$!
     fi
     wait "$fio_pid"
+    [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")
     if [[ $rw == *read ]]; then
@@ -46,6 +56,10 @@ run_job() {
         kib=$(cut -d';' -f48 <<<"$line"); iops=$(cut -d';' -f49 <<<"$line")
     fi
     echo "$peer $name $iops $((kib / 1024))" | tee -a "$OUT/bench.raw"
+    if [[ -n $srv0 && -n $srv1 ]]; then
+        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$RUNTIME" -v hz="$(getconf CLK_TCK)" -v d=$((srv1 - srv0)) \
+            'BEGIN { printf "%s %s srv %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
+    fi
     if [[ -n ${FIO_CPU:-} ]]; then
         after=$(cpu_busy)
         # ticks are USER_HZ (100/s); requests = IOPS x RUNTIME

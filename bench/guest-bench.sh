@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Runs INSIDE the VDUSE guest (started by bench/run.sh): the same fio jobs on the same image
-# through four block devices, in interleaved rounds within this one boot:
-#   vduse-csi   our `vduse-csi device serve` (default cache mode, which on tmpfs means the
-#               page cache: there it is the storage)
-#   qsd         qemu-storage-daemon --export vduse-blk (QEMU's C implementation), with an
-#               iothread and its default cache mode (the page cache), like ours
-#   rublk       rublk's ublk loop target (a ublk server in Rust), with --buffered-io, like ours
-#   loop        the kernel loop device with direct I/O (the in-kernel ceiling)
-# and, with PEERS containing "null", two targets that store nothing, to measure what each
-# frontend costs with the storage taken out:
-#   vduse-null  our device with `--null` (the kernel's VDUSE path + our queue engine)
-#   rublk-null  rublk's null target (the kernel's ublk path + rublk's queue loop)
-# With PEERS containing "metrics", our device runs the 4k jobs once more with its metrics
-# endpoint on (counting in every queue), to show what counting costs:
-#   vduse-metrics  `device serve --metrics-address ...` (the vduse-csi row counts nothing)
-# Every target has BENCH_QUEUES queues (loop has its own). One more row runs our device with
-# a single queue, to show what the second queue buys. Each round brings every target up in
-# turn and runs every job; the table shows each job's median over the rounds. Everything in
-# the guest is emulated (TCG): compare ratios, not absolute figures.
+# Runs INSIDE the VDUSE guest (started by bench/run.sh): the same fio jobs on the same data
+# through every peer, each at its defaults and at its best flags, at one queue and at the
+# default count, with the image on two kinds of storage, in interleaved rounds in one boot.
+#
+# Storage (BENCH_STORAGE, default "tmpfs ext4"):
+#   tmpfs  the image on the guest's /tmp: no O_DIRECT, the page cache is the storage
+#   ext4   the image on ext4 over a loop device (backed by a tmpfs file): O_DIRECT is real,
+#          a direct read or write goes through ext4 to the block layer, never the page cache
+# Configurations (BENCH_PEERS picks peers: "vduse-csi qsd rublk loop", plus "metrics"):
+#   vduse-csi           `vduse-csi device serve` with its defaults (--cache none: O_DIRECT
+#                       where the filesystem takes it, the page cache on tmpfs)
+#   vduse-csi+wb        the same with --cache writeback (ext4 only; on tmpfs it is the default)
+#   qsd                 qemu-storage-daemon --export vduse-blk with its defaults (no iothread,
+#                       cache.direct=off, aio=threads)
+#   qsd+iothread        with an iothread and aio=io_uring, and cache.direct=on on ext4
+#   rublk               `rublk add loop` with its defaults (direct I/O)
+#   rublk+buffered      the same with --buffered-io (the page cache)
+#   loop                the kernel loop device, --direct-io=on (one queue count: it has its own)
+#   vduse-metrics       ours with its metrics endpoint counting, 4k jobs (with "metrics")
+# Each job's figure is the median over the rounds. Every configuration is labelled
+# CONFIG/STORAGE/qQUEUES in bench.raw. The server process's CPU time (all its threads,
+# /proc/PID/stat, user + system) over the span fio counts is written per 100k requests to
+# bench.cpu. bench.table shows every configuration, and for each row our best against the best
+# configuration of the best server peer (qsd, rublk; the goal is >= 1.00x on every row) and
+# against the kernel loop device, the in-kernel ceiling. Everything in the guest is
+# emulated (TCG): compare ratios, not absolute figures.
 set -euo pipefail
 
 BIN=${VDUSE_CSI_BIN:?}
@@ -26,13 +33,13 @@ RUNTIME=${BENCH_RUNTIME:-5}
 SIZE_MB=${BENCH_SIZE_MB:-512}
 QUEUES=${BENCH_QUEUES:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
-PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop null metrics}
+PEERS=${BENCH_PEERS:-vduse-csi qsd rublk loop}
+STORAGES=${BENCH_STORAGE:-tmpfs ext4}
+COUNTS=1
+[[ $QUEUES != 1 ]] && COUNTS="1 $QUEUES"
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 W=/tmp/bench
 mkdir -p "$W"
-img=$W/bench.img
-# Fill the whole image so reads hit data, not holes; every target serves this same file.
-dd if=/dev/urandom of="$img" bs=1M count="$SIZE_MB" status=none
 
 # name rw bs iodepth numjobs
 JOBS=(
@@ -44,9 +51,34 @@ JOBS=(
     "write-1m-qd8 write 1M 8 1"
     "randread-4k-2x32 randread 4k 32 2"
 )
+if [[ -n ${BENCH_JOBS:-} ]]; then
+    picked=()
+    for j in "${JOBS[@]}"; do [[ " $BENCH_JOBS " == *" ${j%% *} "* ]] && picked+=("$j"); done
+    JOBS=("${picked[@]}")
+fi
 
 # shellcheck source=bench/fio-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/fio-lib.sh"
+
+# The data: filled in full, so that reads hit data, not holes; every target serves it.
+dd if=/dev/urandom of="$W/bench.img" bs=1M count="$SIZE_MB" status=none
+declare -A IMG
+IMG[tmpfs]=$W/bench.img
+if [[ " $STORAGES " == *" ext4 "* ]]; then
+    truncate -s "$((SIZE_MB + SIZE_MB / 4 + 64))M" "$W/ext4.backing"
+    ext4_loop=$(losetup --direct-io=on -f --show "$W/ext4.backing" 2>"$W/losetup.err")
+    [[ -s $W/losetup.err ]] && echo "ext4's loop device: $(cat "$W/losetup.err")" >&2
+    mkfs.ext4 -q -F "$ext4_loop"
+    mkdir -p "$W/ext4"
+    mount "$ext4_loop" "$W/ext4"
+    cp "$W/bench.img" "$W/ext4/bench.img"
+    sync
+    IMG[ext4]=$W/ext4/bench.img
+    # Only the ext4 copy is served there: the tmpfs original is dropped if tmpfs is not run.
+    [[ " $STORAGES " == *" tmpfs "* ]] || rm -f "$W/bench.img"
+fi
+
+peer() { [[ " $PEERS " == *" $1 "* ]]; }
 
 wait_block() { # vdpa device name -> /dev/vdX
     local i d
@@ -59,122 +91,163 @@ wait_block() { # vdpa device name -> /dev/vdX
     return 1
 }
 
-peer() { [[ " $PEERS " == *" $1 "* ]]; }
-
-ours() { # LABEL QUEUES [JOB...]; $BACKEND: what the device serves (default: the image)
-    local label=$1 queues=$2 pid dev i
+# jobs LABEL DEV [JOB...]: the jobs (all by default) on DEV, with SERVER_PID counted
+jobs_on() {
+    local label=$1 dev=$2 j
     shift 2
-    # shellcheck disable=SC2086 # BACKEND is a list of arguments
-    "$BIN" device serve ${BACKEND:---image $img} --name bench0 --queues "$queues" --log-level warn ${EXTRA:-} >"$W/ours.out" &
-    pid=$!
-    for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
-    dev=$(head -n1 "$W/ours.out")
-    : >"$W/ours.out"
     if (($#)); then
         for j in "$@"; do run_job "$label" "$dev" "$j"; done
     else
         run_jobs "$label" "$dev"
     fi
+}
+
+ours() { # LABEL IMAGE QUEUES [JOB...]; $EXTRA: more arguments for device serve
+    local label=$1 img=$2 queues=$3 pid i
+    shift 3
+    # shellcheck disable=SC2086 # EXTRA is a list of arguments
+    "$BIN" device serve --image "$img" --name bench0 --queues "$queues" --log-level warn ${EXTRA:-} >"$W/ours.out" &
+    pid=$!
+    for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
+    SERVER_PID=$pid jobs_on "$label" "$(head -n1 "$W/ours.out")" "$@"
+    : >"$W/ours.out"
     kill -TERM "$pid"; wait "$pid"
 }
 
-# Our device again, counting for its metrics endpoint, on the 4k jobs.
-metrics_rows() {
-    EXTRA="--metrics-address 127.0.0.1:9813" ours vduse-metrics "$QUEUES" "${JOBS[@]:0:4}"
-}
-
-qsd() {
-    local pid dev i
-    qemu-storage-daemon --object iothread,id=t0 \
-        --blockdev "file,filename=$img,node-name=d0" \
-        --export "vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$QUEUES,writable=on,queue-size=256,iothread=t0" &
+qsd() { # LABEL IMAGE QUEUES best|default
+    local label=$1 img=$2 queues=$3 pid i file=() export_opts dev
+    file=(--blockdev "file,filename=$img,node-name=d0")
+    export_opts="vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$queues,writable=on"
+    if [[ $4 == best ]]; then
+        local direct=off
+        [[ $img != "${IMG[tmpfs]}" ]] && direct=on
+        file=(--object iothread,id=t0 --blockdev "file,filename=$img,node-name=d0,aio=io_uring,cache.direct=$direct")
+        export_opts+=",iothread=t0"
+    fi
+    qemu-storage-daemon "${file[@]}" --export "$export_opts" &
     pid=$!
     for i in $(seq 1 100); do [[ -e /sys/class/vduse/qsd0 ]] && break; sleep 0.1; done
     vdpa dev add name qsd0 mgmtdev vduse
     dev=$(wait_block qsd0)
-    run_jobs qsd "$dev"
+    SERVER_PID=$pid jobs_on "$label" "$dev"
     vdpa dev del qsd0
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-rublk_peer() { # LABEL TARGET [TARGET ARGS...]
-    local label=$1 i
-    shift
+have_rublk() { command -v rublk >/dev/null && [[ -e /dev/ublk-control ]]; }
+
+rublk_peer() { # LABEL QUEUES [ADD ARGS...]
+    local label=$1 queues=$2 i
+    shift 2
     # 1 MiB I/O buffers, so that a 1 MiB request is not split in two (its default is 512 KiB).
-    rublk add "$@" -n 0 -q "$QUEUES" -d 128 -b 1MiB --quiet
+    rublk add "$@" -n 0 -q "$queues" -d 128 -b 1MiB --quiet
     for i in $(seq 1 100); do [[ -b /dev/ublkb0 ]] && break; sleep 0.1; done
-    run_jobs "$label" /dev/ublkb0
+    # `rublk add` leaves a daemon behind: the process that serves the queues.
+    SERVER_PID=$(pgrep -x rublk | head -n1) jobs_on "$label" /dev/ublkb0
     rublk del -n 0
 }
 
-have_rublk() { command -v rublk >/dev/null && [[ -e /dev/ublk-control ]]; }
-
-loop_peer() {
+loop_peer() { # LABEL IMAGE
     local dev
-    dev=$(losetup --direct-io=on -f --show "$img")
-    run_jobs loop "$dev"
+    dev=$(losetup --direct-io=on -f --show "$2" 2>/dev/null)
+    SERVER_PID='' jobs_on "$1" "$dev"
     losetup -d "$dev"
 }
 
 : >"$OUT/bench.raw"
+: >"$OUT/bench.cpu"
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
-    # The guest slows down as a boot goes on, so the metrics rows go first in every other
-    # round: on and off then see the same drift.
-    if peer metrics && ((round % 2 == 0)); then metrics_rows; fi
-    if peer vduse-csi; then ours vduse-csi "$QUEUES"; ours vduse-csi-1q 1 "${JOBS[1]}"; fi
-    if peer metrics && ((round % 2 == 1)); then metrics_rows; fi
-    if peer qsd; then qsd; fi
-    if peer rublk; then
-        if have_rublk; then rublk_peer rublk loop -f "$img" --buffered-io; else echo "rublk: not available" >&2; fi
-    fi
-    if peer loop; then loop_peer; fi
-    if peer null; then
-        BACKEND="--null --size ${SIZE_MB}M" ours vduse-null "$QUEUES"
-        BACKEND="--null --size ${SIZE_MB}M" ours vduse-null-1q 1 "${JOBS[1]}"
-        if have_rublk; then rublk_peer rublk-null null; fi
-    fi
+    for s in $STORAGES; do
+        img=${IMG[$s]}
+        for q in $COUNTS; do
+            if peer vduse-csi; then
+                ours "vduse-csi/$s/q$q" "$img" "$q"
+                [[ $s != tmpfs ]] && EXTRA="--cache writeback" ours "vduse-csi+wb/$s/q$q" "$img" "$q"
+            fi
+            if peer metrics && [[ $s == tmpfs && $q == "$QUEUES" ]]; then
+                EXTRA="--metrics-address 127.0.0.1:9813" ours "vduse-metrics/$s/q$q" "$img" "$q" "${JOBS[@]:0:4}"
+            fi
+            if peer qsd; then
+                qsd "qsd/$s/q$q" "$img" "$q" default
+                qsd "qsd+iothread/$s/q$q" "$img" "$q" best
+            fi
+            if peer rublk; then
+                if have_rublk; then
+                    rublk_peer "rublk/$s/q$q" "$q" loop -f "$img"
+                    rublk_peer "rublk+buffered/$s/q$q" "$q" loop -f "$img" --buffered-io
+                else
+                    echo "rublk: not available" >&2
+                fi
+            fi
+            # The loop device has its own queues: run once, shown at every count.
+            if peer loop && [[ $q == 1 ]]; then loop_peer "loop/$s/q1" "$img"; fi
+        done
+    done
 done
 
-# Table: per job, each target's median IOPS and MiB/s over the rounds, and our ratio to each
-# peer (IOPS). The last line compares our 2-job row with the 1-queue QD32 row.
-awk '
+# The tables: per storage and queue count, each job's median IOPS for every configuration,
+# then ours (our best configuration) against the best configuration of every other peer.
+awk -v counts="$COUNTS" -v storages="$STORAGES" -v cpufile="$OUT/bench.cpu" '
 function median(key,    n, i, j, t, a) {
     n = split(vals[key], a, " ")
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return n ? a[int((n + 1) / 2)] : 0
 }
-{ if ($1 == "vduse-null") seen_null = 1; if ($1 == "vduse-metrics") seen_metrics = 1; vals[$1" "$2] = vals[$1" "$2] " " $3; mb[$1" "$2] = mb[$1" "$2] " " $4; if (!seen[$2]++) order[n++] = $2 }
+# the peer a configuration belongs to: its name up to "+"
+function peer_of(config) { sub(/\+.*/, "", config); return config }
+BEGIN {
+    while ((getline line < cpufile) > 0) { split(line, f, " "); if (f[3] == "srv") cpu[f[1]" "f[2]] = cpu[f[1]" "f[2]] " " f[4] }
+}
+{
+    split($1, part, "/"); config = part[1]
+    vals[$1" "$2] = vals[$1" "$2] " " $3
+    if (!seenjob[$2]++) jobs[nj++] = $2
+    if (!seenconf[config]++) confs[nc++] = config
+}
 END {
-    printf "%-18s %10s %7s %10s %7s %10s %7s %10s %7s %8s %8s %8s\n", "job", "vduse-csi", "MiB/s", "qsd", "MiB/s", "rublk", "MiB/s", "loop", "MiB/s", "vs qsd", "vs rublk", "vs loop"
-    for (i = 0; i < n; i++) {
-        j = order[i]
-        o = median("vduse-csi "j); q = median("qsd "j); r = median("rublk "j); l = median("loop "j)
-        vals["m"] = mb["vduse-csi "j]; om = median("m"); vals["m"] = mb["qsd "j]; qm = median("m")
-        vals["m"] = mb["rublk "j]; rm = median("m"); vals["m"] = mb["loop "j]; lm = median("m")
-        printf "%-18s %10d %7d %10d %7d %10d %7d %10d %7d %7.2fx %7.2fx %7.2fx\n", j, o, om, q, qm, r, rm, l, lm, (q ? o/q : 0), (r ? o/r : 0), (l ? o/l : 0)
-    }
-    one = median("vduse-csi-1q randread-4k-qd32"); two = median("vduse-csi randread-4k-2x32")
-    if (one) printf "vduse-csi randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
-    # Counting on against off: the same device and jobs, with and without the metrics endpoint.
-    if (seen_metrics) {
-        printf "\nmetrics on vs off (IOPS):\n%-18s %10s %10s %8s\n", "job", "off", "on", "on/off"
-        for (i = 0; i < n; i++) {
-            j = order[i]; m = median("vduse-metrics "j); o = median("vduse-csi "j)
-            if (m) printf "%-18s %10d %10d %7.3fx\n", j, o, m, (o ? m/o : 0)
+    ns = split(storages, S, " "); nq = split(counts, Q, " ")
+    worst = 0
+    for (si = 1; si <= ns; si++) for (qi = 1; qi <= nq; qi++) {
+        s = S[si]; q = Q[qi]
+        printf "\n== image on %s, %d queue%s: IOPS (server CPU seconds per 100k requests)\n", s, q, (q == 1 ? "" : "s")
+        printf "%-18s", "job"
+        for (c = 0; c < nc; c++) if (confs[c] != "vduse-metrics") printf " %20s", confs[c]
+        printf " %24s %9s\n", "ours / best server", "ours/loop"
+        for (i = 0; i < nj; i++) {
+            j = jobs[i]; printf "%-18s", j
+            delete best; delete bestc
+            for (c = 0; c < nc; c++) {
+                conf = confs[c]; if (conf == "vduse-metrics") continue
+                # the loop device runs at one queue count only
+                label = conf "/" s "/q" (conf == "loop" ? 1 : q)
+                v = median(label " " j)
+                vals["cpu"] = cpu[label " " j]; u = median("cpu")
+                if (v && u) printf " %12d (%5.2f)", v, u; else if (v) printf " %12d        ", v; else printf " %20s", "-"
+                p = peer_of(conf)
+                if (v > best[p]) { best[p] = v; bestc[p] = conf }
+            }
+            # The servers (qsd, rublk) are the peers; the kernel loop device, with no server
+            # and no frontend crossing, is the in-kernel ceiling, in a column of its own.
+            ours = best["vduse-csi"]; top = 0; topc = ""
+            for (p in best) if (p != "vduse-csi" && p != "loop" && best[p] > top) { top = best[p]; topc = bestc[p] }
+            if (ours && top) {
+                r = ours / top
+                printf " %7.2fx %-16s", r, topc
+                if (!worst || r < worst) { worst = r; worstrow = j " on " s " at " q " queue(s), vs " topc }
+            } else printf " %24s", "-"
+            if (ours && best["loop"]) printf " %8.2fx\n", ours / best["loop"]; else printf "\n"
         }
     }
-    if (!seen_null) exit
-    # The frontends alone (no storage): what bounds each row. "ours/null" is how much of its
-    # own ceiling our device reaches; "null/X" is the ceiling against the peers.
-    printf "\nno storage (IOPS):\n%-18s %10s %10s %13s %9s %9s %9s %9s\n", "job", "vduse-null", "rublk-null", "null/rublknull", "ours/null", "null/qsd", "null/rublk", "null/loop"
-    for (i = 0; i < n; i++) {
-        j = order[i]
-        v = median("vduse-null "j); u = median("rublk-null "j); o = median("vduse-csi "j)
-        q = median("qsd "j); r = median("rublk "j); l = median("loop "j)
-        if (!v) continue
-        printf "%-18s %10d %10d %12.2fx %8.2fx %8.2fx %8.2fx %8.2fx\n", j, v, u, (u ? v/u : 0), o/v, (q ? v/q : 0), (r ? v/r : 0), (l ? v/l : 0)
+    if (worst) printf "\nworst row against the best server: %.2fx, %s\n", worst, worstrow
+    # Counting on against off: the same device and jobs, with and without the metrics endpoint.
+    for (c = 0; c < nc; c++) if (confs[c] == "vduse-metrics") {
+        printf "\nmetrics on vs off (IOPS):\n%-18s %10s %10s %8s\n", "job", "off", "on", "on/off"
+        for (i = 0; i < nj; i++) {
+            j = jobs[i]
+            for (k in vals) if (k ~ ("^vduse-metrics/[^ ]* " j "$")) { split(k, kk, " "); label = kk[1] }
+            m = median(label " " j); sub(/^vduse-metrics/, "vduse-csi", label); o = median(label " " j)
+            if (m) printf "%-18s %10d %10d %7.3fx\n", j, o, m, (o ? m / o : 0)
+        }
     }
-    one = median("vduse-null-1q randread-4k-qd32"); two = median("vduse-null randread-4k-2x32")
-    if (one) printf "vduse-null randread-4k: 1 queue QD32 %d IOPS; 2 queues x 2 jobs x QD32 %d IOPS (%.2fx)\n", one, two, two / one
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"

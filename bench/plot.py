@@ -1,11 +1,14 @@
 #!/usr/bin/python3
-"""Draws the benchmark's standing: for every fio job, our device's median IOPS as a ratio of
-each peer's (qemu-storage-daemon, rublk, the kernel loop device), as grouped bars around a line
-at 1x (above it we are faster). With metrics rows in the raw data, a second panel shows the
-datapath with metrics counting against without.
+"""Draws the benchmark's standing: for every fio job, and for every image storage and queue
+count the run had, our best configuration's median IOPS as a ratio of the best configuration of
+the best server peer (qemu-storage-daemon, rublk), as grouped bars around a line at 1x (above
+it we are faster); the worst bar is the honest summary. With metrics rows in the raw data, a
+second panel shows the datapath with metrics counting against without.
 
 Usage: bench/plot.py BENCH_RAW OUT.png [TITLE]
-BENCH_RAW has one line per run: "TARGET JOB IOPS MiB/s" (what bench/guest-bench.sh writes).
+BENCH_RAW has one line per run: "CONFIG/STORAGE/qQUEUES JOB IOPS MiB/s" (what
+bench/guest-bench.sh writes). A configuration's peer is its name up to "+" (vduse-csi+wb is
+ours, qsd+iothread is qsd's); "loop" is the in-kernel ceiling, not a server peer.
 """
 import statistics
 import sys
@@ -16,54 +19,81 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PEERS = [("qsd", "qemu-storage-daemon"), ("rublk", "rublk (ublk)"), ("loop", "kernel loop")]
+OURS = "vduse-csi"
+SERVERS = {"qsd", "rublk"}
 
 
 def medians(path):
+    """{(config, storage, queues, job): median IOPS}, and the jobs in their first order."""
     runs = defaultdict(list)
     jobs = []
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if len(parts) != 4:
+            if len(parts) != 4 or parts[0].count("/") != 2:
                 continue
-            target, job, iops = parts[0], parts[1], float(parts[2])
-            runs[(target, job)].append(iops)
-            if job not in jobs:
-                jobs.append(job)
+            config, storage, queues = parts[0].split("/")
+            runs[(config, storage, queues, parts[1])].append(float(parts[2]))
+            if parts[1] not in jobs:
+                jobs.append(parts[1])
     return {k: statistics.median(v) for k, v in runs.items()}, jobs
+
+
+def best(med, peers, storage, queues, job):
+    """The best median of any configuration of `peers` there, and that configuration."""
+    found = [
+        (v, config)
+        for (config, s, q, j), v in med.items()
+        if s == storage and q == queues and j == job and config.split("+")[0] in peers
+    ]
+    return max(found, default=(0, None))
 
 
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     med, jobs = medians(sys.argv[1])
-    title = sys.argv[3] if len(sys.argv) > 3 else "vduse-csi against its peers (fio, median IOPS)"
-    jobs = [j for j in jobs if ("vduse-csi", j) in med]
+    title = sys.argv[3] if len(sys.argv) > 3 else "vduse-csi against the best server peer (fio, median IOPS)"
+    jobs = [j for j in jobs if any(c == OURS and j == job for (c, _, _, job) in med)]
     if not jobs:
-        sys.exit(f"{sys.argv[1]}: no vduse-csi rows to plot")
-    peers = [(p, label) for p, label in PEERS if any((p, j) in med for j in jobs)]
-    metric_jobs = [j for j in jobs if ("vduse-metrics", j) in med]
+        sys.exit(f"{sys.argv[1]}: no {OURS} rows to plot")
+    groups = sorted({(s, q) for (c, s, q, _) in med if c == OURS}, key=lambda g: (g[0], int(g[1][1:])))
+    metric_jobs = [j for j in jobs if any(c == "vduse-metrics" and job == j for (c, _, _, job) in med)]
     panels = 2 if metric_jobs else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(11, 4.5 * panels), squeeze=False)
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 4.8 * panels), squeeze=False)
     ax = axes[0][0]
-    width = 0.8 / max(len(peers), 1)
-    for i, (peer, label) in enumerate(peers):
-        xs, ys = [], []
+    width = 0.8 / max(len(groups), 1)
+    worst = None
+    for i, (storage, queues) in enumerate(groups):
+        xs, ys, labels = [], [], []
         for x, job in enumerate(jobs):
-            if med.get((peer, job)):
-                xs.append(x + (i - (len(peers) - 1) / 2) * width)
-                ys.append(med[("vduse-csi", job)] / med[(peer, job)])
-        bars = ax.bar(xs, ys, width, label=f"vs {label}")
-        ax.bar_label(bars, labels=[f"{y:.2f}x" for y in ys], fontsize=7, padding=2)
+            ours, _ = best(med, {OURS}, storage, queues, job)
+            top, config = best(med, SERVERS, storage, queues, job)
+            if ours and top:
+                ratio = ours / top
+                xs.append(x + (i - (len(groups) - 1) / 2) * width)
+                ys.append(ratio)
+                labels.append(f"{ratio:.2f}x\n{config}")
+                if worst is None or ratio < worst[0]:
+                    worst = (ratio, job, storage, queues, config)
+        n = int(queues[1:])
+        bars = ax.bar(xs, ys, width, label=f"image on {storage}, {n} queue{'s' if n != 1 else ''}")
+        ax.bar_label(bars, labels=labels, fontsize=6, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(jobs)), jobs, rotation=15)
-    ax.set_ylabel("vduse-csi IOPS / peer IOPS")
-    ax.set_title(title)
-    ax.legend()
+    ax.set_ylabel("our best IOPS / best server's best")
+    if worst:
+        line = f"worst row: {worst[0]:.2f}x, {worst[1]} on {worst[2]}, {worst[3][1:]} queue(s), vs {worst[4]}"
+        print(line)
+        title += "\n" + line
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     if metric_jobs:
         ax = axes[1][0]
-        ys = [med[("vduse-metrics", j)] / med[("vduse-csi", j)] for j in metric_jobs]
+        ys = []
+        for j in metric_jobs:
+            (storage, queues) = next((s, q) for (c, s, q, job) in med if c == "vduse-metrics" and job == j)
+            ys.append(med[("vduse-metrics", storage, queues, j)] / med[(OURS, storage, queues, j)])
         bars = ax.bar(range(len(metric_jobs)), ys, 0.5, color="tab:gray")
         ax.bar_label(bars, labels=[f"{y:.3f}x" for y in ys], fontsize=8, padding=2)
         ax.axhline(1.0, color="black", linewidth=0.8)
