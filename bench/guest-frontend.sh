@@ -102,7 +102,7 @@ busy_ticks() { # all vCPUs' busy ticks
 # counted TARGET Q JOB: one fio run with perf stat over its counted span; appends a line of
 # per-request figures to bench.frontend-counts.
 counted() {
-    local target=$1 q=$2 name rw bs qd jobs fio_pid p0 p1 b0 b1 line iops reqs hz
+    local target=$1 q=$2 name rw bs qd jobs fio_pid all_pid srv_pid p0 p1 b0 b1 line iops reqs hz
     read -r name rw bs qd jobs <<<"$3"
     hz=$(getconf CLK_TCK)
     fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --size="${SIZE_MB}M" --rw="$rw" --bs="$bs" \
@@ -112,9 +112,11 @@ counted() {
     sleep 1
     p0=$(proc_cpu "$SERVER_PID"); b0=$(busy_ticks)
     perf stat -x, -o "$W/all.stat" -a -e "$ALL_EVENTS" -- sleep "$RUNTIME" &
+    all_pid=$!
     perf stat -x, -o "$W/srv.stat" -p "$SERVER_PID" -e "$SRV_EVENTS" -- sleep "$RUNTIME" &
-    wait "$fio_pid"
-    wait
+    srv_pid=$!
+    # Not a bare `wait`: our server is a child of this shell too.
+    wait "$fio_pid" "$all_pid" "$srv_pid"
     p1=$(proc_cpu "$SERVER_PID"); b1=$(busy_ticks)
     line=$(cat "$W/fio.out")
     if [[ $rw == *read ]]; then iops=$(cut -d';' -f8 <<<"$line"); else iops=$(cut -d';' -f49 <<<"$line"); fi
@@ -168,9 +170,10 @@ for t in "${TARGETS[@]}"; do
         fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --size="${SIZE_MB}M" \
             --rw=randread --bs=4k --iodepth="$([[ $name == *qd1 ]] && echo 1 || echo 32)" --runtime="$RUNTIME" \
             --ramp_time=1 --time_based --randrepeat=0 --norandommap --output-format=terse --terse-version=3 >/dev/null &
+        fio_pid=$!
         sleep 1
         perf record -q -a -g -e cpu-clock -o "$W/perf.data" -- sleep "$RUNTIME" 2>/dev/null
-        wait
+        wait "$fio_pid"
         {
             echo "=== $t, 1 queue, $name: CPU by thread (both vCPUs), then the hottest functions"
             perf report -i "$W/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12
