@@ -48,7 +48,10 @@ RUN apt-get update \
         util-linux \
         kmod \
         librbd1 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+# (apt-get clean: a base image without Debian's docker-clean hook, such as one made with
+# mmdebstrap, would otherwise keep every downloaded package and apt's caches, 105 MB.)
 COPY --from=binary /out/vduse-csi /usr/local/bin/vduse-csi
 LABEL org.opencontainers.image.title="vduse-csi" \
       org.opencontainers.image.description="Kubernetes CSI driver serving volumes as VDUSE virtio-blk devices" \

@@ -82,16 +82,27 @@ impl NodeAgent {
     /// the device: see [`NodeAgent::served`]). Volumes heal at once, each on its own thread:
     /// one whose pool does not answer holds up no other.
     pub fn heal(&self) {
-        let sick: Vec<VolumeMeta> = self.staged().into_iter().filter(|m| !self.serves_healthy(&m.spec.id)).collect();
+        let sick: Vec<String> =
+            self.staged().into_iter().map(|m| m.spec.id).filter(|id| !self.serves_healthy(id)).collect();
         std::thread::scope(|scope| {
-            for meta in &sick {
+            for id in &sick {
                 scope.spawn(move || {
-                    let id = &meta.spec.id;
                     let Ok(_guard) = self.guards.acquire(id) else { return };
+                    // Read again under the guard: an unstage that held it may have taken the
+                    // device down and ended the stage meanwhile, and serving the volume from
+                    // the list read before would make a device for a volume nobody staged.
+                    let meta = match self.store.volume(id) {
+                        Ok(Some(meta)) if meta.staged.is_some() => meta,
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::error!(volume = %id, error = %e, "cannot read the volume's record; retrying at the next heal round");
+                            return;
+                        }
+                    };
                     if self.serves_healthy(id) {
                         return;
                     }
-                    if let Err(e) = self.served(meta) {
+                    if let Err(e) = self.served(&meta) {
                         tracing::error!(volume = %id, error = %e, "cannot serve the staged volume; retrying at the next heal round");
                     }
                 });
