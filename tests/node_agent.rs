@@ -259,6 +259,17 @@ fn partition_table_kept(n: &mut Node) {
 /// Defect 4: NodeUnstage, CreateSnapshot and a clone of a staged volume whose device nobody
 /// serves (its recovery failed: another process holds the device node) waited for ever in
 /// umount or fsfreeze. They answer UNAVAILABLE now, and succeed once the device is served.
+/// A child process killed (and reaped) when dropped: a scenario that fails must not leave a
+/// holder of a device behind, which would keep the device, and the guest's cleanup, waiting.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn unserved_device(n: &mut Node) {
     let pv = "pvc-unserved";
     let cap = mount_cap("ext4", writer());
@@ -270,9 +281,9 @@ fn unserved_device(n: &mut Node) {
     let mut holder = None;
     n.restart_with(|| {
         let node = format!("/dev/vduse/{pv}");
-        holder = Some(
+        holder = Some(KillOnDrop(
             Command::new("sh").args(["-c", &format!("exec 3<>{node}; exec sleep 600")]).spawn().expect("hold device"),
-        );
+        ));
         std::thread::sleep(Duration::from_millis(500));
     });
     let condition = n.stats(pv, &staging).volume_condition.expect("condition");
@@ -282,7 +293,9 @@ fn unserved_device(n: &mut Node) {
         let result = call(n);
         assert!(started.elapsed() < CALL_LIMIT, "{what} took {:?}", started.elapsed());
         let err = result.expect_err(what);
-        assert_eq!(err.code(), Code::Unavailable, "{what}: {err:?}");
+        // UNAVAILABLE from the call itself, or ABORTED when a heal round holds the volume at
+        // that moment (trying to serve it again): both are bounded answers a caller retries.
+        assert!(matches!(err.code(), Code::Unavailable | Code::Aborted), "{what}: {err:?}");
         println!("{what}: {} after {:?}", err.message(), started.elapsed());
     };
     let unstage_req =
@@ -307,9 +320,7 @@ fn unserved_device(n: &mut Node) {
         n.rt.block_on(n.c.controller.create_volume(req)).map(drop)
     });
     // The node lets go: the next heal round (or the next call) serves the device again.
-    let mut holder = holder.take().expect("holder");
-    holder.kill().expect("kill holder");
-    let _ = holder.wait();
+    drop(holder.take().expect("holder"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while n.stats(pv, &staging).volume_condition.expect("condition").abnormal {
         assert!(Instant::now() < deadline, "never served again");
