@@ -95,8 +95,8 @@ down() {
 TARGETS=(vduse-null vduse-null-nopoll vduse-null-irq1)
 command -v rublk >/dev/null && [[ -e /dev/ublk-control ]] && TARGETS+=(rublk-null)
 
-busy_ticks() { # all vCPUs' busy ticks
-    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+busy_ticks() { # all vCPUs' busy ticks (fio-lib.sh's cpu_busy, summed)
+    cpu_busy | awk '{ s += $2 } END { print s }'
 }
 
 # counted TARGET Q JOB: one fio run with perf stat over its counted span; appends a line of
@@ -166,9 +166,9 @@ for t in "${TARGETS[@]}"; do
     [[ $t == vduse-null-nopoll || $t == vduse-null-irq1 ]] && continue
     up "$t" 1
     for j in "${JOBS[0]}" "${JOBS[1]}"; do
-        read -r name _ <<<"$j"
+        read -r name rw bs qd _ <<<"$j"
         fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --size="${SIZE_MB}M" \
-            --rw=randread --bs=4k --iodepth="$([[ $name == *qd1 ]] && echo 1 || echo 32)" --runtime="$RUNTIME" \
+            --rw="$rw" --bs="$bs" --iodepth="$qd" --runtime="$RUNTIME" \
             --ramp_time=1 --time_based --randrepeat=0 --norandommap --output-format=terse --terse-version=3 >/dev/null &
         fio_pid=$!
         sleep 1
