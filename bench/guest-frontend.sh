@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # Runs INSIDE the VDUSE guest (started by bench/run.sh with BENCH_FRONTEND=1): what the
 # frontends cost with the storage taken out, at several queue counts, in one boot.
-#   vduse-null         our `device serve --null` (the kernel's VDUSE path + our queue engine)
-#   vduse-null-nopoll  the same with --poll-us 0 (never polls the ring after a request)
-#   vduse-null-irq1    the same with each virtqueue's interrupt bound to one CPU, the first
-#                      of the mask virtio_vdpa gave it (VDUSE otherwise moves every injected
-#                      interrupt to the next CPU of the mask: with one queue, every other
-#                      completion runs on the other vCPU)
+#   vduse-null         our `device serve --null` (the kernel's VDUSE path + our queue engine),
+#                      which binds each virtqueue's interrupt to one CPU of its mask
+#   vduse-null-rotate  the same with --rotate-irqs: VDUSE moves every injected interrupt to
+#                      the next CPU of the mask (with one queue, every other completion runs
+#                      on the other vCPU)
+#   vduse-null-nopoll  the same as vduse-null with --poll-us 0 (never polls the ring)
+#   vduse-null-rq0     vduse-null with the disk's rq_affinity at 0 (blk-mq completes where
+#                      the interrupt runs, never on the submitting CPU)
+#   vduse-null-rq2     vduse-null with rq_affinity at 2 (always on the submitting CPU)
+#   vduse-null-apart   vduse-null with each queue thread kept off the CPU its interrupt is
+#                      bound to (taskset after start)
 #   rublk-null         rublk's null target (the kernel's ublk path + rublk's queue loop)
 # Each at every count of FRONTEND_QUEUES (default "1 2 4"). Interleaved rounds give IOPS
 # medians (bench.frontend). Then one more round, not in the medians, counts per request
-# (perf stat over the span fio counts):
+# over the span fio counts, from /proc:
 #   srv-cpu-us   CPU time of the server process (all its threads, /proc/PID/stat)
 #   all-cpu-us   CPU time of the whole guest, both vCPUs (/proc/stat, idle and iowait out)
-#   cs           context switches, whole guest
-#   wq           workqueue items run, whole guest (a VDUSE interrupt is one: the kernel
-#                runs the virtqueue callback from a work item)
-#   srv-sys      system calls of the server process, and the three most frequent
+#   cs           context switches, whole guest (/proc/stat ctxt)
+#   srv-cs       context switches of the server's threads (/proc/PID/task/*/status)
+# With FRONTEND_PERF_STAT=1 it also counts, with perf stat, the workqueue items run in the
+# whole guest (a VDUSE interrupt is one: the kernel runs the virtqueue callback from a work
+# item) and the server's system calls by kind. Off by default: enabling those events patches
+# kernel text (tracepoint and perf static keys), and under TCG that crashed the guest's
+# kernel in each of three boots (an int3 left in syscall_trace_enter or __schedule).
 # and a last round samples the whole guest with perf (cpu-clock, call graphs) on the
 # one-queue rows, reported by thread and by function (bench.frontend-perf).
 set -euo pipefail
@@ -48,10 +56,13 @@ usable() { # EVENT... -> the usable ones, comma-separated
     local IFS=,
     echo "${ok[*]}"
 }
-ALL_EVENTS=$(usable context-switches workqueue:workqueue_execute_start)
-SRV_EVENTS=$(usable raw_syscalls:sys_enter syscalls:sys_enter_ioctl syscalls:sys_enter_epoll_wait \
-    syscalls:sys_enter_io_uring_enter syscalls:sys_enter_sched_yield syscalls:sys_enter_write syscalls:sys_enter_read)
-echo "perf stat events: whole guest: $ALL_EVENTS; server: $SRV_EVENTS" >&2
+PERF_STAT=${FRONTEND_PERF_STAT:-0}
+if [[ $PERF_STAT != 0 ]]; then
+    ALL_EVENTS=$(usable workqueue:workqueue_execute_start)
+    SRV_EVENTS=$(usable raw_syscalls:sys_enter syscalls:sys_enter_ioctl syscalls:sys_enter_epoll_wait \
+        syscalls:sys_enter_io_uring_enter syscalls:sys_enter_sched_yield)
+    echo "perf stat events: whole guest: $ALL_EVENTS; server: $SRV_EVENTS" >&2
+fi
 
 SERVER_PID=
 # up TARGET QUEUES: brings TARGET up; sets DEV and SERVER_PID
@@ -59,20 +70,28 @@ up() {
     local i
     case $1 in
     vduse-null*)
-        local extra=() f mask
+        local extra=()
         [[ $1 == vduse-null-nopoll ]] && extra=(--poll-us 0)
+        [[ $1 == vduse-null-rotate ]] && extra=(--rotate-irqs)
         "$BIN" device serve --null --size "${SIZE_MB}M" --name fe0 --queues "$2" --log-level warn "${extra[@]}" >"$W/ours.out" &
         SERVER_PID=$!
         for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
         DEV=$(head -n1 "$W/ours.out")
-        if [[ $1 == vduse-null-irq1 ]]; then
-            for f in /sys/class/vduse/fe0/vq*/irq_cb_affinity; do
-                mask=$(tr -d ',' <"$f")
-                # the lowest set bit of the hexadecimal mask, as a mask of its own
-                printf '%x\n' $(((16#$mask) & -(16#$mask))) >"$f"
+        case $1 in
+        vduse-null-apart)
+            local tid cpu all mask
+            all=$(seq -s, 0 $(($(nproc) - 1)))
+            for tid in /proc/"$SERVER_PID"/task/*; do
+                [[ $(cat "$tid/comm") =~ ^vduse-q([0-9]+) ]] || continue
+                mask=$(tr -d ',' <"/sys/class/vduse/fe0/vq${BASH_REMATCH[1]}/irq_cb_affinity")
+                for cpu in $(seq 0 $(($(nproc) - 1))); do (((16#$mask >> cpu) & 1)) && break; done
+                taskset -p -c "$(tr ',' '\n' <<<"$all" | grep -vx "$cpu" | paste -sd,)" "${tid##*/}" >/dev/null
             done
-            echo "vduse-null-irq1: $(grep -H . /sys/class/vduse/fe0/vq*/irq_cb_affinity | tr '\n' ' ')" >&2
-        fi
+            ;;
+        vduse-null-rq0) echo 0 >"/sys/block/${DEV#/dev/}/queue/rq_affinity" ;;
+        vduse-null-rq2) echo 2 >"/sys/block/${DEV#/dev/}/queue/rq_affinity" ;;
+        esac
+        echo "$1 q$2: interrupts $(grep -H . /sys/class/vduse/fe0/vq*/irq_cb_affinity | sed 's|.*/vq|vq|' | tr '\n' ' ')rq_affinity $(cat "/sys/block/${DEV#/dev/}/queue/rq_affinity")" >&2
         ;;
     rublk-null)
         rublk add null -n 0 -q "$2" -d 128 --quiet
@@ -92,17 +111,21 @@ down() {
     esac
 }
 
-TARGETS=(vduse-null vduse-null-nopoll vduse-null-irq1)
+TARGETS=(${FRONTEND_TARGETS:-vduse-null vduse-null-rotate vduse-null-nopoll vduse-null-rq0 vduse-null-rq2})
 command -v rublk >/dev/null && [[ -e /dev/ublk-control ]] && TARGETS+=(rublk-null)
 
 busy_ticks() { # all vCPUs' busy ticks (fio-lib.sh's cpu_busy, summed)
     cpu_busy | awk '{ s += $2 } END { print s }'
 }
+guest_switches() { awk '$1 == "ctxt" { print $2 }' /proc/stat; }
+server_switches() { # PID -> context switches of all its threads
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
+}
 
-# counted TARGET Q JOB: one fio run with perf stat over its counted span; appends a line of
+# counted TARGET Q JOB: one fio run, counted over its measured span; appends a line of
 # per-request figures to bench.frontend-counts.
 counted() {
-    local target=$1 q=$2 name rw bs qd jobs fio_pid all_pid srv_pid p0 p1 b0 b1 line iops reqs hz
+    local target=$1 q=$2 name rw bs qd jobs fio_pid stat_pids=() p0 p1 b0 b1 c0 c1 s0 s1 line iops reqs hz
     read -r name rw bs qd jobs <<<"$3"
     hz=$(getconf CLK_TCK)
     fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --size="${SIZE_MB}M" --rw="$rw" --bs="$bs" \
@@ -110,31 +133,36 @@ counted() {
         --randrepeat=0 --norandommap --output-format=terse --terse-version=3 >"$W/fio.out" &
     fio_pid=$!
     sleep 1
-    p0=$(proc_cpu "$SERVER_PID"); b0=$(busy_ticks)
-    perf stat -x, -o "$W/all.stat" -a -e "$ALL_EVENTS" -- sleep "$RUNTIME" &
-    all_pid=$!
-    perf stat -x, -o "$W/srv.stat" -p "$SERVER_PID" -e "$SRV_EVENTS" -- sleep "$RUNTIME" &
-    srv_pid=$!
+    p0=$(proc_cpu "$SERVER_PID"); b0=$(busy_ticks); c0=$(guest_switches); s0=$(server_switches "$SERVER_PID")
+    : >"$W/all.stat"
+    : >"$W/srv.stat"
+    if [[ $PERF_STAT != 0 ]]; then
+        perf stat -x, -o "$W/all.stat" -a -e "$ALL_EVENTS" -- sleep "$RUNTIME" &
+        stat_pids+=($!)
+        perf stat -x, -o "$W/srv.stat" -p "$SERVER_PID" -e "$SRV_EVENTS" -- sleep "$RUNTIME" &
+        stat_pids+=($!)
+    fi
     # Not a bare `wait`: our server is a child of this shell too.
-    wait "$fio_pid" "$all_pid" "$srv_pid"
-    p1=$(proc_cpu "$SERVER_PID"); b1=$(busy_ticks)
+    wait "$fio_pid" "${stat_pids[@]}"
+    p1=$(proc_cpu "$SERVER_PID"); b1=$(busy_ticks); c1=$(guest_switches); s1=$(server_switches "$SERVER_PID")
     line=$(cat "$W/fio.out")
     if [[ $rw == *read ]]; then iops=$(cut -d';' -f8 <<<"$line"); else iops=$(cut -d';' -f49 <<<"$line"); fi
     reqs=$((iops * RUNTIME))
     # perf stat -x, lines: value,unit,event,...
     awk -F, -v t="$target" -v q="$q" -v n="$name" -v iops="$iops" -v reqs="$reqs" -v hz="$hz" \
-        -v srv=$((p1 - p0)) -v all=$((b1 - b0)) '
+        -v srv=$((p1 - p0)) -v all=$((b1 - b0)) -v cs=$((c1 - c0)) -v scs=$((s1 - s0)) -v perf="$PERF_STAT" '
         FNR == NR { if ($3 != "") c[$3] = $1; next }
         { if ($3 != "") s[$3] = $1 }
         END {
             r = reqs > 0 ? reqs : 1
-            printf "%-18s %2d %-18s %7d %8.1f %8.1f %6.2f %6.2f %7.2f  ioctl %.2f epoll_wait %.2f io_uring_enter %.2f sched_yield %.2f write %.2f read %.2f\n",
-                t, q, n, iops, srv / hz / r * 1e6, all / hz / r * 1e6, c["context-switches"] / r,
-                c["workqueue:workqueue_execute_start"] / r, s["raw_syscalls:sys_enter"] / r,
-                s["syscalls:sys_enter_ioctl"] / r, s["syscalls:sys_enter_epoll_wait"] / r,
-                s["syscalls:sys_enter_io_uring_enter"] / r, s["syscalls:sys_enter_sched_yield"] / r,
-                s["syscalls:sys_enter_write"] / r, s["syscalls:sys_enter_read"] / r
-        }' <(grep -v '^#' "$W/all.stat") <(grep -v '^#' "$W/srv.stat") | tee -a "$OUT/bench.frontend-counts"
+            printf "%-18s %2d %-18s %7d %8.1f %8.1f %6.2f %6.2f", t, q, n, iops, srv / hz / r * 1e6, all / hz / r * 1e6, cs / r, scs / r
+            if (perf != 0)
+                printf "  wq %.2f syscalls %.2f: ioctl %.2f epoll_wait %.2f io_uring_enter %.2f sched_yield %.2f",
+                    c["workqueue:workqueue_execute_start"] / r, s["raw_syscalls:sys_enter"] / r,
+                    s["syscalls:sys_enter_ioctl"] / r, s["syscalls:sys_enter_epoll_wait"] / r,
+                    s["syscalls:sys_enter_io_uring_enter"] / r, s["syscalls:sys_enter_sched_yield"] / r
+            printf "\n"
+        }' "$W/all.stat" "$W/srv.stat" | tee -a "$OUT/bench.frontend-counts"
 }
 
 : >"$OUT/bench.raw"
@@ -150,8 +178,6 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo "--- counting round (not in the medians)" >&2
-printf '%-18s %2s %-18s %7s %8s %8s %6s %6s %7s  %s\n' target q job IOPS srv-cpu-us all-cpu-us cs wq srv-sys "server syscalls by kind, per request" \
-    >"$OUT/bench.frontend-counts"
 for q in $COUNTS; do
     for t in "${TARGETS[@]}"; do
         up "$t" "$q"
@@ -163,7 +189,7 @@ done
 echo "--- perf round (not in the medians)" >&2
 : >"$OUT/bench.frontend-perf"
 for t in "${TARGETS[@]}"; do
-    [[ $t == vduse-null-nopoll || $t == vduse-null-irq1 ]] && continue
+    [[ $t == vduse-null || $t == rublk-null ]] || continue
     up "$t" 1
     for j in "${JOBS[0]}" "${JOBS[1]}"; do
         read -r name rw bs qd _ <<<"$j"
@@ -176,9 +202,11 @@ for t in "${TARGETS[@]}"; do
         wait "$fio_pid"
         {
             echo "=== $t, 1 queue, $name: CPU by thread (both vCPUs), then the hottest functions"
-            perf report -i "$W/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12
+            # sed -n reads to the end: `head` would leave perf report a SIGPIPE (pipefail)
+            perf report -i "$W/perf.data" --no-children --sort comm --stdio -g none 2>/dev/null |
+                grep -v '^#' | grep -v '^$' | sed -n 1,12p
             perf report -i "$W/perf.data" --no-children --sort comm,sym --stdio -g none 2>/dev/null |
-                grep -v '^#' | grep -v '^$' | head -n 40
+                grep -v '^#' | grep -v '^$' | sed -n 1,40p
         } >>"$OUT/bench.frontend-perf"
     done
     down "$t"

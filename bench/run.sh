@@ -18,9 +18,11 @@
 #     fio's librbd engine, no block device, the userspace ceiling); BENCH_PERF="JOB..." adds
 #     a round sampled by perf during those jobs, reported by thread and function (bench.perf);
 #  4. with BENCH_FRONTEND=1, a third boot (bench/guest-frontend.sh): the storage-free
-#     frontends (ours with and without polling, rublk's null target) at 1, 2 and 4 queues
-#     (FRONTEND_QUEUES), then per-request counts (server and guest CPU, context switches,
-#     workqueue items, the server's system calls) and a perf profile of the one-queue rows.
+#     frontends (ours at its defaults, with --rotate-irqs, without polling, with rq_affinity
+#     0 and 2, and rublk's null target; FRONTEND_TARGETS picks ours) at 1, 2 and 4 queues
+#     (FRONTEND_QUEUES), then per-request counts from /proc (server and guest CPU, context
+#     switches; FRONTEND_PERF_STAT=1 adds perf stat's workqueue items and system calls, which
+#     can crash the TCG guest) and a perf profile of the one-queue rows.
 #
 # Usage: bench/run.sh [--plot FILE.png]
 #        (env: BENCH_RUNTIME seconds per job (5), BENCH_ROUNDS (3), BENCH_SIZE_MB (512),
@@ -93,7 +95,7 @@ fi
 if [[ ${BENCH_FRONTEND:-0} != 0 ]]; then
     fe_out=$repo/target/guest/bench-frontend
     rm -rf "$fe_out"
-    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV FRONTEND_QUEUES" tests/guest/run.sh bench/guest-frontend.sh "$fe_out" >&2
+    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV FRONTEND_QUEUES FRONTEND_TARGETS FRONTEND_PERF_STAT" tests/guest/run.sh bench/guest-frontend.sh "$fe_out" >&2
     echo
     echo "Storage-free frontends, 4k, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$fe_out/bench.frontend"

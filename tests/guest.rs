@@ -118,6 +118,7 @@ fn every_guest_test_has_a_host_check() {
         "odirect_misaligned_verify",
         "metrics_match_fio",
         "qos_limits_hold",
+        "irq_bound_to_one_cpu",
     ];
     verdicts::all_known(guest_run(), &known);
 }
@@ -125,6 +126,11 @@ fn every_guest_test_has_a_host_check() {
 #[test]
 fn metrics_count_what_fio_did() {
     check("metrics_match_fio");
+}
+
+#[test]
+fn one_queue_interrupt_is_bound_to_one_cpu_through_takeover() {
+    check("irq_bound_to_one_cpu");
 }
 
 #[test]

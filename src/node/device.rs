@@ -69,6 +69,7 @@ impl NodeAgent {
             poll: crate::server::DEFAULT_POLL,
             counters: self.opts.counters,
             qos,
+            rotate_irqs: false,
         };
         let started = DeviceServer::start(&opts, backend);
         if started.is_err() && claimed && !crate::vduse::sysfs::device_exists(&opts.name) {

@@ -20,11 +20,11 @@ use super::queue_thread::{self, QueueStart};
 use super::{Error, Result};
 use crate::backend::Backend;
 use crate::blk::{DeviceLimits, config};
-use crate::vduse::VduseDevice;
 use crate::vduse::uapi::{
     VDUSE_GET_VQ_STATE, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB,
     vduse_dev_request, vduse_dev_response,
 };
+use crate::vduse::{VduseDevice, sysfs};
 
 /// Upper bound on queues probed when taking over a device of unknown shape.
 const MAX_QUEUES: u32 = 64;
@@ -39,6 +39,8 @@ pub(super) struct DeviceShape {
     pub limits: DeviceLimits,
     /// Polling ceiling of the queue threads.
     pub poll: Duration,
+    /// Whether the queues' interrupts are left to VDUSE's rotation over their CPU masks.
+    pub rotate_irqs: bool,
     /// Where the queues count, if they do.
     pub stats: Option<Arc<DeviceStats>>,
     /// The device's QoS limits, if it has any.
@@ -239,6 +241,9 @@ impl ControlLoop {
             }
             let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(Error::EventFd)?;
             self.dev.set_kickfd(index, Some(kick.as_fd()))?;
+            if !self.shape.rotate_irqs {
+                self.bind_irq(index);
+            }
             let start = QueueStart {
                 dev: Arc::clone(&self.dev),
                 index,
@@ -266,10 +271,31 @@ impl ControlLoop {
         Ok(())
     }
 
+    /// Binds queue `index`'s interrupt to one CPU of its mask. virtio_vdpa sets the masks
+    /// before DRIVER_OK, and again at every probe, which also restarts the datapath, so the
+    /// binding holds for as long as these queues run. A kernel without the attribute (before
+    /// 6.4) or a refused write leaves the kernel's rotation, which is slower, not wrong.
+    fn bind_irq(&self, index: u32) {
+        let seed = name_seed(&self.shape.name);
+        match sysfs::bind_vq_irq(&self.shape.name, index, seed) {
+            Ok(Some(cpu)) => tracing::debug!(device = %self.shape.name, queue = index, cpu, "interrupt bound"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(device = %self.shape.name, queue = index, error = %e, "interrupt left rotating")
+            }
+        }
+    }
+
     fn stop_datapath(&mut self) {
         if let Some(datapath) = self.datapath.take() {
             drop(datapath);
             tracing::info!(device = %self.shape.name, "datapath stopped");
         }
     }
+}
+
+/// A number that depends only on the device's name (FNV-1a), so each device binds its
+/// interrupts to the same CPUs at every start, and different devices to different ones.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }

@@ -91,6 +91,9 @@ pub struct DeviceOptions {
     pub counters: bool,
     /// QoS limits enforced in the datapath.
     pub qos: QosLimits,
+    /// Leaves each queue's interrupt moving over its CPU mask, as VDUSE does by itself,
+    /// instead of binding it to one CPU of that mask (see `sysfs::bind_vq_irq`).
+    pub rotate_irqs: bool,
 }
 
 impl DeviceOptions {
@@ -160,6 +163,7 @@ impl DeviceServer {
             queue_size: opts.queue_size,
             limits: limits(&opts.name, opts.queue_size, backend.as_ref()),
             poll: opts.poll,
+            rotate_irqs: opts.rotate_irqs,
             stats: opts.counters.then(|| Arc::new(DeviceStats::new(opts.num_queues))),
             throttle: Throttle::new(&opts.qos).map(Arc::new),
         };
@@ -446,6 +450,7 @@ mod tests {
             poll: DEFAULT_POLL,
             counters: false,
             qos: QosLimits::default(),
+            rotate_irqs: false,
         }
     }
 

@@ -36,6 +36,8 @@ pub fn remove_stale(name: &str) -> Result<()> {
         queue_size: 0,
         limits: limits(name, 1024, backend.as_ref()),
         poll: Duration::ZERO,
+        // A fenced device that only fails requests until it is removed: not worth a binding.
+        rotate_irqs: true,
         stats: None,
         throttle: None,
     };

@@ -20,12 +20,14 @@ mkdir -p "$WORK"
 # --- helpers -----------------------------------------------------------------
 
 # start_server NAME IMAGE [ARGS...]: starts `device serve` in the background and
-# waits for the block device path on its stdout. Sets SERVER_PID and DEV.
+# waits for the block device path on its stdout. Sets SERVER_PID and DEV. With
+# SERVER_CMD_PREFIX (e.g. "taskset -c 1"), the server runs under that command.
 start_server() {
     local name=$1 image=$2
     shift 2
     local log=$WORK/$name.$$.$RANDOM
-    "$BIN" device serve --image "$image" --name "$name" "$@" >"$log.out" 2>"$log.err" &
+    # shellcheck disable=SC2086 # SERVER_CMD_PREFIX is a command and its arguments
+    ${SERVER_CMD_PREFIX:-} "$BIN" device serve --image "$image" --name "$name" "$@" >"$log.out" 2>"$log.err" &
     SERVER_PID=$!
     SERVER_LOG=$log
     local i
@@ -249,6 +251,62 @@ test_kill9_under_fio_verify() {
     [[ -z $errors ]]
     stop_server
     gone k90
+}
+
+# cpus_of NAME QUEUE: the CPUs of the queue's interrupt mask, one per line.
+cpus_of() {
+    local mask cpu
+    mask=$(tr -d ',' <"/sys/class/vduse/$1/vq$2/irq_cb_affinity")
+    for cpu in $(seq 0 $(($(nproc) - 1))); do
+        (((16#$mask >> cpu) & 1)) && echo "$cpu"
+    done
+    return 0
+}
+
+# A one-queue device on a node of several CPUs: its interrupt is bound to one CPU (VDUSE
+# would otherwise move it to the other CPU at every completion), the binding holds through a
+# SIGKILL and takeover under fio --verify, a server pinned with taskset binds to its own CPU,
+# and --rotate-irqs leaves the kernel's whole mask.
+test_irq_bound_to_one_cpu() {
+    local kernel_lines
+    kernel_lines=$(dmesg | wc -l)
+    # Not a skip: with one CPU there is nothing to bind, and this test would prove nothing.
+    (($(nproc) >= 2))
+    start_server irq0 "$WORK/irq.img" --size 128M --queues 1
+    echo "bound: $(cpus_of irq0 0 | paste -sd,)"
+    [[ $(cpus_of irq0 0 | wc -l) -eq 1 ]]
+    fio --name=irq --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 \
+        --size=64M --verify=crc32c --verify_backlog=1024 --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+        --output="$WORK/irq.fio" &
+    local fio_pid=$!
+    sleep 1.5
+    kill -KILL "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    start_server irq0 "$WORK/irq.img" --queues 1
+    local rc=0
+    wait "$fio_pid" || rc=$?
+    cat "$WORK/irq.fio"
+    [[ $rc -eq 0 ]]
+    ! grep -qi 'verify.*bad\|err= *[1-9]' "$WORK/irq.fio"
+    [[ -z $(kernel_errors_since "$kernel_lines") ]]
+    echo "bound after takeover: $(cpus_of irq0 0 | paste -sd,)"
+    [[ $(cpus_of irq0 0 | wc -l) -eq 1 ]]
+    stop_server
+    gone irq0
+
+    # Pinned to either end of the CPUs: the binding follows the pinning, not the name's hash.
+    local cpu
+    for cpu in 0 $(($(nproc) - 1)); do
+        SERVER_CMD_PREFIX="taskset -c $cpu" start_server irq1 "$WORK/irq.img" --queues 1
+        echo "pinned to CPU $cpu, bound: $(cpus_of irq1 0 | paste -sd,)"
+        [[ $(cpus_of irq1 0) == "$cpu" ]]
+        stop_server
+    done
+
+    start_server irq2 "$WORK/irq.img" --queues 1 --rotate-irqs
+    echo "--rotate-irqs: $(cpus_of irq2 0 | paste -sd,)"
+    [[ $(cpus_of irq2 0 | wc -l) -eq $(nproc) ]]
+    stop_server
 }
 
 # SIGTERM while fio loads the device and dd writes: the server exits 0 within 5 s, and every
