@@ -66,11 +66,8 @@ declare -A IMG
 IMG[tmpfs]=$W/bench.img
 if [[ " $STORAGES " == *" ext4 "* ]]; then
     truncate -s "$((SIZE_MB + SIZE_MB / 4 + 64))M" "$W/ext4.backing"
-    # A buffered loop device: with --direct-io=on over this tmpfs file, 13 of our O_DIRECT
-    # reads into VDUSE's bounce pages failed with EFAULT in the first job (not root-caused;
-    # tests/guest/device-tests.sh's odirect test runs ext4 on a buffered loop device too).
-    # O_DIRECT stays real where it matters here: ext4 bypasses its page cache.
-    ext4_loop=$(losetup -f --show "$W/ext4.backing")
+    # The loop device does direct I/O on its backing file, so nothing under ext4 caches.
+    ext4_loop=$(losetup -f --show --direct-io=on "$W/ext4.backing")
     mkfs.ext4 -q -F "$ext4_loop"
     mkdir -p "$W/ext4"
     mount "$ext4_loop" "$W/ext4"

@@ -100,6 +100,11 @@ fn odirect_and_misaligned_requests_verify() {
 }
 
 #[test]
+fn first_reads_of_a_fresh_odirect_device_return_the_image() {
+    check("odirect_first_reads");
+}
+
+#[test]
 fn every_guest_test_has_a_host_check() {
     // A test added to device-tests.sh without a check here would run unseen.
     let known = [
@@ -116,6 +121,7 @@ fn every_guest_test_has_a_host_check() {
         "sigterm_under_load",
         "one_mib_request_is_one_request",
         "odirect_misaligned_verify",
+        "odirect_first_reads",
         "metrics_match_fio",
         "qos_limits_hold",
         "irq_bound_to_one_cpu",

@@ -312,9 +312,14 @@ impl UringQueue {
             let errno = -res;
             let retry = match errno {
                 libc::EINTR | libc::EAGAIN => true,
-                // The device under the image wants more alignment than we checked: go
-                // through the page cache for this operation.
-                libc::EINVAL if slot.direct => {
+                // The device under the image wants more alignment than we checked, or the
+                // kernel would not pin a bounce page for O_DIRECT: go through the page cache
+                // for this operation. The second happens on the first read into a bounce page
+                // our mapping has never touched (6.12 guest, image on ext4: every such read
+                // failed with EFAULT; tests/guest/device-tests.sh odirect_first_reads), while
+                // a copy through the page cache faults the page in, after which O_DIRECT
+                // works on it.
+                libc::EINVAL | libc::EFAULT if slot.direct => {
                     slot.direct = false;
                     true
                 }
