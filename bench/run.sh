@@ -87,7 +87,9 @@ fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
-    GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES BENCH_PERF" tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
+    # Five devices × 3 rounds and a perf round took longer than run.sh's 20-minute default.
+    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES BENCH_PERF" \
+        tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
     cat "$rbd_out/bench.table"
