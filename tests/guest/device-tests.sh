@@ -66,6 +66,15 @@ gone() {
     [[ ! -e /sys/class/vduse/$1 && ! -e /sys/bus/vdpa/devices/$1 && ! -e /dev/vduse/$1 ]]
 }
 
+# ext4_on_loop FILE DIR: a new 160 MiB ext4 in FILE, mounted on DIR through a loop device
+# (where O_DIRECT is real, unlike tmpfs).
+ext4_on_loop() {
+    truncate -s 160M "$1"
+    mkfs.ext4 -q "$1"
+    mkdir -p "$2"
+    mount -o loop "$1" "$2"
+}
+
 allocated_kib() { du -k "$1" | cut -f1; }
 
 # expect_fail CMD...: succeeds when CMD fails (`! CMD` would never stop a `set -e` test).
@@ -375,10 +384,7 @@ test_one_mib_request_is_one_request() {
 # ext4 (over a loop device), since on tmpfs the server uses the page cache on purpose.
 test_odirect_misaligned_verify() {
     local fs=$WORK/dio.ext4 mnt=$WORK/dio
-    truncate -s 160M "$fs"
-    mkfs.ext4 -q "$fs"
-    mkdir -p "$mnt"
-    mount -o loop "$fs" "$mnt"
+    ext4_on_loop "$fs" "$mnt"
     local img=$mnt/dio.img
     start_server dio0 "$img" --size 96M --cache none --log-level debug
     grep -q 'bypasses the page cache' "$SERVER_LOG.err"
@@ -407,10 +413,7 @@ test_odirect_misaligned_verify() {
 # the image's bytes: each one lands in a bounce page nothing has touched yet in our mapping.
 test_odirect_first_reads() {
     local fs=$WORK/first.ext4 mnt=$WORK/first
-    truncate -s 160M "$fs"
-    mkfs.ext4 -q "$fs"
-    mkdir -p "$mnt"
-    mount -o loop "$fs" "$mnt"
+    ext4_on_loop "$fs" "$mnt"
     local img=$mnt/first.img
     dd if=/dev/urandom of="$WORK/first.pat" bs=1M count=64 status=none
     cp "$WORK/first.pat" "$img"

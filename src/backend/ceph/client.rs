@@ -383,9 +383,10 @@ impl Image {
 
     /// The parent of a clone not flattened yet: its pool ID, image name and snapshot name.
     pub fn parent(&self) -> Result<Option<(i64, String, String)>> {
-        // SAFETY: both specs are plain C structs for which all-zero is a valid (empty) value.
-        let (mut image, mut snap): (sys::rbd_linked_image_spec_t, sys::rbd_snap_spec_t) =
-            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: a plain C struct for which all-zero is a valid (empty) value.
+        let mut image: sys::rbd_linked_image_spec_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the same, for the snapshot's spec.
+        let mut snap: sys::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
         // SAFETY: the image is open; `image` and `snap` are out-pointers that librbd fills
         // with strings it allocates, freed below.
         match unsafe { sys::rbd_get_parent(self.handle, &mut image, &mut snap) } {
