@@ -11,6 +11,7 @@
 #   vduse-csi           `vduse-csi device serve` with its defaults (--cache none: O_DIRECT
 #                       where the filesystem takes it, the page cache on tmpfs)
 #   vduse-csi+wb        the same with --cache writeback (ext4 only; on tmpfs it is the default)
+#   vduse-csi+own       the defaults with --own-bounce-pages (our huge pages as bounce pages)
 #   qsd                 qemu-storage-daemon --export vduse-blk with its defaults (no iothread,
 #                       cache.direct=off, aio=threads)
 #   qsd+iothread        with an iothread and aio=io_uring (cache.direct=off: see qsd())
@@ -166,6 +167,7 @@ for round in $(seq 1 "$ROUNDS"); do
             if peer vduse-csi; then
                 ours "vduse-csi/$s/q$q" "$img" "$q"
                 [[ $s != tmpfs ]] && EXTRA="--cache writeback" ours "vduse-csi+wb/$s/q$q" "$img" "$q"
+                EXTRA="--own-bounce-pages" ours "vduse-csi+own/$s/q$q" "$img" "$q"
             fi
             if peer metrics && [[ $s == tmpfs && $q == "$QUEUES" ]]; then
                 EXTRA="--metrics-address 127.0.0.1:9813" ours "vduse-metrics/$s/q$q" "$img" "$q" "${JOBS[@]:0:4}"

@@ -292,6 +292,14 @@ struct ServeArgs {
     /// mask, which is about twice as fast with fewer queues than CPUs (docs/PERFORMANCE.md).
     #[arg(long)]
     rotate_irqs: bool,
+    /// Register memory of ours, on transparent huge pages, as the device's bounce pages
+    /// instead of the kernel's 4 KiB ones: O_DIRECT then pins 2 MiB folios and sends fewer,
+    /// larger segments (docs/PERFORMANCE.md). It pins the whole bounce region (tens to
+    /// hundreds of MiB, sized by --queues and --queue-size) while the device is served, and
+    /// raises this process's RLIMIT_MEMLOCK to do so. Without the right to, or on a kernel
+    /// that refuses, the kernel's pages stay and a warning says why.
+    #[arg(long)]
+    own_bounce_pages: bool,
     /// Serve Prometheus metrics for this device at http://ADDRESS/metrics (its volume_id label
     /// is the device name). Off unless given.
     #[arg(long, default_value = "", value_parser = parse_metrics_address)]
@@ -492,6 +500,7 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
         counters: args.metrics_address.0.is_some(),
         qos: args.qos.limits(),
         rotate_irqs: args.rotate_irqs,
+        own_bounce_pages: args.own_bounce_pages,
     };
     // Check everything the caller got wrong before touching the host, so a bad command line
     // creates nothing.

@@ -23,6 +23,9 @@ pub const QUEUES: &str = "queues";
 pub const CACHE: &str = "cache";
 /// Where the data lives: `file` (default) or `rbd`.
 pub use crate::volume::PARAM_BACKEND as BACKEND;
+/// Whose memory the device's bounce pages are: `kernel` (default) or `own` (see
+/// `DeviceOptions::own_bounce_pages`).
+pub const BOUNCE_PAGES: &str = "bouncePages";
 /// Reserve the whole image at creation (`true`) or not (`false`, the default: thin).
 pub use crate::volume::PARAM_THICK as THICK;
 
@@ -59,6 +62,11 @@ pub fn check_local(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<St
                 CacheMode::parse(v)
                     .ok_or_else(|| Error::InvalidArgument(format!("parameter {CACHE}={v:?}: use none or writeback")))?;
             }
+            BOUNCE_PAGES => {
+                if v != "kernel" && v != "own" {
+                    return Err(Error::InvalidArgument(format!("parameter {BOUNCE_PAGES}={v:?}: use kernel or own")));
+                }
+            }
             THICK => {
                 if v != "true" && v != "false" {
                     return Err(Error::InvalidArgument(format!("parameter {THICK}={v:?}: use true or false")));
@@ -73,7 +81,7 @@ pub fn check_local(params: &HashMap<String, String>) -> Result<(u16, BTreeMap<St
             k => {
                 let qos: Vec<&str> = QosLimits::PARAMETERS.iter().map(|(name, _)| *name).collect();
                 return Err(Error::InvalidArgument(format!(
-                    "unknown parameter {k:?}: supported are {FS_TYPE}, {QUEUES}, {CACHE}, {THICK} and the QoS limits {}",
+                    "unknown parameter {k:?}: supported are {FS_TYPE}, {QUEUES}, {CACHE}, {BOUNCE_PAGES}, {THICK} and the QoS limits {}",
                     qos.join(", ")
                 )));
             }
@@ -135,6 +143,7 @@ mod tests {
         ]);
         let (queues, kept) = check_local(&params).expect("accepted");
         assert_eq!(queues, 2);
+        assert!(check_local(&map(&[("bouncePages", "own")])).is_ok());
         let keys: Vec<&str> = kept.keys().map(String::as_str).collect();
         assert_eq!(keys, ["csi.storage.k8s.io/fstype", "queues"]);
         assert!(own(&params).keys().all(|k| !k.contains("kubernetes.io") && !k.contains("pvc/")));
@@ -147,6 +156,7 @@ mod tests {
             map(&[("queues", "17")]),
             map(&[("cache", "sometimes")]),
             map(&[("thick", "yes")]),
+            map(&[("bouncePages", "user")]),
             map(&[("maxIops", "0")]),
             map(&[("csi.storage.k8s.io/fstype", "btrfs")]),
             map(&[("colour", "blue")]),

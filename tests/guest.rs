@@ -105,6 +105,11 @@ fn first_reads_of_a_fresh_odirect_device_return_the_image() {
 }
 
 #[test]
+fn own_bounce_pages_are_pinned_verify_and_survive_sigkill() {
+    check("own_bounce_pages");
+}
+
+#[test]
 fn every_guest_test_has_a_host_check() {
     // A test added to device-tests.sh without a check here would run unseen.
     let known = [
@@ -122,6 +127,7 @@ fn every_guest_test_has_a_host_check() {
         "one_mib_request_is_one_request",
         "odirect_misaligned_verify",
         "odirect_first_reads",
+        "own_bounce_pages",
         "metrics_match_fio",
         "qos_limits_hold",
         "irq_bound_to_one_cpu",

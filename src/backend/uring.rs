@@ -178,6 +178,9 @@ impl UringQueue {
                 slot.remaining += slice.len() as u64;
                 slot.iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: slice.len() });
             }
+            if !aligned && direct_ok {
+                tracing::debug!(offset, "misaligned request; through the page cache");
+            }
             let direct = aligned && self.populate(tag);
             self.slots[tag].direct = direct;
         }
@@ -374,6 +377,12 @@ impl UringQueue {
                 // a copy through the page cache faults the page in, after which O_DIRECT
                 // works on it.
                 libc::EINVAL | libc::EFAULT if slot.direct => {
+                    tracing::debug!(
+                        errno,
+                        done = slot.done,
+                        left = slot.remaining,
+                        "O_DIRECT refused; through the page cache"
+                    );
                     slot.direct = false;
                     true
                 }
@@ -392,6 +401,7 @@ impl UringQueue {
                 if res == 0 {
                     return Some(Err(io::Error::from(io::ErrorKind::UnexpectedEof)));
                 }
+                tracing::debug!(direct = slot.direct, done = res, left = slot.remaining, "short transfer; continuing");
                 self.advance(tag, res as u64);
                 self.push(tag).err().map(Err)
             }

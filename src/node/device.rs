@@ -70,6 +70,9 @@ impl NodeAgent {
             counters: self.opts.counters,
             qos,
             rotate_irqs: false,
+            // Node-local images only: they are the ones read and written with O_DIRECT.
+            own_bounce_pages: meta.spec.is_local()
+                && meta.spec.parameters.get(crate::params::BOUNCE_PAGES).is_some_and(|v| v == "own"),
         };
         let started = DeviceServer::start(&opts, backend);
         if started.is_err() && claimed && !crate::vduse::sysfs::device_exists(&opts.name) {

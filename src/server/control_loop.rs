@@ -24,7 +24,7 @@ use crate::vduse::uapi::{
     VDUSE_GET_VQ_STATE, VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB,
     vduse_dev_request, vduse_dev_response,
 };
-use crate::vduse::{VduseDevice, sysfs};
+use crate::vduse::{UserBounce, VduseDevice, sysfs};
 
 /// Upper bound on queues probed when taking over a device of unknown shape.
 const MAX_QUEUES: u32 = 64;
@@ -41,6 +41,8 @@ pub(super) struct DeviceShape {
     pub poll: Duration,
     /// Whether the queues' interrupts are left to VDUSE's rotation over their CPU masks.
     pub rotate_irqs: bool,
+    /// Our bounce pages for this device fd, when they replace the kernel's.
+    pub user_bounce: Option<Arc<UserBounce>>,
     /// Where the queues count, if they do.
     pub stats: Option<Arc<DeviceStats>>,
     /// The device's QoS limits, if it has any.
@@ -258,6 +260,7 @@ impl ControlLoop {
                 poll: self.shape.poll,
                 stats: self.shape.stats.clone(),
                 throttle: self.shape.throttle.clone(),
+                user_bounce: self.shape.user_bounce.clone(),
                 health: Arc::clone(&self.health),
             };
             let handle = std::thread::Builder::new()

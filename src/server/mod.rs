@@ -94,6 +94,10 @@ pub struct DeviceOptions {
     /// Leaves each queue's interrupt moving over its CPU mask, as VDUSE does by itself,
     /// instead of binding it to one CPU of that mask (see `sysfs::bind_vq_irq`).
     pub rotate_irqs: bool,
+    /// Registers memory of ours, on huge pages, as the bounce pages instead of the kernel's
+    /// (`crate::vduse::umem`). It pins the whole bounce region for as long as the device
+    /// is served.
+    pub own_bounce_pages: bool,
 }
 
 impl DeviceOptions {
@@ -164,6 +168,7 @@ impl DeviceServer {
             limits: limits(&opts.name, opts.queue_size, backend.as_ref()),
             poll: opts.poll,
             rotate_irqs: opts.rotate_irqs,
+            user_bounce: opts.own_bounce_pages.then(|| Arc::new(vduse::UserBounce::new())),
             stats: opts.counters.then(|| Arc::new(DeviceStats::new(opts.num_queues))),
             throttle: Throttle::new(&opts.qos).map(Arc::new),
         };
@@ -451,6 +456,7 @@ mod tests {
             counters: false,
             qos: QosLimits::default(),
             rotate_irqs: false,
+            own_bounce_pages: false,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::blk::qos::Throttle;
 use crate::blk::stats::DeviceStats;
 use crate::blk::{DeviceLimits, QueueMemory, QueueWorker};
 use crate::vduse::uapi::vduse_vq_info;
-use crate::vduse::{IovaMemory, VduseDevice};
+use crate::vduse::{IovaMemory, UserBounce, VduseDevice};
 
 /// Everything a queue thread needs.
 pub(super) struct QueueStart {
@@ -39,6 +39,8 @@ pub(super) struct QueueStart {
     pub health: Arc<Health>,
     pub stats: Option<Arc<DeviceStats>>,
     pub throttle: Option<Arc<Throttle>>,
+    /// Our bounce pages, when they replace the kernel's.
+    pub user_bounce: Option<Arc<UserBounce>>,
 }
 
 /// The device's IOVA space as the blk worker sees it: the bounce range is the data window.
@@ -88,7 +90,11 @@ pub(super) fn run(start: QueueStart) {
 }
 
 fn serve(s: QueueStart) -> Result<(), String> {
-    let mut mem = DeviceMemory { dev: Arc::clone(&s.dev), iova: IovaMemory::new() };
+    let iova = match &s.user_bounce {
+        Some(user_bounce) => IovaMemory::with_user_bounce(Arc::clone(user_bounce)),
+        None => IovaMemory::new(),
+    };
+    let mut mem = DeviceMemory { dev: Arc::clone(&s.dev), iova };
     for addr in [s.info.desc_addr, s.info.driver_addr, s.info.device_addr] {
         mem.iova.map_iova(&s.dev, addr).map_err(|e| e.to_string())?;
     }

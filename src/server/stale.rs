@@ -38,6 +38,7 @@ pub fn remove_stale(name: &str) -> Result<()> {
         poll: Duration::ZERO,
         // A fenced device that only fails requests until it is removed: not worth a binding.
         rotate_irqs: true,
+        user_bounce: None,
         stats: None,
         throttle: None,
     };

@@ -173,6 +173,18 @@ impl VduseDevice {
             .map_err(ioctl_err("F_SETFD FD_CLOEXEC"))?;
         Ok((fd, entry))
     }
+
+    /// `VDUSE_IOTLB_REG_UMEM`: `size` bytes of our memory at `uaddr` become the bounce range
+    /// (which starts at IOVA 0 and must be exactly `size` long). The kernel pins them until
+    /// the device fd closes.
+    pub fn reg_umem(&self, uaddr: u64, size: u64) -> Result<()> {
+        let umem = uapi::vduse_iova_umem { uaddr, iova: 0, size, reserved: [0; 3] };
+        // SAFETY: `umem` is a live `vduse_iova_umem` the kernel only reads; the memory it names
+        // is the caller's to give (the kernel pins it and checks it is mapped writable).
+        unsafe { uapi::ioc_iotlb_reg_umem(self.file.as_raw_fd(), &umem) }
+            .map(drop)
+            .map_err(ioctl_err("VDUSE_IOTLB_REG_UMEM"))
+    }
 }
 
 impl AsFd for VduseDevice {

@@ -8,11 +8,13 @@
 //! separately when the queue starts. Nothing here issues an ioctl per request.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use super::uapi::{VDUSE_ACCESS_RO, VDUSE_ACCESS_RW, VDUSE_ACCESS_WO};
+use super::umem::{BounceLookup, BouncePages, UserBounce};
 use super::{Error, Result, VduseDevice};
 
 /// The IOVA ranges one queue worker has mapped. Dropping it unmaps everything.
@@ -22,12 +24,22 @@ pub struct IovaMemory {
     bounce: Option<GuestRegionMmap<()>>,
     /// Coherent ranges (vrings), sorted by start address, at most a handful.
     coherent: Vec<GuestRegionMmap<()>>,
+    /// Where the bounce pages come from when they are ours instead of the kernel's.
+    user_bounce: Option<Arc<UserBounce>>,
+    /// Keeps our bounce pages mapped while `bounce` spans them.
+    _pages: Option<Arc<BouncePages>>,
 }
 
 impl IovaMemory {
     /// An empty address space; map ranges with [`Self::map_iova`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty address space whose bounce range will be our registered pages, if the kernel
+    /// takes them (see [`UserBounce`]).
+    pub fn with_user_bounce(user_bounce: Arc<UserBounce>) -> Self {
+        Self { user_bounce: Some(user_bounce), ..Self::default() }
     }
 
     /// Maps the IOTLB range that contains `iova`, unless it is already mapped.
@@ -74,10 +86,22 @@ impl IovaMemory {
     /// vrings exist, so workers call this before they pop; once mapped it is a single
     /// `is_some` check.
     pub fn ensure_bounce(&mut self, dev: &VduseDevice) -> bool {
-        if self.bounce.is_none() {
-            if let Err(e) = self.map_iova(dev, 0) {
-                tracing::debug!(device = dev.name(), error = %e, "bounce range not mapped yet");
+        if self.bounce.is_some() {
+            return true;
+        }
+        if let Some(user_bounce) = &self.user_bounce {
+            match user_bounce.lookup(dev) {
+                BounceLookup::Ours(region, pages) => {
+                    self.bounce = Some(region);
+                    self._pages = Some(pages);
+                    return true;
+                }
+                BounceLookup::NotYet => return false,
+                BounceLookup::Kernel => {}
             }
+        }
+        if let Err(e) = self.map_iova(dev, 0) {
+            tracing::debug!(device = dev.name(), error = %e, "bounce range not mapped yet");
         }
         self.bounce.is_some()
     }

@@ -10,6 +10,7 @@ pub mod iotlb;
 pub mod netlink;
 pub mod sysfs;
 pub mod uapi;
+pub mod umem;
 
 use std::io;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 pub use control::VduseControl;
 pub use device::VduseDevice;
 pub use iotlb::IovaMemory;
+pub use umem::UserBounce;
 
 /// Path of the VDUSE control node.
 pub const CONTROL_PATH: &str = "/dev/vduse/control";

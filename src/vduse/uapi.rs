@@ -24,6 +24,7 @@ pub const VDUSE_VQ_SETUP: libc::c_ulong = 0x4020_8114;
 pub const VDUSE_VQ_GET_INFO: libc::c_ulong = 0xc030_8115;
 pub const VDUSE_VQ_SETUP_KICKFD: libc::c_ulong = 0x4008_8116;
 pub const VDUSE_VQ_INJECT_IRQ: libc::c_ulong = 0x4004_8117;
+pub const VDUSE_IOTLB_REG_UMEM: libc::c_ulong = 0x4030_8118;
 
 /// Message types read from the device fd.
 pub const VDUSE_GET_VQ_STATE: u32 = 0;
@@ -71,6 +72,16 @@ pub struct vduse_iotlb_entry {
     pub last: u64,
     pub perm: u8,
     pub padding: [u8; 7],
+}
+
+/// `VDUSE_IOTLB_REG_UMEM`: our memory at `uaddr` becomes the bounce range `[iova, iova+size)`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct vduse_iova_umem {
+    pub uaddr: u64,
+    pub iova: u64,
+    pub size: u64,
+    pub reserved: [u64; 3],
 }
 
 #[repr(C)]
@@ -188,6 +199,7 @@ ioctl_write_ptr_bad!(ioc_vq_setup, VDUSE_VQ_SETUP, vduse_vq_config);
 ioctl_readwrite_bad!(ioc_vq_get_info, VDUSE_VQ_GET_INFO, vduse_vq_info);
 ioctl_write_ptr_bad!(ioc_vq_setup_kickfd, VDUSE_VQ_SETUP_KICKFD, vduse_vq_eventfd);
 ioctl_write_ptr_bad!(ioc_vq_inject_irq, VDUSE_VQ_INJECT_IRQ, u32);
+ioctl_write_ptr_bad!(ioc_iotlb_reg_umem, VDUSE_IOTLB_REG_UMEM, vduse_iova_umem);
 
 #[cfg(test)]
 mod tests {
@@ -206,6 +218,8 @@ mod tests {
         assert_eq!(offset_of!(vduse_dev_config_with_space, config), 336);
         assert_eq!(size_of::<vduse_iotlb_entry>(), 32);
         assert_eq!(offset_of!(vduse_iotlb_entry, perm), 24);
+        assert_eq!(size_of::<vduse_iova_umem>(), 48);
+        assert_eq!(offset_of!(vduse_iova_umem, reserved), 24);
         assert_eq!(size_of::<vduse_vq_config>(), 32);
         assert_eq!(size_of::<vduse_vq_info>(), 48);
         assert_eq!(offset_of!(vduse_vq_info, avail_index), 32);
@@ -236,6 +250,7 @@ mod tests {
         assert_eq!(VDUSE_VQ_GET_INFO, request_code_readwrite!(t, 0x15, 48) as libc::c_ulong);
         assert_eq!(VDUSE_VQ_SETUP_KICKFD, request_code_write!(t, 0x16, 8) as libc::c_ulong);
         assert_eq!(VDUSE_VQ_INJECT_IRQ, request_code_write!(t, 0x17, 4) as libc::c_ulong);
+        assert_eq!(VDUSE_IOTLB_REG_UMEM, request_code_write!(t, 0x18, 48) as libc::c_ulong);
     }
 
     #[test]
