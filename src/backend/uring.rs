@@ -92,6 +92,11 @@ pub struct UringQueue {
     /// `populate`), and the page size.
     populated: HashSet<usize>,
     page: usize,
+    /// Cleared when the kernel refused to populate the worker's memory: the kernel's own
+    /// bounce pages are mapped `VM_IO` (6.12 guest, /proc/PID/smaps), which no `O_DIRECT` can
+    /// pin, so every later operation of this queue goes through the page cache without
+    /// asking again. Our own bounce pages (`--own-bounce-pages`) are plain memory.
+    pinnable: bool,
 }
 
 // SAFETY: the raw pointers in the slots' iovec tables point into the worker's mapped memory;
@@ -149,6 +154,7 @@ impl UringQueue {
             notifier,
             broken: false,
             populated: HashSet::new(),
+            pinnable: true,
             page: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
                 .ok()
                 .flatten()
@@ -181,7 +187,7 @@ impl UringQueue {
             if !aligned && direct_ok {
                 tracing::debug!(offset, "misaligned request; through the page cache");
             }
-            let direct = aligned && self.populate(tag);
+            let direct = aligned && self.pinnable && self.populate(tag);
             self.slots[tag].direct = direct;
         }
         Ok(())
@@ -191,13 +197,15 @@ impl UringQueue {
     /// `O_DIRECT` operation pins them; false if the kernel would not, and the operation then
     /// goes through the page cache.
     ///
-    /// Why: in the 6.12 test guest, the kernel refuses to pin a bounce page our mapping has not
-    /// faulted in yet. A read then fails with EFAULT; a write is turned into a buffered write
-    /// by ext4, which leaves the range in the image's page cache, so later direct writes there
-    /// pay to drop it again (`invalidate_inode_pages2_range`). 1 MiB writes ran at 66 MiB/s
-    /// against 158 with `--cache writeback`, and at 132 once populated. `MADV_POPULATE_WRITE`
-    /// faults the pages in as a write by us would, without touching their bytes and without a
-    /// SIGBUS if one cannot be; each page is asked for once per queue.
+    /// Why: `O_DIRECT` must pin the pages, and the kernel's own bounce pages are mapped
+    /// `VM_IO` (6.12 guest, /proc/PID/smaps), which it refuses to pin: a direct read fails
+    /// with EFAULT, and ext4 completes a direct write through its page cache in io_uring's
+    /// worker, then drops those pages again. `MADV_POPULATE_WRITE` asks the same question
+    /// without side effects: it fails (EINVAL) on such a mapping, and on our own bounce pages
+    /// (`--own-bounce-pages`) it makes sure the page-table entries exist, without touching a
+    /// byte and without a SIGBUS. Each page is asked for once per queue. Image on ext4, 1 MiB
+    /// writes QD8: 66 MiB/s with failing direct attempts, 132 through the page cache at once,
+    /// 849 with our own pages (docs/PERFORMANCE.md).
     fn populate(&mut self, tag: usize) -> bool {
         let page = self.page;
         for iov in &self.slots[tag].iovecs {
@@ -218,7 +226,9 @@ impl UringQueue {
                 // tables and changes no byte of it.
                 let rc = unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_POPULATE_WRITE) };
                 if rc != 0 {
-                    tracing::debug!(error = %io::Error::last_os_error(), "bounce pages not populated; through the page cache");
+                    let error = io::Error::last_os_error();
+                    tracing::info!(%error, "bounce pages cannot be pinned: this queue's I/O goes through the page cache");
+                    self.pinnable = false;
                     return false;
                 }
                 self.populated.extend((first..last).step_by(page));
@@ -370,12 +380,9 @@ impl UringQueue {
             let retry = match errno {
                 libc::EINTR | libc::EAGAIN => true,
                 // The device under the image wants more alignment than we checked, or the
-                // kernel would not pin a bounce page for O_DIRECT: go through the page cache
-                // for this operation. The second happens on the first read into a bounce page
-                // our mapping has never touched (6.12 guest, image on ext4: every such read
-                // failed with EFAULT; tests/guest/device-tests.sh odirect_first_reads), while
-                // a copy through the page cache faults the page in, after which O_DIRECT
-                // works on it.
+                // kernel would not pin a bounce page for O_DIRECT (the kernel's own bounce
+                // pages, which `populate` normally catches first; tests/guest/device-tests.sh
+                // odirect_first_reads): go through the page cache for this operation.
                 libc::EINVAL | libc::EFAULT if slot.direct => {
                     tracing::debug!(
                         errno,
