@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         ("failed_recovery_is_retried", failed_recovery_retried),
         ("failed_metadata_write_leaves_no_unserved_mount", failed_metadata_write),
         ("ephemeral_volume_lives_with_its_pod", ephemeral_volume),
+        ("own_bounce_pages_are_pinned_and_survive_sigkill", own_bounce_pages),
     ];
     guest_node::main(&HARNESS, scenarios)
 }
@@ -654,4 +655,60 @@ fn ephemeral_volume(n: &mut Node) {
     assert!(!state.join("ephemeral").join(id).exists(), "its staging folder too");
     assert!(!Path::new("/sys/class/vduse").join(id).exists(), "its device is gone");
     n.unpublish(id, &target).expect("unpublish again is OK");
+}
+
+/// KiB the plugin has pinned (`VmPin`): our own bounce pages, once registered.
+fn plugin_pinned_kib(n: &Node) -> u64 {
+    let pid = n.plugin.as_ref().expect("plugin").child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmPin")
+}
+
+/// A StorageClass with `bouncePages: own`: the staged volume's bounce pages are the plugin's
+/// (pinned), its filesystem works through them, and a plugin killed with SIGKILL is replaced
+/// by one that registers its own pages again, with nothing written lost. A bad value is
+/// refused at CreateVolume.
+fn own_bounce_pages(n: &mut Node) {
+    let pv = "pvc-own";
+    let cap = mount_cap("ext4", writer());
+    let create = |n: &mut Node, value: &str| {
+        let mut req = CreateVolumeRequest { secrets: n.secrets.clone(), ..create_request(pv, 128 * MIB, cap.clone()) };
+        req.parameters.insert("bouncePages".into(), value.into());
+        n.rt.block_on(n.c.controller.create_volume(req))
+    };
+    assert_eq!(create(n, "user").expect_err("bad value").code(), Code::InvalidArgument);
+    create(n, "own").expect("CreateVolume");
+    assert_eq!(plugin_pinned_kib(n), 0, "nothing pinned before a volume is staged");
+    let staging = n.staging(pv);
+    n.stage(pv, &staging, &cap).expect("stage");
+    let target = n.target("pod-a", pv);
+    n.publish(pv, &staging, &target, &cap, false).expect("publish");
+    // mkfs and the mount made requests, so the bounce range exists and is ours.
+    let pinned = plugin_pinned_kib(n);
+    assert!(pinned >= 64 << 10, "the bounce region is pinned: {pinned} kB");
+    let data: Vec<u8> = (0..8_000_000u32).map(|i| (i * 13 % 253) as u8).collect();
+    std::fs::write(target.join("before"), &data).expect("write");
+    syncfs(&target);
+
+    n.kill_and_restart();
+    assert!(is_mount_point(&staging) && is_mount_point(&target));
+    std::fs::write(target.join("after"), &data).expect("write after the kill");
+    syncfs(&target);
+    let pinned = plugin_pinned_kib(n);
+    assert!(pinned >= 64 << 10, "the new plugin registered its own pages: {pinned} kB");
+    assert!(!n.stats(pv, &target).volume_condition.expect("condition").abnormal);
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    assert_eq!(plugin_pinned_kib(n), 0, "unstage unpins the pages");
+    n.stage(pv, &staging, &cap).expect("stage again");
+    n.publish(pv, &staging, &target, &cap, false).expect("publish again");
+    assert_eq!(std::fs::read(target.join("before")).expect("read"), data);
+    assert_eq!(std::fs::read(target.join("after")).expect("read"), data);
+    n.unpublish(pv, &target).expect("unpublish");
+    n.unstage(pv, &staging).expect("unstage");
+    n.delete(pv).expect("delete");
 }
