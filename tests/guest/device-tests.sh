@@ -457,7 +457,7 @@ test_odirect_first_reads() {
 # --own-bounce-pages: our huge-page memory replaces the kernel's bounce pages. The kernel
 # pins all of it (VmPin), data written and read with O_DIRECT through it verifies, and each
 # server taken over by SIGKILL while fio verifies mixed sizes registers its own pages again,
-# with nothing lost and no I/O error in the kernel log.
+# with nothing lost and no I/O error in the kernel log. A driver reset then keeps them.
 test_own_bounce_pages() {
     local fs=$WORK/own.ext4 mnt=$WORK/own kernel_lines
     kernel_lines=$(dmesg | wc -l)
@@ -490,6 +490,25 @@ test_own_bounce_pages() {
     done
     writer_verified "$WORK/own.fio" "$kills" 3
     # What the device returns through our pages is what the image holds.
+    cmp <(dd if="$dev" bs=1M iflag=direct status=none) "$img"
+    # A driver reset (virtio_vdpa unbound and bound again) keeps our pages registered: the
+    # kernel drops its bounce range and makes it again, on our pages, at the next request.
+    echo own0 >/sys/bus/vdpa/drivers/virtio_vdpa/unbind
+    echo own0 >/sys/bus/vdpa/drivers/virtio_vdpa/bind
+    local blk=''
+    for i in $(seq 1 100); do
+        blk=$(ls /sys/bus/vdpa/devices/own0/virtio*/block 2>/dev/null | head -n1)
+        [[ -n $blk && -b /dev/$blk ]] && break
+        sleep 0.1
+    done
+    dev=/dev/$blk
+    # The server saw the reset: its datapath started again after the takeover's.
+    grep 'datapath st' "$SERVER_LOG.err"
+    [[ $(grep -c 'datapath started' "$SERVER_LOG.err") -ge 2 ]]
+    fio --name=reset --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-256k \
+        --iodepth=32 --size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+        --verify_state_save=0 --output="$WORK/reset.fio"
+    expect_fail grep -qi 'verify.*bad\|err= *[1-9]' "$WORK/reset.fio"
     cmp <(dd if="$dev" bs=1M iflag=direct status=none) "$img"
     expect_fail grep -q 'backend I/O failed\|cannot register ours' "$WORK"/own0.*.err
     local errors
