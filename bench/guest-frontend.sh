@@ -40,12 +40,21 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracin
 W=/tmp/frontend
 mkdir -p "$W"
 
-# name rw bs iodepth numjobs
+# name rw bs iodepth numjobs. The 1 MiB jobs add the kernel's bounce copy to the path (the
+# null backend neither reads nor writes the data); FRONTEND_JOBS="NAME..." picks a subset.
 JOBS=(
     "randread-4k-qd1 randread 4k 1 1"
     "randread-4k-qd32 randread 4k 32 1"
     "randread-4k-2x32 randread 4k 32 2"
+    "read-1m-qd8 read 1m 8 1"
+    "write-1m-qd8 write 1m 8 1"
 )
+if [[ -n ${FRONTEND_JOBS:-} ]]; then
+    picked=()
+    for j in "${JOBS[@]}"; do [[ " $FRONTEND_JOBS " == *" ${j%% *} "* ]] && picked+=("$j"); done
+    ((${#picked[@]})) || { echo "FRONTEND_JOBS=$FRONTEND_JOBS names no job" >&2; exit 1; }
+    JOBS=("${picked[@]}")
+fi
 # shellcheck source=bench/fio-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/fio-lib.sh"
 
@@ -191,7 +200,7 @@ echo "--- perf round (not in the medians)" >&2
 for t in "${TARGETS[@]}"; do
     [[ $t == vduse-null || $t == rublk-null ]] || continue
     up "$t" 1
-    for j in "${JOBS[0]}" "${JOBS[1]}"; do
+    for j in "${JOBS[@]:0:2}"; do
         read -r name rw bs qd _ <<<"$j"
         fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --size="${SIZE_MB}M" \
             --rw="$rw" --bs="$bs" --iodepth="$qd" --runtime="$RUNTIME" \

@@ -20,7 +20,8 @@
 #  4. with BENCH_FRONTEND=1, a third boot (bench/guest-frontend.sh): the storage-free
 #     frontends (ours at its defaults, with --rotate-irqs, without polling, with rq_affinity
 #     0 and 2, and rublk's null target; FRONTEND_TARGETS picks ours) at 1, 2 and 4 queues
-#     (FRONTEND_QUEUES), then per-request counts from /proc (server and guest CPU, context
+#     (FRONTEND_QUEUES), 4k and 1 MiB jobs (FRONTEND_JOBS picks by name), then per-request
+#     counts from /proc (server and guest CPU, context
 #     switches; FRONTEND_PERF_STAT=1 adds perf stat's workqueue items and system calls, which
 #     can crash the TCG guest) and a perf profile of the one-queue rows.
 #
@@ -97,9 +98,9 @@ fi
 if [[ ${BENCH_FRONTEND:-0} != 0 ]]; then
     fe_out=$repo/target/guest/bench-frontend
     rm -rf "$fe_out"
-    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV FRONTEND_QUEUES FRONTEND_TARGETS FRONTEND_PERF_STAT" tests/guest/run.sh bench/guest-frontend.sh "$fe_out" >&2
+    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV FRONTEND_QUEUES FRONTEND_TARGETS FRONTEND_JOBS FRONTEND_PERF_STAT" tests/guest/run.sh bench/guest-frontend.sh "$fe_out" >&2
     echo
-    echo "Storage-free frontends, 4k, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
+    echo "Storage-free frontends, median of ${BENCH_ROUNDS:-3} rounds; IOPS (1 MiB rows: MiB/s):"
     cat "$fe_out/bench.frontend"
     echo
     echo "Per request, one more round (perf stat and /proc over the span fio counts):"
