@@ -485,6 +485,25 @@ fn open_rbd(args: &ServeArgs) -> Result<vduse_csi::backend::rbd::RbdBackend, Str
     RbdBackend::open(&pool, image, None).map_err(|e| e.to_string())
 }
 
+/// Refuses a device another live process serves, before the image is opened: the image's lock
+/// would only refuse after waiting a minute for a predecessor's I/O. The kernel allows one
+/// opener of the device node, so a node still busy after a moment (a killed server's files
+/// close as it exits) belongs to a live server.
+fn refuse_if_served(name: &str) -> Result<(), String> {
+    const PATIENCE: Duration = Duration::from_secs(2);
+    let start = std::time::Instant::now();
+    while sysfs::device_exists(name) {
+        match vduse::VduseDevice::open(name) {
+            Err(e @ vduse::Error::Busy(_)) if start.elapsed() >= PATIENCE => return Err(e.to_string()),
+            Err(vduse::Error::Busy(_)) => std::thread::sleep(Duration::from_millis(100)),
+            // Opened (and closed again: nothing else holds it), or gone meanwhile; whatever
+            // else went wrong, DeviceServer::start reports it properly.
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
 fn serve_device(args: ServeArgs) -> Result<(), String> {
     let name = match (&args.name, &args.image) {
         (Some(name), _) => name.clone(),
@@ -511,6 +530,7 @@ fn serve_device(args: ServeArgs) -> Result<(), String> {
     if !std::path::Path::new(vduse::CONTROL_PATH).exists() {
         return Err(vduse::Error::ControlMissing.to_string());
     }
+    refuse_if_served(&opts.name)?;
     let metrics_listener = match args.metrics_address.0 {
         Some(addr) => {
             Some(std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind metrics address {addr}: {e}"))?)
