@@ -188,7 +188,9 @@ impl UringQueue {
                 tracing::debug!(offset, "misaligned request; through the page cache");
             }
             let direct = aligned && self.pinnable && self.populate(tag);
-            self.slots[tag].direct = direct;
+            let slot = &mut self.slots[tag];
+            slot.direct = direct;
+            tracing::trace!(offset, bytes = slot.remaining, iovecs = slot.iovecs.len(), direct, "prepared");
         }
         Ok(())
     }
