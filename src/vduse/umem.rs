@@ -1,12 +1,12 @@
 //! Our own memory as the device's bounce pages (`VDUSE_IOTLB_REG_UMEM`).
 //!
-//! By default the bounce range is the kernel's: order-0 pages allocated one by one, which we
-//! reach through the `[vduse-domain]` file. An O_DIRECT operation on them pins 4 KiB pages
-//! one at a time and builds one bio segment per page. Registered instead, the bounce range is
-//! an anonymous mapping of ours backed by transparent huge pages: the kernel copies between
-//! bio pages and these pages exactly as before, but our own I/O on them pins 2 MiB folios
-//! and gets physically contiguous segments (docs/PERFORMANCE.md, "Our memory as the bounce
-//! pages").
+//! By default the bounce range is the kernel's: pages allocated one by one, which we reach
+//! through the `[vduse-domain]` file. That mapping is `VM_IO`, so the kernel refuses to pin
+//! its pages for `O_DIRECT`, and the io_uring engine sends every request through the page
+//! cache. Registered instead, the bounce range is an anonymous mapping of ours backed by
+//! transparent huge pages: the kernel copies between bio pages and these pages exactly as
+//! before, but our own `O_DIRECT` on them pins 2 MiB folios (docs/PERFORMANCE.md, "O_DIRECT
+//! into the bounce pages, and our own bounce pages").
 //!
 //! Rules the kernel sets (`vduse_dev_reg_umem` in drivers/vdpa/vdpa_user/vduse_dev.c, 6.0+):
 //! - registration needs the bounce range to exist, which it does from the first DMA mapping
