@@ -432,7 +432,8 @@ test_odirect_misaligned_verify() {
 }
 
 # The first reads of a fresh device on an O_DIRECT image (a fully written file on ext4) return
-# the image's bytes: each one lands in a bounce page nothing has touched yet in our mapping.
+# the image's bytes: each one lands in a kernel bounce page, which O_DIRECT cannot pin (the
+# mapping is VM_IO), so the engine must fall back to the page cache without failing a read.
 test_odirect_first_reads() {
     local fs=$WORK/first.ext4 mnt=$WORK/first
     ext4_on_loop "$fs" "$mnt"
