@@ -120,10 +120,9 @@ qsd() { # LABEL IMAGE QUEUES best|default
     file=(--blockdev "file,filename=$img,node-name=d0")
     export_opts="vduse-blk,id=e0,node-name=d0,name=qsd0,num-queues=$queues,writable=on"
     if [[ $4 == best ]]; then
-        # Not cache.direct=on on ext4: this kernel refuses O_DIRECT into a bounce page the
-        # server has not touched yet (EFAULT), and qsd then fails the partition scan's reads
-        # and fio's (tests/guest/device-tests.sh odirect_first_reads; we fall back to the page
-        # cache for such a request, qsd does not).
+        # Not cache.direct=on on ext4: the kernel will not pin its bounce pages for O_DIRECT
+        # (their mapping is VM_IO), and qsd then fails the partition scan's reads and fio's
+        # with EFAULT (docs/PERFORMANCE.md; we fall back to the page cache, qsd does not).
         file=(--object iothread,id=t0 --blockdev "file,filename=$img,node-name=d0,aio=io_uring")
         export_opts+=",iothread=t0"
     fi
@@ -157,35 +156,54 @@ loop_peer() { # LABEL IMAGE
     losetup -d "$dev"
 }
 
+# config FN ARG...: one configuration, in a subshell of its own, so that its failure (a server
+# that does not come up, a fio error) costs its rows, not the boot. The failure is reported and
+# listed in bench.failed, whatever it left running is cleared, and the rounds go on. (A
+# background subshell keeps `set -e`; one on the left of `||` would not.)
+config() {
+    ("$@") &
+    if ! wait $!; then
+        echo "configuration failed, its rows are missing: $*" >&2
+        echo "$*" >>"$OUT/bench.failed"
+        pkill -KILL -f "$BIN device serve" 2>/dev/null || true
+        pkill -KILL -f qemu-storage-daemon 2>/dev/null || true
+        vdpa dev del qsd0 2>/dev/null || true
+        have_rublk && { rublk del -n 0 >/dev/null 2>&1 || true; }
+        sleep 0.5
+        "$BIN" device remove bench0 >/dev/null 2>&1 || true
+    fi
+}
+
 : >"$OUT/bench.raw"
 : >"$OUT/bench.cpu"
+: >"$OUT/bench.failed"
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
     for s in $STORAGES; do
         img=${IMG[$s]}
         for q in $COUNTS; do
             if peer vduse-csi; then
-                ours "vduse-csi/$s/q$q" "$img" "$q"
-                [[ $s != tmpfs ]] && EXTRA="--cache writeback" ours "vduse-csi+wb/$s/q$q" "$img" "$q"
-                EXTRA="--own-bounce-pages" ours "vduse-csi+own/$s/q$q" "$img" "$q"
+                config ours "vduse-csi/$s/q$q" "$img" "$q"
+                [[ $s != tmpfs ]] && EXTRA="--cache writeback" config ours "vduse-csi+wb/$s/q$q" "$img" "$q"
+                EXTRA="--own-bounce-pages" config ours "vduse-csi+own/$s/q$q" "$img" "$q"
             fi
             if peer metrics && [[ $s == tmpfs && $q == "$QUEUES" ]]; then
-                EXTRA="--metrics-address 127.0.0.1:9813" ours "vduse-metrics/$s/q$q" "$img" "$q" "${JOBS[@]:0:4}"
+                EXTRA="--metrics-address 127.0.0.1:9813" config ours "vduse-metrics/$s/q$q" "$img" "$q" "${JOBS[@]:0:4}"
             fi
             if peer qsd; then
-                qsd "qsd/$s/q$q" "$img" "$q" default
-                qsd "qsd+iothread/$s/q$q" "$img" "$q" best
+                config qsd "qsd/$s/q$q" "$img" "$q" default
+                config qsd "qsd+iothread/$s/q$q" "$img" "$q" best
             fi
             if peer rublk; then
                 if have_rublk; then
-                    rublk_peer "rublk/$s/q$q" "$q" loop -f "$img"
-                    rublk_peer "rublk+buffered/$s/q$q" "$q" loop -f "$img" --buffered-io
+                    config rublk_peer "rublk/$s/q$q" "$q" loop -f "$img"
+                    config rublk_peer "rublk+buffered/$s/q$q" "$q" loop -f "$img" --buffered-io
                 else
                     echo "rublk: not available" >&2
                 fi
             fi
             # The loop device has its own queues: run once, shown at every count.
-            if peer loop && [[ $q == 1 ]]; then loop_peer "loop/$s/q1" "$img"; fi
+            if peer loop && [[ $q == 1 ]]; then config loop_peer "loop/$s/q1" "$img"; fi
         done
     done
 done
@@ -255,3 +273,8 @@ END {
         }
     }
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"
+if [[ -s $OUT/bench.failed ]]; then
+    echo
+    echo "configurations that failed (their rows are missing or short):"
+    sed 's/^/  /' "$OUT/bench.failed"
+fi | tee -a "$OUT/bench.table"
