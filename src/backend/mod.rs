@@ -91,6 +91,13 @@ pub enum IoOp {
 pub trait SliceSource {
     /// The `len` bytes at `addr`, if they lie entirely inside one region.
     fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>>;
+
+    /// Whether the kernel can pin these bytes for `O_DIRECT`. Not the kernel's own VDUSE
+    /// bounce pages, whose mapping is `VM_IO`; our registered bounce pages are plain memory
+    /// (docs/PERFORMANCE.md, "O_DIRECT into the bounce pages, and our own bounce pages").
+    fn pinnable(&self) -> bool {
+        false
+    }
 }
 
 impl<M: GuestMemoryBackend<R = GuestRegionMmap<()>>> SliceSource for M {

@@ -14,7 +14,6 @@
 //! server re-runs the unfinished chains from `used.idx`, nothing of the old one is in flight.
 //! The guest kill test (SIGKILL under `fio --verify`) checks exactly that.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -88,15 +87,6 @@ pub struct UringQueue {
     notifier: EventFd,
     /// Set when the ring failed in a way that leaves in-flight I/O unknown.
     broken: bool,
-    /// Pages of the worker's memory whose page-table entries are known to be there (see
-    /// `populate`), and the page size.
-    populated: HashSet<usize>,
-    page: usize,
-    /// Cleared when the kernel refused to populate the worker's memory: the kernel's own
-    /// bounce pages are mapped `VM_IO` (6.12 guest, /proc/PID/smaps), which no `O_DIRECT` can
-    /// pin, so every later operation of this queue goes through the page cache without
-    /// asking again. Our own bounce pages (`--own-bounce-pages`) are plain memory.
-    pinnable: bool,
 }
 
 // SAFETY: the raw pointers in the slots' iovec tables point into the worker's mapped memory;
@@ -153,14 +143,6 @@ impl UringQueue {
             cqes: Vec::with_capacity(usize::from(depth)),
             notifier,
             broken: false,
-            populated: HashSet::new(),
-            pinnable: true,
-            page: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-                .ok()
-                .flatten()
-                .and_then(|p| usize::try_from(p).ok())
-                .filter(|p| p.is_power_of_two())
-                .unwrap_or(4096),
         })
     }
 
@@ -187,57 +169,17 @@ impl UringQueue {
             if !aligned && direct_ok {
                 tracing::debug!(offset, "misaligned request; through the page cache");
             }
-            let direct = aligned && self.pinnable && self.populate(tag);
-            let slot = &mut self.slots[tag];
-            slot.direct = direct;
-            tracing::trace!(offset, bytes = slot.remaining, iovecs = slot.iovecs.len(), direct, "prepared");
+            // O_DIRECT pins the buffers, and the kernel will not pin its own bounce pages.
+            slot.direct = aligned && mem.pinnable();
+            tracing::trace!(
+                offset,
+                bytes = slot.remaining,
+                iovecs = slot.iovecs.len(),
+                direct = slot.direct,
+                "prepared"
+            );
         }
         Ok(())
-    }
-
-    /// Makes sure every page of `tag`'s buffers is mapped in our page tables before an
-    /// `O_DIRECT` operation pins them; false if the kernel would not, and the operation then
-    /// goes through the page cache.
-    ///
-    /// Why: `O_DIRECT` must pin the pages, and the kernel's own bounce pages are mapped
-    /// `VM_IO` (6.12 guest, /proc/PID/smaps), which it refuses to pin: a direct read fails
-    /// with EFAULT, and ext4 completes a direct write through its page cache in io_uring's
-    /// worker, then drops those pages again. `MADV_POPULATE_WRITE` asks the same question
-    /// without side effects: it fails (EINVAL) on such a mapping, and on our own bounce pages
-    /// (`--own-bounce-pages`) it makes sure the page-table entries exist, without touching a
-    /// byte and without a SIGBUS. Each page is asked for once per queue. Image on ext4, 1 MiB
-    /// writes QD8: 66 MiB/s with failing direct attempts, 132 through the page cache at once,
-    /// 849 with our own pages (docs/PERFORMANCE.md).
-    fn populate(&mut self, tag: usize) -> bool {
-        let page = self.page;
-        for iov in &self.slots[tag].iovecs {
-            let start = iov.iov_base as usize & !(page - 1);
-            let end = (iov.iov_base as usize + iov.iov_len).next_multiple_of(page);
-            let mut first = start;
-            while first < end {
-                if self.populated.contains(&first) {
-                    first += page;
-                    continue;
-                }
-                let mut last = first + page;
-                while last < end && !self.populated.contains(&last) {
-                    last += page;
-                }
-                // SAFETY: the range lies in the worker's mapped memory (the iovecs were built
-                // from its slices, widened to whole pages); MADV_POPULATE_WRITE only fills page
-                // tables and changes no byte of it.
-                let rc = unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_POPULATE_WRITE) };
-                if rc != 0 {
-                    let error = io::Error::last_os_error();
-                    tracing::info!(%error, "bounce pages cannot be pinned: this queue's I/O goes through the page cache");
-                    self.pinnable = false;
-                    return false;
-                }
-                self.populated.extend((first..last).step_by(page));
-                first = last;
-            }
-        }
-        true
     }
 
     /// The SQE that (re)starts `tag`'s operation from where it stands.
@@ -336,8 +278,8 @@ impl UringQueue {
     fn push(&mut self, tag: usize) -> io::Result<()> {
         let sqe = self.sqe(tag);
         for _ in 0..2 {
-            // The SQE points at the slot's iovec table and at buffers in the worker's memory.
-            // SAFETY: the table is left alone and the memory stays mapped until the CQE is reaped.
+            // SAFETY: the SQE points at the slot's iovec table and at buffers in the worker's
+            // memory; the table is left alone and the memory stays mapped until the CQE is reaped.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }
@@ -382,9 +324,9 @@ impl UringQueue {
             let retry = match errno {
                 libc::EINTR | libc::EAGAIN => true,
                 // The device under the image wants more alignment than we checked, or the
-                // kernel would not pin a bounce page for O_DIRECT (the kernel's own bounce
-                // pages, which `populate` normally catches first; tests/guest/device-tests.sh
-                // odirect_first_reads): go through the page cache for this operation.
+                // kernel would not pin a buffer after all (`prepare` sends only memory that
+                // says it is pinnable; tests/guest/device-tests.sh odirect_first_reads covers
+                // the kernel's bounce pages): go through the page cache for this operation.
                 libc::EINVAL | libc::EFAULT if slot.direct => {
                     tracing::debug!(
                         errno,

@@ -18,11 +18,25 @@ use crate::backend::{BufRange, IoBuf, IoOp, SliceSource, region_slice};
 /// tables (with VDUSE, the bounce range). A descriptor that points anywhere else, a vring
 /// included, is refused. Lookups are one subtraction and one bounds check.
 #[derive(Debug, Clone, Copy)]
-pub struct DataWindow<'a>(pub &'a GuestRegionMmap<()>);
+pub struct DataWindow<'a> {
+    region: &'a GuestRegionMmap<()>,
+    /// See [`SliceSource::pinnable`].
+    pinnable: bool,
+}
+
+impl<'a> DataWindow<'a> {
+    pub fn new(region: &'a GuestRegionMmap<()>, pinnable: bool) -> Self {
+        Self { region, pinnable }
+    }
+}
 
 impl SliceSource for DataWindow<'_> {
     fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
-        region_slice(self.0, addr, len)
+        region_slice(self.region, addr, len)
+    }
+
+    fn pinnable(&self) -> bool {
+        self.pinnable
     }
 }
 

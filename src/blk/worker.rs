@@ -50,6 +50,11 @@ pub trait QueueMemory: GuestMemoryBackend<R = GuestRegionMmap<()>> {
     fn data_region(&self) -> Option<&GuestRegionMmap<()>>;
     /// Maps the data window if it is not mapped yet; returns whether it is mapped now.
     fn map_data_region(&mut self) -> bool;
+    /// Whether the data window is memory the kernel can pin for `O_DIRECT`
+    /// ([`crate::backend::SliceSource::pinnable`]).
+    fn data_pinnable(&self) -> bool {
+        false
+    }
 }
 
 /// One popped chain, from pop to publication.
@@ -404,7 +409,7 @@ impl QueueWorker {
         }
         let mem = &*mem;
         let Some(region) = mem.data_region() else { return Ok(0) };
-        let data = DataWindow(region);
+        let data = DataWindow::new(region, mem.data_pinnable());
         // Capacity can grow while we serve (online expansion).
         self.limits.capacity_sectors = self.backend.capacity() / 512;
         let size = self.queue.size();
@@ -490,7 +495,7 @@ impl QueueWorker {
             // anything is in flight.
             let written = mem
                 .data_region()
-                .and_then(|r| DataWindow(r).slice(p.status_addr, 1).map(|s| s.copy_from(&[status])))
+                .and_then(|r| DataWindow::new(r, false).slice(p.status_addr, 1).map(|s| s.copy_from(&[status])))
                 .is_some();
             let used_len = match (written, status) {
                 (false, _) => 0,

@@ -73,6 +73,10 @@ impl QueueMemory for DeviceMemory {
     fn map_data_region(&mut self) -> bool {
         self.iova.ensure_bounce(&self.dev)
     }
+
+    fn data_pinnable(&self) -> bool {
+        self.iova.bounce_is_ours()
+    }
 }
 
 pub(super) fn run(start: QueueStart) {

@@ -27,7 +27,7 @@ pub struct IovaMemory {
     /// Where the bounce pages come from when they are ours instead of the kernel's.
     user_bounce: Option<Arc<UserBounce>>,
     /// Keeps our bounce pages mapped while `bounce` spans them.
-    _pages: Option<Arc<BouncePages>>,
+    own_pages: Option<Arc<BouncePages>>,
 }
 
 impl IovaMemory {
@@ -93,7 +93,7 @@ impl IovaMemory {
             match user_bounce.lookup(dev) {
                 BounceLookup::Ours(region, pages) => {
                     self.bounce = Some(region);
-                    self._pages = Some(pages);
+                    self.own_pages = Some(pages);
                     return true;
                 }
                 BounceLookup::NotYet => return false,
@@ -104,6 +104,12 @@ impl IovaMemory {
             tracing::debug!(device = dev.name(), error = %e, "bounce range not mapped yet");
         }
         self.bounce.is_some()
+    }
+
+    /// Whether the bounce range is our registered memory, which `O_DIRECT` can pin (the
+    /// kernel's is mapped `VM_IO` through the domain file, which it cannot).
+    pub fn bounce_is_ours(&self) -> bool {
+        self.own_pages.is_some()
     }
 
     /// The bounce range, where every request buffer lies, if mapped.

@@ -171,20 +171,24 @@ impl BouncePages {
             return Err(format!("mmap of {map_len} bytes: {}", std::io::Error::last_os_error()));
         }
         let map = NonNull::new(raw).ok_or("mmap returned null")?;
+        // `pad < HUGE_PAGE`, so the aligned start and `len` bytes after it lie in the mapping.
         let pad = (HUGE_PAGE - (raw as usize % HUGE_PAGE)) % HUGE_PAGE;
-        // SAFETY: `pad < HUGE_PAGE`, so the result lies inside the mapping just made.
-        let addr = unsafe { raw.cast::<u8>().add(pad) };
+        let addr = raw.cast::<u8>().wrapping_add(pad);
         let pages = Self { map, map_len, addr: NonNull::new(addr).ok_or("null bounce address")?, len };
         // Huge pages are the point; a kernel with THP disabled still works with small ones.
-        // SAFETY: the range lies inside our mapping.
-        unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+        let _ = pages.advise(libc::MADV_HUGEPAGE);
         // Pinned anonymous pages are copied eagerly into a child at fork, and the plugin forks
         // mkfs, blkid and mount: keep the range out of children altogether.
-        // SAFETY: the range lies inside our mapping.
-        if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTFORK) } != 0 {
-            return Err(format!("madvise(MADV_DONTFORK): {}", std::io::Error::last_os_error()));
-        }
+        pages.advise(libc::MADV_DONTFORK).map_err(|e| format!("madvise(MADV_DONTFORK): {e}"))?;
         Ok(pages)
+    }
+
+    /// `madvise` over the bounce range.
+    fn advise(&self, advice: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: the range lies inside our own mapping; these advices change how the kernel
+        // backs and forks it, not its contents.
+        let rc = unsafe { libc::madvise(self.addr.as_ptr().cast(), self.len, advice) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 
     /// A region over the pages at IOVA 0. It does not own the mapping: `self` does.

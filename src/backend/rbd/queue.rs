@@ -225,10 +225,8 @@ impl QueueIo for RbdQueue {
             }
         };
         if ret < 0 {
-            // A refused submission never calls back: release the completion and take the
-            // argument back.
-            // SAFETY: librbd did not start the operation, so the completion is unused and
-            // `arg` is ours again.
+            // SAFETY: a refused submission never calls back: librbd did not start the
+            // operation, so the completion is unused (released here) and `arg` is ours again.
             self.spare[usize::from(tag)] = Some(unsafe {
                 sys::rbd_aio_release(completion);
                 Box::from_raw(arg)
