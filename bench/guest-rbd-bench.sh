@@ -19,6 +19,7 @@
 # low and the all-vCPU figure is the fair one to compare.
 # BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
 # BENCH_RBD_DEVICES: which of vduse_rbd, librbd, krbd and rbd_nbd run (all four by default).
+# BENCH_JOBS: a subset of the jobs below, by name (all by default).
 # BENCH_PERF="JOB...": after the rounds, one more round samples the whole guest with perf
 # during those jobs (it is not in the medians), and bench.perf gives each device's CPU by
 # thread and its hottest functions.
@@ -61,6 +62,11 @@ JOBS=(
     "read-1m-qd8 read 1M 8 1"
     "write-1m-qd8 write 1M 8 1"
 )
+if [[ -n ${BENCH_JOBS:-} ]]; then
+    picked=()
+    for j in "${JOBS[@]}"; do [[ " $BENCH_JOBS " == *" ${j%% *} "* ]] && picked+=("$j"); done
+    JOBS=("${picked[@]}")
+fi
 # shellcheck source=bench/fio-lib.sh
 source "$here/fio-lib.sh"
 

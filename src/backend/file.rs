@@ -49,6 +49,13 @@ fn on_tmpfs(file: &File) -> bool {
     nix::sys::statfs::fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
+/// Whether io_uring hands every buffered write to the image's filesystem to a worker thread:
+/// tmpfs and ext4 cannot take one without possibly blocking (see `ImageFiles::writes_punted`).
+fn writes_punted(file: &File) -> bool {
+    use nix::sys::statfs::{EXT4_SUPER_MAGIC, TMPFS_MAGIC, fstatfs};
+    fstatfs(file).is_ok_and(|fs| [TMPFS_MAGIC, EXT4_SUPER_MAGIC].contains(&fs.filesystem_type()))
+}
+
 /// Opens the image a second time with `O_DIRECT`, or says why not.
 fn open_direct(path: &Path, read_only: bool, file: &File) -> Option<File> {
     // On tmpfs the page cache is the storage: O_DIRECT saves no memory there and, measured in
@@ -114,6 +121,7 @@ impl FileBackend {
             CacheMode::Writeback => None,
         };
         let memory = on_tmpfs(&file);
+        let writes_punted = writes_punted(&file);
         // Before the first request: see image_lock for why.
         let locked = std::iter::once(&file).chain(direct.as_deref()).zip(image_lock::LOCK_OFFSETS);
         for (f, offset) in locked {
@@ -123,7 +131,7 @@ impl FileBackend {
             })?;
         }
         Ok(Self {
-            files: ImageFiles { buffered: Arc::new(file), direct, memory },
+            files: ImageFiles { buffered: Arc::new(file), direct, memory, writes_punted },
             capacity: AtomicU64::new(size),
             read_only,
         })

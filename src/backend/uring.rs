@@ -30,8 +30,9 @@ use super::{Completion, IoBuf, IoOp, QueueIo, SliceSource, buffers};
 /// EINVAL, and the operation is retried through the page cache.
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Smallest buffered read handed to io_uring's worker threads rather than copied inline; on a
-/// tmpfs image, the smallest read or write that goes through io_uring at all.
+/// Smallest buffered read handed to io_uring's worker threads rather than copied inline, and
+/// the smallest buffered operation that goes through io_uring at all where small ones are
+/// copied inline ([`UringQueue::runs_inline`]).
 const ASYNC_READ_BYTES: u64 = 256 << 10;
 
 /// Fixed-file index of the image opened without `O_DIRECT`.
@@ -48,6 +49,10 @@ pub struct ImageFiles {
     pub direct: Option<Arc<File>>,
     /// The image is in memory (tmpfs): buffered I/O never waits for a device.
     pub memory: bool,
+    /// io_uring hands every buffered write on the image's filesystem to a worker thread,
+    /// because it cannot write there without blocking: tmpfs (no `FMODE_NOWAIT`) and ext4 (no
+    /// `FMODE_BUF_WASYNC`, 6.12).
+    pub writes_punted: bool,
 }
 
 /// One tag's operation while it is in flight.
@@ -225,19 +230,25 @@ impl UringQueue {
     }
 
     /// Whether `tag`'s prepared operation is copied in this thread instead of through the
-    /// ring: a small read or write of a tmpfs image. tmpfs files cannot be issued to without
-    /// blocking as far as io_uring knows (no `FMODE_NOWAIT`), so it hands every operation on
-    /// them to a worker thread; traced in the test guest (6.12), 2000 of 2000 4 KiB reads went
-    /// to io-wq. A page-cache copy in this thread costs one syscall and no thread hand-off:
-    /// 4 KiB QD1 reads went from about 1300 to about 2600 IOPS and QD32 writes from about
-    /// 12500 to about 18100 (medians of 3). Large ones still go to the workers, where several
-    /// copies run at once.
+    /// ring: a small buffered read of a tmpfs image, or a small buffered write where io_uring
+    /// would hand it to a worker thread anyway ([`ImageFiles::writes_punted`]). Traced in the
+    /// test guest (6.12), 2000 of 2000 4 KiB reads of a tmpfs image went to io-wq, and so did
+    /// every buffered write to an ext4 one. A page-cache copy in this thread costs one
+    /// syscall and no thread hand-off. On tmpfs, 4 KiB QD1 reads went from about 1300 to about
+    /// 2600 IOPS and QD32 writes from about 12500 to about 18100 (medians of 3); the ext4
+    /// figures are in docs/PERFORMANCE.md. Several workers would not write in parallel
+    /// either: a buffered write holds the inode's lock. Large operations still go to the
+    /// workers, where several copies run at once. The cost: a write that the kernel throttles
+    /// (too much dirty memory) holds this queue's other requests for that long, where a
+    /// worker would have held only itself.
     fn runs_inline(&self, tag: usize) -> bool {
         let slot = &self.slots[tag];
-        self.files.memory
-            && !slot.direct
-            && matches!(slot.op, IoOp::Read { .. } | IoOp::Write { .. })
-            && slot.remaining < ASYNC_READ_BYTES
+        let small_buffered = !slot.direct && slot.remaining < ASYNC_READ_BYTES;
+        match slot.op {
+            IoOp::Read { .. } => small_buffered && self.files.memory,
+            IoOp::Write { .. } => small_buffered && self.files.writes_punted,
+            _ => false,
+        }
     }
 
     /// Reads or writes `tag`'s prepared buffers with `preadv`/`pwritev`, continuing short
