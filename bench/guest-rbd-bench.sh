@@ -128,9 +128,10 @@ if [[ -n ${BENCH_PERF:-} ]]; then
     for f in "$OUT"/perf-*.data; do
         {
             echo "=== ${f##*/perf-}: CPU by thread (all vCPUs), then the hottest functions"
-            perf report -i "$f" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
+            # sed, not head: head's early exit would end the pipeline with SIGPIPE (set -e).
+            perf report -i "$f" --no-children --sort comm --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | sed -n 1,15p
             perf report -i "$f" --no-children --sort comm,dso,sym --stdio -g none 2>/dev/null |
-                grep -v '^#' | grep -v '^$' | head -n 40
+                grep -v '^#' | grep -v '^$' | sed -n 1,40p
         } >>"$OUT/bench.perf"
     done
 fi

@@ -294,10 +294,11 @@ struct ServeArgs {
     rotate_irqs: bool,
     /// Register memory of ours, on transparent huge pages, as the device's bounce pages
     /// instead of the kernel's 4 KiB ones: O_DIRECT then pins 2 MiB folios and sends fewer,
-    /// larger segments (docs/PERFORMANCE.md). It pins the whole bounce region (tens to
-    /// hundreds of MiB, sized by --queues and --queue-size) while the device is served, and
-    /// raises this process's RLIMIT_MEMLOCK to do so. Without the right to, or on a kernel
-    /// that refuses, the kernel's pages stay and a warning says why.
+    /// larger segments (docs/PERFORMANCE.md). It pins the whole bounce region while the
+    /// device is served: 32 MiB per queue, at least 64 MiB (room for 32 requests of 1 MiB in
+    /// flight per queue; more wait for room), and raises this process's RLIMIT_MEMLOCK to do
+    /// so. Without the right to, or on a kernel that refuses, the kernel's pages stay and a
+    /// warning says why.
     #[arg(long)]
     own_bounce_pages: bool,
     /// Serve Prometheus metrics for this device at http://ADDRESS/metrics (its volume_id label

@@ -96,7 +96,7 @@ pub struct DeviceOptions {
     pub rotate_irqs: bool,
     /// Registers memory of ours, on huge pages, as the bounce pages instead of the kernel's
     /// (`crate::vduse::umem`). It pins the whole bounce region for as long as the device
-    /// is served.
+    /// is served, so the region is smaller then ([`DeviceOptions::bounce_size`]).
     pub own_bounce_pages: bool,
 }
 
@@ -119,17 +119,30 @@ impl DeviceOptions {
         Ok(())
     }
 
-    /// Size of the bounce region: every request the queues can hold, each as large as the
-    /// host sends them, must fit at once, or the driver stalls waiting for bounce space
-    /// (VDUSE.md §5). Clamped to what the kernel accepts.
+    /// Size of the bounce region. With the kernel's pages, every request the queues can
+    /// hold, each as large as the host sends them, fits at once: the kernel allocates its
+    /// pages only as they are used, so room costs nothing until it is needed. A request that
+    /// finds no room is not failed: virtio_blk answers BLK_STS_RESOURCE and the block layer
+    /// sends it again a moment later, a throughput cliff. Our own pages are pinned as a
+    /// whole, so they get [`OWN_BOUNCE_PER_QUEUE`] per queue: room for 32 requests of 1 MiB
+    /// in flight on each, or a full ring of small ones. Clamped to what the kernel accepts.
     pub fn bounce_size(&self) -> u64 {
         // Pages per request: the data at the host's largest request size, plus a header, a
         // status byte and an indirect table, each of which takes a page of its own.
         let pages = config::MAX_REQUEST_BYTES.div_ceil(4096) + 3;
-        let want = u64::from(self.num_queues) * u64::from(self.queue_size) * pages * 4096;
+        let full_rings = u64::from(self.num_queues) * u64::from(self.queue_size) * pages * 4096;
+        let want = if self.own_bounce_pages {
+            full_rings.min(u64::from(self.num_queues) * OWN_BOUNCE_PER_QUEUE)
+        } else {
+            full_rings
+        };
         want.clamp(MIN_BOUNCE_SIZE, MAX_BOUNCE_SIZE)
     }
 }
+
+/// Bounce room per queue when the pages are ours (pinned for as long as the device is served).
+/// 1 MiB requests at QD8 need 8 MiB of it, 4 KiB requests 16 KiB each.
+const OWN_BOUNCE_PER_QUEUE: u64 = 32 << 20;
 
 /// The kernel's default bounce region, also our floor.
 const MIN_BOUNCE_SIZE: u64 = 64 << 20;
@@ -466,6 +479,15 @@ mod tests {
         assert_eq!(opts(1, 256).bounce_size(), 256 * 323 * 4096);
         assert_eq!(opts(1, 4).bounce_size(), 64 << 20, "never below the kernel default");
         assert_eq!(opts(16, 1024).bounce_size(), 1 << 30, "never above the kernel maximum");
+    }
+
+    #[test]
+    fn own_bounce_pages_get_a_budget_per_queue() {
+        let own = |queues, size| DeviceOptions { own_bounce_pages: true, ..opts(queues, size) };
+        assert_eq!(own(2, 256).bounce_size(), 64 << 20, "the kernel default is the floor");
+        assert_eq!(own(4, 256).bounce_size(), 4 * (32 << 20));
+        assert_eq!(own(64, 256).bounce_size(), 1 << 30, "never above the kernel maximum");
+        assert_eq!(own(4, 4).bounce_size(), 64 << 20, "full rings of tiny queues fit in the floor");
     }
 
     #[test]

@@ -478,6 +478,8 @@ test_own_bounce_pages() {
     pinned_kib=$(awk '/^VmPin:/ {print $2}' "/proc/$SERVER_PID/status")
     echo "bounce $bytes bytes, VmPin $pinned_kib kB"
     ((bytes > 0 && pinned_kib * 1024 >= bytes))
+    # Own pages get 32 MiB per queue, and the kernel's default 64 MiB at least.
+    ((bytes == 64 * 1024 * 1024))
     verify_writer "$dev" "$WORK/own.fio" 96M --bsrange=4k-256k --io_size=90M --verify_backlog=256
     local kills=0
     while ((kills < 3)); do
@@ -510,6 +512,12 @@ test_own_bounce_pages() {
         --iodepth=32 --size=32M --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
         --verify_state_save=0 --output="$WORK/reset.fio"
     expect_fail grep -qi 'verify.*bad\|err= *[1-9]' "$WORK/reset.fio"
+    # More 1 MiB requests in flight than the 64 MiB region holds: those that find no room
+    # wait (BLK_STS_RESOURCE, sent again), none fails.
+    fio --name=full --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=1M \
+        --iodepth=128 --size=160M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+        --randrepeat=0 --verify_state_save=0 --output="$WORK/full.fio"
+    expect_fail grep -qi 'verify.*bad\|err= *[1-9]' "$WORK/full.fio"
     cmp <(dd if="$dev" bs=1M iflag=direct status=none) "$img"
     expect_fail grep -q 'backend I/O failed\|cannot register ours' "$WORK"/own0.*.err
     local errors
