@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::os::unix::fs::OpenOptionsExt;
 
+use nix::sys::statfs::{EXT4_SUPER_MAGIC, FsType, TMPFS_MAGIC, fstatfs};
+
 use super::uring::{ImageFiles, UringQueue};
 use super::{Backend, Error, QueueIo, Result, SECTOR_SIZE, image_lock};
 
@@ -44,23 +46,17 @@ pub struct FileBackend {
     read_only: bool,
 }
 
-/// Whether the image lives on tmpfs, where the page cache is the storage.
-fn on_tmpfs(file: &File) -> bool {
-    nix::sys::statfs::fstatfs(file).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+/// The magic number of the filesystem `file` lives on, if the kernel tells.
+fn filesystem_type(file: &File) -> Option<FsType> {
+    fstatfs(file).ok().map(|fs| fs.filesystem_type())
 }
 
-/// Whether io_uring hands every buffered write to the image's filesystem to a worker thread:
-/// tmpfs and ext4 cannot take one without possibly blocking (see `ImageFiles::writes_punted`).
-fn writes_punted(file: &File) -> bool {
-    use nix::sys::statfs::{EXT4_SUPER_MAGIC, TMPFS_MAGIC, fstatfs};
-    fstatfs(file).is_ok_and(|fs| [TMPFS_MAGIC, EXT4_SUPER_MAGIC].contains(&fs.filesystem_type()))
-}
-
-/// Opens the image a second time with `O_DIRECT`, or says why not.
-fn open_direct(path: &Path, read_only: bool, file: &File) -> Option<File> {
+/// Opens the image a second time with `O_DIRECT`, or says why not. `memory`: the image is on
+/// tmpfs.
+fn open_direct(path: &Path, read_only: bool, memory: bool) -> Option<File> {
     // On tmpfs the page cache is the storage: O_DIRECT saves no memory there and, measured in
     // the test guest, costs about a third of the 4 KiB IOPS.
-    if on_tmpfs(file) {
+    if memory {
         tracing::debug!(image = %path.display(), "image on tmpfs: I/O through the page cache, which is its storage");
         return None;
     }
@@ -116,12 +112,16 @@ impl FileBackend {
         };
         let size = file.metadata().map_err(open_err)?.len();
         check_size(size)?;
+        let fs = filesystem_type(&file);
+        // tmpfs: the page cache is the storage.
+        let memory = fs == Some(TMPFS_MAGIC);
+        // Where io_uring cannot write through the page cache without possibly blocking
+        // (`ImageFiles::writes_punted`).
+        let writes_punted = memory || fs == Some(EXT4_SUPER_MAGIC);
         let direct = match cache {
-            CacheMode::None => open_direct(path, read_only, &file).map(Arc::new),
+            CacheMode::None => open_direct(path, read_only, memory).map(Arc::new),
             CacheMode::Writeback => None,
         };
-        let memory = on_tmpfs(&file);
-        let writes_punted = writes_punted(&file);
         // Before the first request: see image_lock for why.
         let locked = std::iter::once(&file).chain(direct.as_deref()).zip(image_lock::LOCK_OFFSETS);
         for (f, offset) in locked {
@@ -230,7 +230,7 @@ mod tests {
     fn a_tmpfs_image_round_trips_through_inline_copies() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
         let probe = File::create(dir.path().join("probe")).expect("probe");
-        assert!(on_tmpfs(&probe), "/dev/shm must be tmpfs for this test");
+        assert_eq!(filesystem_type(&probe), Some(TMPFS_MAGIC), "/dev/shm must be tmpfs for this test");
         round_trip(dir.path(), CacheMode::None);
     }
 

@@ -19,7 +19,7 @@ use super::flush_failure::FlushFailure;
 use super::qos::{Admission, Throttle};
 use super::request::{self, Action, DataWindow, DeviceLimits, ParseScratch, RequestKind, STATUS_IOERR, STATUS_OK};
 use super::stats::{DeviceStats, QueueStats};
-use crate::backend::{Backend, Completion, IoBuf, IoOp, QueueIo, SliceSource};
+use crate::backend::{Backend, Completion, IoBuf, IoOp, QueueIo, region_slice};
 
 /// A ring-level fault: the queue cannot be trusted any more and must stop.
 #[derive(Debug, thiserror::Error)]
@@ -495,7 +495,7 @@ impl QueueWorker {
             // anything is in flight.
             let written = mem
                 .data_region()
-                .and_then(|r| DataWindow::new(r, false).slice(p.status_addr, 1).map(|s| s.copy_from(&[status])))
+                .and_then(|r| region_slice(r, p.status_addr, 1).map(|s| s.copy_from(&[status])))
                 .is_some();
             let used_len = match (written, status) {
                 (false, _) => 0,
