@@ -460,8 +460,19 @@ fn failed_recovery_retried(n: &mut Node) {
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     });
-    let condition = n.stats(pv, &staging).volume_condition.expect("condition");
-    assert!(condition.abnormal, "recovery must have failed while the node was held: {condition:?}");
+    // The condition says why the volume is not served: the error of the attempt that failed
+    // (recovery runs beside the gRPC server, so it may still be trying at the first call).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let condition = n.stats(pv, &staging).volume_condition.expect("condition");
+        assert!(condition.abnormal, "recovery must have failed while the node was held: {condition:?}");
+        if condition.message.contains("serving it again failed") {
+            println!("while the node was held: {}", condition.message);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the condition does not say why: {condition:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let _ = holder.take().expect("holder").wait();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {

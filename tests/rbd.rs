@@ -930,7 +930,9 @@ fn sick_pool(n: &mut Node) {
 /// The client serving a volume is blocklisted (by an operator, or a node that broke its lock):
 /// librbd fails its writes with ESHUTDOWN. The device fails none of them: it reports itself
 /// degraded, saying the lock is lost, and the heal loop takes the lock back with a new client
-/// (nobody else holds it), so the waiting write completes.
+/// (nobody else holds it), so the waiting write completes. The condition says the lock is lost
+/// until a server runs again: a heal round that comes at once finds the shared Ceph client
+/// blocklisted too and fails, and the volume, without a server then, still says why.
 fn lost_lock(n: &mut Node) {
     n.flags = &["--ceph-clusters=/tmp/ceph-clusters.json", "--heal-interval=5"];
     n.restart();

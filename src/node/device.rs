@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::NodeAgent;
 use super::table::into_owned;
+use super::{NodeAgent, NotServed};
 use crate::backend::{Backend, CacheMode, FileBackend, NullBackend};
 use crate::rbd::node::Opened;
 use crate::server::{DeviceOptions, DeviceServer, HealthState, StopError};
@@ -94,7 +94,10 @@ impl NodeAgent {
                 HealthState::Serving => return Ok(server),
                 HealthState::Degraded(reason) => format!("its device server is degraded: {reason}"),
             },
-            None => "it has no device server".to_owned(),
+            None => match self.unserved_reason(id) {
+                Some(earlier) => earlier.fault,
+                None => "it has no device server".to_owned(),
+            },
         };
         if let Some(old) = self.servers.remove(id) {
             // Its threads are joined when the last reference goes, outside the table's lock.
@@ -106,7 +109,16 @@ impl NodeAgent {
                 }
             }
         }
-        let server = Arc::new(self.start_device(meta)?);
+        let server = match self.start_device(meta) {
+            Ok(server) => Arc::new(server),
+            Err(e) => {
+                if meta.staged.is_some() {
+                    self.set_unserved(id, Some(NotServed { fault: why, retry_error: e.to_string() }));
+                }
+                return Err(e);
+            }
+        };
+        self.set_unserved(id, None);
         if meta.staged.is_some() {
             tracing::warn!(volume = %id, device = %server.block_device().display(), "served again: {why}");
         }

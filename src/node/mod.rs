@@ -67,7 +67,50 @@ pub struct NodeAgent {
     guards: VolumeGuards,
     servers: ServerTable,
     /// RBD volumes whose device this node serves fenced (every request fails), with why.
-    fenced: Mutex<HashMap<String, String>>,
+    fenced: Reasons<String>,
+    /// Staged volumes whose device server is not running, with why. Their condition says it
+    /// until a server runs again: a heal round may come right after a fault and fail (as when
+    /// the Ceph client it would reuse was blocklisted along with the lock), and "not running"
+    /// alone would hide the fault.
+    unserved: Reasons<NotServed>,
+}
+
+/// Why a staged volume has no running device server.
+#[derive(Debug, Clone)]
+struct NotServed {
+    /// What stopped its last server (or that none ran since the plugin started).
+    fault: String,
+    /// Why the last attempt to serve it again failed.
+    retry_error: String,
+}
+
+impl std::fmt::Display for NotServed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; serving it again failed: {}", self.fault, self.retry_error)
+    }
+}
+
+/// A state some volumes are in (fenced, not served), with its details, by volume ID.
+struct Reasons<T>(Mutex<HashMap<String, T>>);
+
+impl<T> Default for Reasons<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T: Clone> Reasons<T> {
+    fn get(&self, id: &str) -> Option<T> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
+    fn set(&self, id: &str, reason: Option<T>) {
+        let mut reasons = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match reason {
+            Some(reason) => reasons.insert(id.to_owned(), reason),
+            None => reasons.remove(id),
+        };
+    }
 }
 
 impl NodeAgent {
@@ -77,7 +120,8 @@ impl NodeAgent {
             store,
             guards: VolumeGuards::default(),
             servers: ServerTable::default(),
-            fenced: Mutex::new(HashMap::new()),
+            fenced: Reasons::default(),
+            unserved: Reasons::default(),
         }
     }
 
@@ -107,14 +151,19 @@ impl NodeAgent {
     }
 
     fn fenced_reason(&self, id: &str) -> Option<String> {
-        self.fenced.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+        self.fenced.get(id)
     }
 
     fn set_fenced(&self, id: &str, reason: Option<String>) {
-        let mut fenced = self.fenced.lock().unwrap_or_else(PoisonError::into_inner);
-        match reason {
-            Some(reason) => fenced.insert(id.to_owned(), reason),
-            None => fenced.remove(id),
-        };
+        self.fenced.set(id, reason);
+    }
+
+    /// Why a staged volume's device server is not running, if this process knows.
+    fn unserved_reason(&self, id: &str) -> Option<NotServed> {
+        self.unserved.get(id)
+    }
+
+    fn set_unserved(&self, id: &str, reason: Option<NotServed>) {
+        self.unserved.set(id, reason);
     }
 }

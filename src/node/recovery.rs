@@ -65,7 +65,9 @@ impl NodeAgent {
                 self.servers.insert(&meta.spec.id, Arc::new(server));
             }
             Err(e) => {
-                tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal")
+                tracing::error!(volume = %meta.spec.id, error = %e, "cannot serve staged volume; its condition is abnormal");
+                let fault = "no server has run it since the plugin started".to_owned();
+                self.set_unserved(&meta.spec.id, Some(super::NotServed { fault, retry_error: e.to_string() }));
             }
         }
     }

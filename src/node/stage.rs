@@ -255,6 +255,7 @@ impl NodeAgent {
         meta.staged = None;
         meta.published.clear();
         self.set_fenced(id, None);
+        self.set_unserved(id, None);
         if crate::rbd::is_rbd(&meta.spec) {
             // Its lock is released (the server closed the image); the node keeps nothing.
             self.store.delete_volume(id)?;

@@ -124,7 +124,10 @@ impl NodeAgent {
                 Some(message) => abnormal(message),
                 None => Condition { abnormal: false, message: format!("served as {}", d.display()) },
             },
-            None => abnormal(format!("the device server of volume {id} is not running")),
+            None => abnormal(match self.unserved_reason(id) {
+                Some(why) => format!("the device server of volume {id} is not running: {why}"),
+                None => format!("the device server of volume {id} is not running"),
+            }),
         };
         let usage = if staged.block {
             let total = dev.as_deref().map(host::block_device_size).transpose()?.unwrap_or(meta.spec.capacity_bytes);

@@ -313,7 +313,7 @@ impl Node {
         self.rt.block_on(self.c.node.node_expand_volume(req)).expect("NodeExpandVolume").into_inner().capacity_bytes
     }
 
-    /// Waits (up to 90 s) until volume `id`'s condition, seen through `path`, is `wanted`
+    /// Waits (up to 90 s, asking every 50 ms) until volume `id`'s condition, seen through `path`, is `wanted`
     /// (`None`: normal; `Some(text)`: abnormal, saying `text`): staged RBD volumes are served
     /// again after the plugin is ready, not before.
     pub fn wait_condition(&mut self, id: &str, path: &Path, wanted: Option<&str>) -> VolumeCondition {
@@ -331,7 +331,8 @@ impl Node {
                 started.elapsed() < std::time::Duration::from_secs(90),
                 "volume {id}: {condition:?}, not {wanted:?}"
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            // Often: a state can be short (a heal round may end it within seconds).
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

@@ -462,12 +462,12 @@ test_odirect_first_reads() {
 test_own_bounce_pages() {
     local fs=$WORK/own.ext4 mnt=$WORK/own kernel_lines
     kernel_lines=$(dmesg | wc -l)
-    truncate -s 240M "$fs"
+    truncate -s 400M "$fs"
     mkfs.ext4 -q "$fs"
     mkdir -p "$mnt"
     mount -o loop "$fs" "$mnt"
     local img=$mnt/own.img
-    start_server own0 "$img" --size 192M --queues 2 --own-bounce-pages --log-level info
+    start_server own0 "$img" --size 320M --queues 2 --own-bounce-pages --log-level info
     local dev=$DEV
     # The bounce range appears with the first request, which the partition scan made.
     local i
@@ -480,7 +480,8 @@ test_own_bounce_pages() {
     ((bytes > 0 && pinned_kib * 1024 >= bytes))
     # Own pages get 32 MiB per queue, and the kernel's default 64 MiB at least.
     ((bytes == 64 * 1024 * 1024))
-    verify_writer "$dev" "$WORK/own.fio" 96M --bsrange=4k-256k --io_size=90M --verify_backlog=256
+    # Enough to write that the release build's writer outlasts three kills.
+    verify_writer "$dev" "$WORK/own.fio" 160M --bsrange=4k-256k --io_size=150M --verify_backlog=256
     local kills=0
     while ((kills < 3)); do
         sleep 0.7
