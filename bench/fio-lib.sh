@@ -21,8 +21,12 @@ proc_cpu() {
 # the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data.
 # With SERVER_PID set, that process's CPU time (all threads, user + system) while fio counts is
 # appended to bench.cpu as "PEER NAME srv SECONDS_PER_100K".
+# A job still running BENCH_STALL_SECONDS (120) after its time is up has stalled: if the
+# sourcing script defines stall_report, it is called once then, with PEER NAME, to keep what the
+# guest knows of the stall before the guest (and its logs) go; fio is still waited for.
 run_job() {
     local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid= srv0= srv1=
+    local watchdog=
     read -r name rw bs qd jobs <<<"$3"
     [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
     if [[ $dev == rbd:* ]]; then
@@ -46,7 +50,15 @@ run_job() {
         perf record -q -a -g -e cpu-clock -o "$OUT/perf-$peer-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
         perf_pid=$!
     fi
+    if declare -F stall_report >/dev/null; then
+        (sleep $((RUNTIME + 1 + ${BENCH_STALL_SECONDS:-120})) && kill -0 "$fio_pid" 2>/dev/null &&
+            echo "fio's $name on $peer has not ended: stalled; stall_report runs" >&2 &&
+            stall_report "$peer" "$name") &
+        watchdog=$!
+    fi
     wait "$fio_pid"
+    # Its sleep ended, the watchdog ends too (without reporting).
+    [[ -n $watchdog ]] && { pkill -P "$watchdog" sleep 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; }
     [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")

@@ -70,6 +70,37 @@ fi
 # shellcheck source=bench/fio-lib.sh
 source "$here/fio-lib.sh"
 
+# stall_report PEER NAME (called by run_job when a job has not ended long after its time): what
+# the guest knows of the stall, into $OUT/stall-PEER-NAME.txt, since Ceph's logs live in the
+# guest's tmpfs and go with it: the cluster's health, the OSD's operations in flight, blocked
+# and slow, each client's outstanding requests (librados's objecter, through whichever client
+# admin sockets exist), the kernel's last lines and the tail of every daemon's log.
+stall_report() {
+    local sock log
+    {
+        echo "=== $(date -u +%FT%TZ): fio's $2 on $1 has not ended"
+        timeout 30 ceph "${C[@]}" -s
+        timeout 30 ceph "${C[@]}" health detail
+        for sock in "$CEPH"/run/*.asok; do
+            echo "=== $sock"
+            case ${sock##*/} in
+            osd.*)
+                for cmd in dump_ops_in_flight dump_blocked_ops dump_historic_slow_ops; do
+                    timeout 30 ceph --admin-daemon "$sock" "$cmd"
+                done
+                ;;
+            client.*) timeout 30 ceph --admin-daemon "$sock" objecter_requests ;;
+            esac
+        done
+        echo "=== dmesg (last 50 lines)"
+        dmesg | tail -n 50
+        for log in "$CEPH"/log/*; do
+            echo "=== $log (last 100 lines)"
+            tail -n 100 "$log"
+        done
+    } >"$OUT/stall-$1-$2.txt" 2>&1 || true
+}
+
 # serve_ours LABEL [CEPH_ARGS]
 serve_ours() {
     local pid dev i

@@ -17,6 +17,8 @@
 #     BENCH_RBD_DEVICES (default "vduse_rbd librbd krbd rbd_nbd") picks the others (librbd:
 #     fio's librbd engine, no block device, the userspace ceiling); BENCH_PERF="JOB..." adds
 #     a round sampled by perf during those jobs, reported by thread and function (bench.perf);
+#     a job that has not ended BENCH_STALL_SECONDS (120) after its time leaves Ceph's view of
+#     it in stall-DEVICE-JOB.txt;
 #  4. with BENCH_FRONTEND=1, a third boot (bench/guest-frontend.sh): the storage-free
 #     frontends (ours at its defaults, with --rotate-irqs, without polling, with rq_affinity
 #     0 and 2, and rublk's null target; FRONTEND_TARGETS picks ours) at 1, 2 and 4 queues
@@ -89,7 +91,7 @@ if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
     # Five devices × 3 rounds and a perf round took longer than run.sh's 20-minute default.
-    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES BENCH_PERF" \
+    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_DEVICES BENCH_PERF BENCH_STALL_SECONDS" \
         tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         ("rbd_conformance_snapshots_clones_guards_clients", conformance),
         ("rbd_sick_pool_holds_up_nothing_else", sick_pool),
         ("rbd_lost_lock_degrades_then_heals", lost_lock),
+        ("rbd_lock_taken_by_another_node_fences_at_heal", lock_taken_fences),
         ("rbd_fio_verify_at_qd32", fio_verify),
         ("rbd_snapshot_and_clones_hold_the_same_data", snapshot_and_clones),
         ("rbd_online_resize", online_resize),
@@ -961,4 +962,64 @@ fn lost_lock(n: &mut Node) {
     let errors = kernel_errors_since(lines);
     assert!(errors.is_empty(), "kernel I/O errors: {errors:?}");
     retire(n, &v, &staging, &target);
+}
+
+/// This node's client is blocklisted and, before this node writes again, another client takes
+/// the image's lock and keeps it: rbd-nbd mapped with `--exclusive`, standing in for another
+/// node (two plugins in one guest would want one VDUSE device name). The next write here finds
+/// the lock lost, and the heal round that follows must not take the lock back, as it does when
+/// nobody else took it: it fences the device. The waiting write fails instead of landing on
+/// the other client's data, the condition says why, and kubelet's unstage clears it.
+fn lock_taken_fences(n: &mut Node) {
+    n.flags = &["--ceph-clusters=/tmp/ceph-clusters.json", "--heal-interval=2"];
+    n.restart();
+    let (v, staging, target) = block_volume(n, "pvc-rbd-taken", 64, rbd_params());
+    write_and_check(&target, 5);
+    let owner_a = lock_owner(&n.root.join("state"), &v.volume_id);
+    ceph_cli("ceph", &["osd", "blocklist", "add", &owner_a]);
+
+    // The other client breaks the blocklisted holder's lock and keeps it.
+    let image = format!("rbd/{}", image_of(&v.volume_id));
+    let started = Instant::now();
+    let nbd = loop {
+        let (ok, text) = run(&format!("timeout 60 rbd-nbd -c {CEPH_DIR}/ceph.conf map --exclusive {image}"));
+        if ok {
+            break text.trim().to_owned();
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "rbd-nbd never took the lock: {text}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    println!("{nbd} holds the lock {:.1?} after this node's client was blocklisted", started.elapsed());
+    // Until this node writes, nothing here has met the lost lock.
+    let (ok, text) = run("head -c 1M /dev/zero | tr '\\0' '\\6' > /tmp/rbd-taken");
+    assert!(ok, "{text}");
+    let mut writer = Command::new("dd")
+        .args(["if=/tmp/rbd-taken", &format!("of={}", target.display()), "bs=1M", "oflag=direct", "status=none"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dd");
+    let fenced = n.wait_condition(&v.volume_id, &target, Some("fenced"));
+    println!("on this node: {}", fenced.message);
+    assert!(fenced.message.contains("holds image"), "the condition says another client holds it: {}", fenced.message);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = writer.try_wait().expect("dd") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the write on the fenced device neither failed nor ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "the write here must fail once another client holds the image");
+    // The image holds what this node wrote before the blocklist, not the write it withheld.
+    let (same, text) = run(&format!(
+        "head -c 1M /dev/zero | tr '\\0' '\\5' > /tmp/rbd-before && cmp -n 1048576 /tmp/rbd-before {nbd}"
+    ));
+    assert!(same, "the image changed under the other client: {text}");
+    assert_eq!(lock_owner(&n.root.join("state"), &v.volume_id), owner_a, "this node took no new lock");
+
+    let (ok, text) = run(&format!("rbd-nbd unmap {nbd}"));
+    assert!(ok, "{text}");
+    n.unpublish(&v.volume_id, &target).expect("unpublish");
+    n.unstage(&v.volume_id, &staging).expect("unstage: clears the fence");
+    n.delete(&v.volume_id).expect("delete");
 }
