@@ -39,6 +39,9 @@ CEPH=/tmp/ceph
 "$here/../tests/ceph/cluster.sh" start "$CEPH"
 trap '"$here/../tests/ceph/cluster.sh" stop "$CEPH"' EXIT
 C=(-c "$CEPH/ceph.conf")
+# Each client process gets an admin socket of its own (the conf's one is per name, and every
+# CLI call as client.admin would take it over), so that stall_report can ask it what it waits for.
+export CEPH_ARGS="--admin-socket=$CEPH/run/\$name.\$pid.asok"
 CLIENT=()
 if [[ ${BENCH_PIN:-1} != 0 && $(nproc) -ge 2 ]]; then
     for daemon in ceph-mon ceph-mgr ceph-osd; do
@@ -105,7 +108,7 @@ stall_report() {
 serve_ours() {
     local pid dev i
     rm -f "$W/ours.out"
-    CEPH_ARGS=${2:-} "${CLIENT[@]}" "$BIN" device serve --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 \
+    CEPH_ARGS="$CEPH_ARGS ${2:-}" "${CLIENT[@]}" "$BIN" device serve --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 \
         --name rbdbench --queues "$QUEUES" --log-level warn >"$W/ours.out" &
     pid=$!
     for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
