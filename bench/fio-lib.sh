@@ -23,7 +23,8 @@ proc_cpu() {
 # appended to bench.cpu as "PEER NAME srv SECONDS_PER_100K".
 # A job still running BENCH_STALL_SECONDS (120) after its time is up has stalled: if the
 # sourcing script defines stall_report, it is called once then, with PEER NAME, to keep what the
-# guest knows of the stall before the guest (and its logs) go; fio is still waited for.
+# guest knows of the stall before the guest (and its logs) go; then fio is killed, the job's
+# line in bench.raw says "stalled", and the script exits 1.
 run_job() {
     local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid= srv0= srv1=
     local watchdog=
@@ -51,14 +52,22 @@ run_job() {
         perf_pid=$!
     fi
     if declare -F stall_report >/dev/null; then
+        # A stalled job is reported, then killed, and the run stops: what follows would run on
+        # whatever stalled this one, and the guest would otherwise wait out its whole timeout.
+        rm -f "$OUT/.stalled"
         (sleep $((RUNTIME + 1 + ${BENCH_STALL_SECONDS:-120})) && kill -0 "$fio_pid" 2>/dev/null &&
             echo "fio's $name on $peer has not ended: stalled; stall_report runs" >&2 &&
-            stall_report "$peer" "$name") &
+            { stall_report "$peer" "$name"; touch "$OUT/.stalled"; kill -KILL "$fio_pid"; }) &
         watchdog=$!
     fi
     wait "$fio_pid"
     # Its sleep ended, the watchdog ends too (without reporting).
     [[ -n $watchdog ]] && { pkill -P "$watchdog" sleep 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; }
+    if [[ -e $OUT/.stalled ]]; then
+        echo "$peer $name stalled" | tee -a "$OUT/bench.raw"
+        echo "the run stops: fio's $name on $peer stalled (see $OUT/stall-$peer-$name.txt)" >&2
+        exit 1
+    fi
     [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")

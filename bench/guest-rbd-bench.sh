@@ -77,13 +77,23 @@ source "$here/fio-lib.sh"
 # the guest knows of the stall, into $OUT/stall-PEER-NAME.txt, since Ceph's logs live in the
 # guest's tmpfs and go with it: the cluster's health, the OSD's operations in flight, blocked
 # and slow, each client's outstanding requests (librados's objecter, through whichever client
-# admin sockets exist), the kernel's last lines and the tail of every daemon's log.
+# admin sockets exist), which daemons still run, the space left, a daemon's crash backtrace,
+# the kernel's last lines and the tail of every daemon's log.
 stall_report() {
     local sock log
     {
         echo "=== $(date -u +%FT%TZ): fio's $2 on $1 has not ended"
         timeout 30 ceph "${C[@]}" -s
         timeout 30 ceph "${C[@]}" health detail
+        # A daemon that died still counts as up in `ceph -s` until the mon's grace ends.
+        echo "=== Ceph daemons running"
+        pgrep -a '^ceph-' || echo "none"
+        echo "=== space under $CEPH"
+        df -h "$CEPH"
+        for log in "$CEPH"/log/*.log; do
+            echo "=== crash lines in $log"
+            grep -n -m 3 -A 40 'Caught signal\|FAILED ceph_assert\|ceph_abort\|bluefs enospc' "$log"
+        done
         for sock in "$CEPH"/run/*.asok; do
             echo "=== $sock"
             case ${sock##*/} in

@@ -18,7 +18,7 @@
 #     fio's librbd engine, no block device, the userspace ceiling); BENCH_PERF="JOB..." adds
 #     a round sampled by perf during those jobs, reported by thread and function (bench.perf);
 #     a job that has not ended BENCH_STALL_SECONDS (120) after its time leaves Ceph's view of
-#     it in stall-DEVICE-JOB.txt;
+#     it in stall-DEVICE-JOB.txt, and ends the boot there;
 #  4. with BENCH_FRONTEND=1, a third boot (bench/guest-frontend.sh): the storage-free
 #     frontends (ours at its defaults, with --rotate-irqs, without polling, with rq_affinity
 #     0 and 2, and rublk's null target; FRONTEND_TARGETS picks ours) at 1, 2 and 4 queues

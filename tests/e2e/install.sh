@@ -91,23 +91,46 @@ wait_ready() {
     return 1
 }
 
+# apply FILE: `kubectl apply -f FILE`, tried again (it is idempotent) while the API server
+# refuses it, at most 5 times over about a minute: under TCG a busy API server times requests
+# out. The last refusal is said, so the run's output shows why the install stopped.
+apply() {
+    local i err
+    for ((i = 1; i <= 5; i++)); do
+        err=$(kc apply -f "$1" 2>&1 >/dev/null) && return 0
+        sleep $((i * 3))
+    done
+    say "kubectl apply -f $1 failed 5 times; the last time: $(tr '\n' ' ' <<<"$err")"
+    return 1
+}
+
+# served GROUP RESOURCE: the API server's discovery lists RESOURCE in GROUP. A CRD's
+# Established condition comes before discovery serves its kinds, and `kubectl apply` of an
+# object of a kind discovery does not list fails ("no matches for kind").
+served() {
+    kc api-resources --api-group="$1" -o name 2>/dev/null | grep -qx "$2.$1"
+}
+
 install_driver() {
     say "installing the snapshot CRDs and the snapshot-controller"
-    kc apply -f "$CACHE/crds/" >/dev/null || return 1
+    apply "$CACHE/crds/" || return 1
     kc wait --for condition=established --timeout=120s crd/volumesnapshots.snapshot.storage.k8s.io \
         crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io ||
+        { say "the snapshot CRDs were not established in 120 s"; return 1; }
+    wait_for 120 "discovery to serve the snapshot kinds" served snapshot.storage.k8s.io volumesnapshotclasses ||
         return 1
     overlay snapshot-controller -- "$CACHE/snapshot-controller-rbac.yaml" "$HERE/overlay/snapshot-controller.yaml" ||
-        return 1
-    kc apply -f "$OUT/snapshot-controller.yaml" >/dev/null || return 1
+        { say "kubectl kustomize of the snapshot-controller failed"; return 1; }
+    apply "$OUT/snapshot-controller.yaml" || return 1
 
     say "kubectl apply -f deploy/ and deploy/rbd/ (through the test overlay)"
-    overlay deploy "$HERE/overlay/node-daemonset.yaml" -- "$REPO"/deploy/*.yaml || return 1
+    overlay deploy "$HERE/overlay/node-daemonset.yaml" -- "$REPO"/deploy/*.yaml ||
+        { say "kubectl kustomize of deploy/ failed"; return 1; }
     rbd_cluster_patch "$W/rbd-cluster.yaml"
     overlay deploy-rbd "$HERE/overlay/rbd-controller.yaml" "$W/rbd-cluster.yaml" -- "$REPO"/deploy/rbd/*.yaml ||
-        return 1
-    kc apply -f "$OUT/deploy.yaml" || return 1
-    kc apply -f "$OUT/deploy-rbd.yaml" || return 1
+        { say "kubectl kustomize of deploy/rbd/ failed"; return 1; }
+    apply "$OUT/deploy.yaml" || return 1
+    apply "$OUT/deploy-rbd.yaml" || return 1
     installed
 }
 

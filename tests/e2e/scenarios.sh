@@ -517,7 +517,7 @@ scenario_helm_chart_with_rbd_installs_and_serves() {
     printf '%s\n' "${chart//@CEPHX_USER_KEY@/$key}" >"$W/chart-rbd.yaml"
     overlay chart-rbd "$HERE/overlay/node-daemonset.yaml" "$HERE/overlay/rbd-controller.yaml" -- "$W/chart-rbd.yaml" ||
         return 1
-    kc apply -f "$OUT/chart-rbd.yaml" || return 1
+    apply "$OUT/chart-rbd.yaml" || return 1
     installed || return 1
     kc -n $NS get pods -o wide
     local written
