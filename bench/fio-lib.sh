@@ -55,9 +55,11 @@ run_job() {
         # A stalled job is reported, then killed, and the run stops: what follows would run on
         # whatever stalled this one, and the guest would otherwise wait out its whole timeout.
         rm -f "$OUT/.stalled"
-        (sleep $((RUNTIME + 1 + ${BENCH_STALL_SECONDS:-120})) && kill -0 "$fio_pid" 2>/dev/null &&
-            echo "fio's $name on $peer has not ended: stalled; stall_report runs" >&2 &&
-            { stall_report "$peer" "$name"; touch "$OUT/.stalled"; kill -KILL "$fio_pid"; }) &
+        # Its stderr is fd 3 inside: bash would print "Terminated" when run_job ends its sleep.
+        (exec 3>&2 2>/dev/null
+            sleep $((RUNTIME + 1 + ${BENCH_STALL_SECONDS:-120})) && kill -0 "$fio_pid" &&
+            echo "fio's $name on $peer has not ended: stalled; stall_report runs" >&3 &&
+            { stall_report "$peer" "$name" 2>&3; touch "$OUT/.stalled"; kill -KILL "$fio_pid"; }) &
         watchdog=$!
     fi
     wait "$fio_pid"

@@ -89,9 +89,15 @@ osd objectstore = bluestore
 bluestore block create = true
 # Smaller than the test guest's /tmp (a 1500 MiB tmpfs, RAM): BlueStore then reuses the space
 # it frees. A larger sparse file keeps taking fresh tmpfs pages for new extents until the
-# tmpfs is full and the OSD's writes fail (a benchmark run hung in its third round, most
-# likely so).
+# tmpfs is full and the OSD's writes fail.
 bluestore block size = 1073741824
+# RocksDB's WAL lives in BlueFS on that same GiB. Ceph's defaults let it reach 1 GiB (4
+# memtables of 256 MiB, max_total_wal_size 1 GiB), and a file-backed OSD counts as a disk, so
+# every write up to 64 KiB is deferred through that WAL: the RBD benchmark's 4k random writes
+# filled it, BlueFS found no space, and the OSD aborted ("unrecognized error code" in
+# BlueRocksEnv.cc) with every client's I/O left waiting. The defaults, with a WAL bounded to
+# 128 MiB and 2 memtables of 32 MiB.
+bluestore rocksdb options = compression=kNoCompression,max_write_buffer_number=2,min_write_buffer_number_to_merge=1,recycle_log_file_num=2,write_buffer_size=33554432,writable_file_max_buffer_size=0,compaction_readahead_size=2097152,max_background_compactions=2,max_total_wal_size=134217728
 bluestore fsck on mkfs = false
 bluestore cache size = 67108864
 osd memory target = 536870912
