@@ -92,7 +92,7 @@ wait_ready() {
 }
 
 # apply FILE: `kubectl apply -f FILE`, tried again (it is idempotent) while the API server
-# refuses it, at most 5 times over about a minute: under TCG a busy API server times requests
+# refuses it, at most 5 times over about 45 s: under TCG a busy API server times requests
 # out. The last refusal is said, so the run's output shows why the install stopped.
 apply() {
     local i err
