@@ -27,7 +27,7 @@ proc_cpu() {
 # line in bench.raw says "stalled", and the script exits 1.
 run_job() {
     local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid= srv0= srv1=
-    local watchdog=
+    local watchdog= fio_rc=0
     read -r name rw bs qd jobs <<<"$3"
     [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
     if [[ $dev == rbd:* ]]; then
@@ -54,22 +54,27 @@ run_job() {
     if declare -F stall_report >/dev/null; then
         # A stalled job is reported, then killed, and the run stops: what follows would run on
         # whatever stalled this one, and the guest would otherwise wait out its whole timeout.
-        rm -f "$OUT/.stalled"
-        # Its stderr is fd 3 inside: bash would print "Terminated" when run_job ends its sleep.
+        # It exits 0 only when it has reported the stall and killed fio. Its stderr is fd 3
+        # inside: bash would print "Terminated" when run_job ends its sleep.
         (exec 3>&2 2>/dev/null
             sleep $((RUNTIME + 1 + ${BENCH_STALL_SECONDS:-120})) && kill -0 "$fio_pid" &&
             echo "fio's $name on $peer has not ended: stalled; stall_report runs" >&3 &&
-            { stall_report "$peer" "$name" 2>&3; touch "$OUT/.stalled"; kill -KILL "$fio_pid"; }) &
+            { stall_report "$peer" "$name" 2>&3; kill -KILL "$fio_pid"; }) &
         watchdog=$!
     fi
-    wait "$fio_pid"
-    # Its sleep ended, the watchdog ends too (without reporting).
-    [[ -n $watchdog ]] && { pkill -P "$watchdog" sleep 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; }
-    if [[ -e $OUT/.stalled ]]; then
-        echo "$peer $name stalled" | tee -a "$OUT/bench.raw"
-        echo "the run stops: fio's $name on $peer stalled (see $OUT/stall-$peer-$name.txt)" >&2
-        exit 1
+    # Under the callers' `set -e` a bare wait would end the script on the killed fio's status,
+    # before the stall is said.
+    wait "$fio_pid" || fio_rc=$?
+    if [[ -n $watchdog ]]; then
+        # fio ended: so does the watchdog's sleep, and the watchdog with it, without reporting.
+        pkill -P "$watchdog" sleep 2>/dev/null || true
+        if wait "$watchdog"; then
+            echo "$peer $name stalled" | tee -a "$OUT/bench.raw"
+            echo "the run stops: fio's $name on $peer stalled (see $OUT/stall-$peer-$name.txt)" >&2
+            exit 1
+        fi
     fi
+    ((fio_rc == 0)) || return "$fio_rc"
     [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")
