@@ -12,6 +12,8 @@
 #                       where the filesystem takes it, the page cache on tmpfs)
 #   vduse-csi+wb        the same with --cache writeback (ext4 only; on tmpfs it is the default)
 #   vduse-csi+own       the defaults with --own-bounce-pages (our huge pages as bounce pages)
+#   vduse-csi+variant   with BENCH_VARIANT set: the defaults with those arguments too, for an
+#                       A/B of a flag inside one boot (it counts as ours in the comparison)
 #   qsd                 qemu-storage-daemon --export vduse-blk with its defaults (no iothread,
 #                       cache.direct=off, aio=threads)
 #   qsd+iothread        with an iothread and aio=io_uring (cache.direct=off: see qsd())
@@ -186,6 +188,9 @@ for round in $(seq 1 "$ROUNDS"); do
                 config ours "vduse-csi/$s/q$q" "$img" "$q"
                 [[ $s != tmpfs ]] && EXTRA="--cache writeback" config ours "vduse-csi+wb/$s/q$q" "$img" "$q"
                 EXTRA="--own-bounce-pages" config ours "vduse-csi+own/$s/q$q" "$img" "$q"
+                if [[ -n ${BENCH_VARIANT:-} ]]; then
+                    EXTRA=$BENCH_VARIANT config ours "vduse-csi+variant/$s/q$q" "$img" "$q"
+                fi
             fi
             if peer metrics && [[ $s == tmpfs && $q == "$QUEUES" ]]; then
                 EXTRA="--metrics-address 127.0.0.1:9813" config ours "vduse-metrics/$s/q$q" "$img" "$q" "${JOBS[@]:0:4}"

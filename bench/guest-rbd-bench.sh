@@ -7,7 +7,12 @@
 #   krbd        the kernel's own RBD client (`rbd map`)
 #   rbd-nbd     librbd behind the kernel's NBD client (`rbd-nbd map`), ceph-csi's other mounter
 #   librbd      fio's own librbd engine, no block device at all: what librbd itself reaches,
-#               the ceiling of any userspace client (ours and rbd-nbd add a frontend to it)
+#               the ceiling of any userspace client (ours and rbd-nbd add a frontend to it);
+#               with librbd's cache off, as ours runs (its default write-around cache would
+#               answer writes before the OSD has them)
+#   null        our frontend alone on the client's vCPU (`device serve --null`, no Ceph): with
+#               librbd's row it bounds ours, whose request is a librbd operation inside one
+#               of these (the "bound" table below)
 # Only one of them has the image open at a time (each takes the exclusive lock). The OSD runs
 # in the same TCG guest as the client, so every row is bounded by it: compare ratios.
 #
@@ -18,7 +23,7 @@
 # its replies mostly where the loopback delivers them (the OSD's), so its client figure is
 # low and the all-vCPU figure is the fair one to compare.
 # BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
-# BENCH_RBD_DEVICES: which of vduse_rbd, librbd, krbd and rbd_nbd run (all four by default).
+# BENCH_RBD_DEVICES: which of vduse_rbd, librbd, krbd, rbd_nbd and null run (all by default).
 # BENCH_JOBS: a subset of the jobs below, by name (all by default).
 # BENCH_PERF="JOB...": after the rounds, one more round samples the whole guest with perf
 # during those jobs (it is not in the medians), and bench.perf gives each device's CPU by
@@ -139,7 +144,19 @@ krbd() {
     timeout 120 rbd "${C[@]}" device unmap -o noudev "$dev"
 }
 
-librbd() { CEPH_CONF=$CEPH/ceph.conf run_jobs librbd rbd:rbd/bench; }
+librbd() { CEPH_ARGS="$CEPH_ARGS --rbd_cache=false" CEPH_CONF=$CEPH/ceph.conf run_jobs librbd rbd:rbd/bench; }
+
+null_frontend() {
+    local pid dev i
+    rm -f "$W/null.out"
+    "${CLIENT[@]}" "$BIN" device serve --null --size "${SIZE_MB}M" --name rbdnull --queues "$QUEUES" \
+        --log-level warn >"$W/null.out" &
+    pid=$!
+    for i in $(seq 1 600); do [[ -s $W/null.out ]] && break; sleep 0.1; done
+    dev=$(head -n1 "$W/null.out")
+    run_jobs null "$dev"
+    kill -TERM "$pid"; wait "$pid"
+}
 
 rbd_nbd() {
     local dev
@@ -152,7 +169,8 @@ rbd_nbd() {
 # Each round starts with another device: the cluster is slower in its first minutes (the mgr
 # loads its modules, the OSD settles after the fill) and the guest drifts, so every device
 # gets one early slot and the median drops it.
-read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd librbd krbd rbd_nbd}"
+read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd librbd krbd rbd_nbd null}"
+devices=("${devices[@]/#null/null_frontend}")
 [[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
@@ -211,6 +229,31 @@ if [[ -n ${BENCH_RBD_TUNED:-} ]]; then
             printf "%-18s %10d %10d %8.2fx\n", j, o, t, (o ? t/o : 0)
         }
     }' "$OUT/bench.raw" | tee -a "$OUT/bench.table"
+fi
+
+# The bound of ours: each of our requests is a librbd operation inside a request of our
+# frontend, so its latency is at least librbd's plus the null frontend's, and its IOPS at most
+# 1 / (1/librbd + 1/null) at the same depth (exact at QD1, where nothing overlaps). On the
+# client vCPU the two costs add as well: 100k / (librbd's + null's CPU seconds per 100k) is
+# what ours reaches with that vCPU always busy. The lower of the two is the bound, and the
+# table sets it against krbd and rbd-nbd: a goal above it is out of reach in this guest.
+if grep -q '^null ' "$OUT/bench.raw" && grep -q '^librbd ' "$OUT/bench.raw"; then
+    echo "the bound of ours from librbd and the null frontend (IOPS; latency model, client-CPU model, the lower against the others):" | tee -a "$OUT/bench.table"
+    touch "$OUT/bench.cpu"
+    awk "$MEDIAN"'
+    FNR == NR { vals[$1" "$2] = vals[$1" "$2] " " $3; if (!seen[$2]++) order[n++] = $2; next }
+    $3 == "cpu1" { vals["cpu "$1" "$2] = vals["cpu "$1" "$2] " " $4 }
+    END {
+        printf "%-18s %9s %9s %9s %9s %9s %9s %10s %10s\n", "job", "librbd", "null", "latency", "cpu", "ours", "vs bound", "bound/krbd", "bound/nbd"
+        for (i = 0; i < n; i++) {
+            j = order[i]; l = median("librbd "j); z = median("null "j)
+            lat = (l && z) ? 1 / (1 / l + 1 / z) : 0
+            c = median("cpu librbd "j) + median("cpu null "j); cpu = c ? 100000 / c : 0
+            b = (cpu && cpu < lat) ? cpu : lat
+            o = median("vduse-rbd "j); k = median("krbd "j); r = median("rbd-nbd "j)
+            printf "%-18s %9d %9d %9d %9d %9d %8.2fx %9.2fx %9.2fx\n", j, l, z, lat, cpu, o, (b ? o / b : 0), (k ? b / k : 0), (r ? b / r : 0)
+        }
+    }' "$OUT/bench.raw" "$OUT/bench.cpu" | tee -a "$OUT/bench.table"
 fi
 
 # CPU: per job and device, the median over the rounds of each vCPU's busy seconds per 100k

@@ -14,8 +14,9 @@
 #     BENCH_MAIN=0 runs it alone). The Ceph daemons run on vCPU 0 and the client side on
 #     vCPU 1 (BENCH_PIN=0: unpinned), and a second table gives CPU seconds per 100k requests;
 #     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth;
-#     BENCH_RBD_DEVICES (default "vduse_rbd librbd krbd rbd_nbd") picks the others (librbd:
-#     fio's librbd engine, no block device, the userspace ceiling); BENCH_PERF="JOB..." adds
+#     BENCH_RBD_DEVICES (default "vduse_rbd librbd krbd rbd_nbd null") picks the others (librbd:
+#     fio's librbd engine, no block device, the userspace ceiling; null: our frontend alone,
+#     which with librbd's row bounds ours); BENCH_PERF="JOB..." adds
 #     a round sampled by perf during those jobs, reported by thread and function (bench.perf);
 #     a job that has not ended BENCH_STALL_SECONDS (120) after its time leaves Ceph's view of
 #     it in stall-DEVICE-JOB.txt, and ends the boot there;
@@ -32,7 +33,8 @@
 #        BENCH_QUEUES, the default queue count (2), BENCH_PEERS, a subset of
 #        "vduse-csi qsd rublk loop metrics" ("metrics" reruns our 4k jobs with the metrics
 #        endpoint counting), BENCH_STORAGE ("tmpfs ext4"), BENCH_JOBS (a subset of the job
-#        names; all by default))
+#        names; all by default), BENCH_VARIANT (arguments of one more configuration of
+#        ours, "vduse-csi+variant", for an A/B inside one boot))
 # --plot draws the table as ratios (bench/plot.py, matplotlib) into FILE.png.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -76,7 +78,7 @@ fi
 
 cargo build --release --quiet
 export VDUSE_CSI_BIN=$repo/target/release/vduse-csi
-export GUEST_ENV="VDUSE_CSI_BIN BENCH_RUNTIME BENCH_ROUNDS BENCH_SIZE_MB BENCH_QUEUES BENCH_PEERS BENCH_STORAGE BENCH_JOBS"
+export GUEST_ENV="VDUSE_CSI_BIN BENCH_RUNTIME BENCH_ROUNDS BENCH_SIZE_MB BENCH_QUEUES BENCH_PEERS BENCH_STORAGE BENCH_JOBS BENCH_VARIANT"
 export GUEST_QUIET=1
 out=$repo/target/guest/bench
 if [[ ${BENCH_MAIN:-1} != 0 ]]; then
