@@ -1,11 +1,34 @@
 # Sourced by the guest benchmark scripts: one fio job on one device, its figures appended to
-# $OUT/bench.raw. Needs OUT, RUNTIME and SIZE_MB. With FIO_CPU set (a taskset CPU list), fio
-# runs on those CPUs, and the CPU time every vCPU spent busy while fio counted (after its ramp)
-# is appended to $OUT/bench.cpu too, per 100k requests.
+# $OUT/bench.raw. Needs OUT, RUNTIME (2 or more) and SIZE_MB. With FIO_CPU set (a taskset CPU
+# list), fio runs on those CPUs, and the CPU time every vCPU spent busy while fio counted is
+# appended to $OUT/bench.cpu too, per 100k requests, and the guest's context switches over the
+# same time to $OUT/bench.ctxt, per request.
+#
+# The CPU is sampled well inside the span fio counts, from 2 s after its start to 0.5 s before
+# its end, and divided by the requests fio ran in that time (its average IOPS times the time
+# measured): a process's start and exit cost CPU that no request does (in a TCG guest a fork
+# and exec alone take tens of milliseconds, and fio's librbd engine connects to the cluster
+# and shuts librados down), and at a few hundred IOPS they would add a millisecond to each
+# request's share.
 
 # cpu_busy: "CPU BUSY_TICKS" per vCPU, from /proc/stat (busy: all but idle and iowait)
 cpu_busy() {
     awk '$1 ~ /^cpu[0-9]+$/ { print substr($1, 4), $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+
+if ((RUNTIME < 2)); then
+    echo "fio-lib: RUNTIME must be 2 seconds or more (the CPU is sampled from 2 s in), not $RUNTIME" >&2
+    exit 1
+fi
+
+# ctxt: the guest's context switches since boot, every CPU
+ctxt() {
+    awk '$1 == "ctxt" { print $2 }' /proc/stat
+}
+
+# uptime_cs: the guest's uptime in centiseconds
+uptime_cs() {
+    awk '{ printf "%d\n", $1 * 100 }' /proc/uptime
 }
 
 # proc_cpu PID: user + system clock ticks of the whole process, all its threads
@@ -15,7 +38,8 @@ proc_cpu() {
 }
 
 # run_job PEER DEV "NAME RW BS IODEPTH NUMJOBS": appends "PEER NAME IOPS MiB/s" to bench.raw
-# and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu. DEV is a block
+# and, with FIO_CPU, "PEER NAME CPU SECONDS_PER_100K" per vCPU to bench.cpu and "PEER NAME
+# SWITCHES_PER_REQUEST" to bench.ctxt. DEV is a block
 # device, or rbd:POOL/IMAGE for fio's own librbd engine (no block device: the userspace
 # client's ceiling), which reads the cluster from $CEPH_CONF. With PERF_JOBS listing NAME,
 # the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data.
@@ -27,7 +51,7 @@ proc_cpu() {
 # line in bench.raw says "stalled", and the script exits 1.
 run_job() {
     local peer=$1 dev=$2 name rw bs qd jobs line iops kib pin=() before after fio_pid target perf_pid= srv0= srv1=
-    local watchdog= fio_rc=0
+    local watchdog= fio_rc=0 ctxt0= ctxt1= t0= t1=
     read -r name rw bs qd jobs <<<"$3"
     [[ -n ${FIO_CPU:-} ]] && pin=(taskset -c "$FIO_CPU")
     if [[ $dev == rbd:* ]]; then
@@ -41,13 +65,9 @@ run_job() {
         --time_based --randrepeat=0 --norandommap --output-format=terse \
         --terse-version=3 >"$OUT/fio.out" &
     fio_pid=$!
-    if [[ -n ${FIO_CPU:-} || -n ${SERVER_PID:-} || " ${PERF_JOBS:-} " == *" $name "* ]]; then
-        # fio counts after its 1 s ramp, for RUNTIME seconds: the CPU is sampled over the same.
-        sleep 1
-        [[ -n ${FIO_CPU:-} ]] && before=$(cpu_busy)
-        [[ -n ${SERVER_PID:-} ]] && srv0=$(proc_cpu "$SERVER_PID")
-    fi
     if [[ " ${PERF_JOBS:-} " == *" $name "* ]]; then
+        # fio counts after its 1 s ramp, for RUNTIME seconds: perf samples the same.
+        sleep 1
         perf record -q -a -g -e cpu-clock -o "$OUT/perf-$peer-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
         perf_pid=$!
     fi
@@ -62,6 +82,17 @@ run_job() {
             { stall_report "$peer" "$name" 2>&3; kill -KILL "$fio_pid"; }) &
         watchdog=$!
     fi
+    if [[ -n ${FIO_CPU:-} || -n ${SERVER_PID:-} ]]; then
+        # 2 s after fio's start (perf's start slept the first one).
+        if [[ -n $perf_pid ]]; then sleep 1; else sleep 2; fi
+        t0=$(uptime_cs)
+        [[ -n ${FIO_CPU:-} ]] && { before=$(cpu_busy); ctxt0=$(ctxt); }
+        [[ -n ${SERVER_PID:-} ]] && srv0=$(proc_cpu "$SERVER_PID")
+        sleep "$((RUNTIME - 2)).5"
+        t1=$(uptime_cs)
+        [[ -n ${FIO_CPU:-} ]] && { after=$(cpu_busy); ctxt1=$(ctxt); }
+        [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
+    fi
     # Under the callers' `set -e` a bare wait would end the script on the killed fio's status,
     # before the stall is said.
     wait "$fio_pid" || fio_rc=$?
@@ -75,7 +106,6 @@ run_job() {
         fi
     fi
     ((fio_rc == 0)) || return "$fio_rc"
-    [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     [[ -n $perf_pid ]] && { wait "$perf_pid" || true; }
     line=$(cat "$OUT/fio.out")
     if [[ $rw == *read ]]; then
@@ -84,15 +114,19 @@ run_job() {
         kib=$(cut -d';' -f48 <<<"$line"); iops=$(cut -d';' -f49 <<<"$line")
     fi
     echo "$peer $name $iops $((kib / 1024))" | tee -a "$OUT/bench.raw"
+    # Requests in the sampled span: fio's average IOPS times the span, in seconds.
+    local span
+    span=$(awk -v d=$((t1 - t0)) 'BEGIN { print d / 100 }')
     if [[ -n $srv0 && -n $srv1 ]]; then
-        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$RUNTIME" -v hz="$(getconf CLK_TCK)" -v d=$((srv1 - srv0)) \
+        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v hz="$(getconf CLK_TCK)" -v d=$((srv1 - srv0)) \
             'BEGIN { printf "%s %s srv %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
     fi
     if [[ -n ${FIO_CPU:-} ]]; then
-        after=$(cpu_busy)
-        # ticks are USER_HZ (100/s); requests = IOPS x RUNTIME
+        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v d=$((ctxt1 - ctxt0)) \
+            'BEGIN { printf "%s %s %.2f\n", p, n, (iops > 0 ? d / (iops * t) : 0) }' >>"$OUT/bench.ctxt"
+        # ticks are USER_HZ (100/s)
         join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
-            -v t="$RUNTIME" -v hz="$(getconf CLK_TCK)" \
+            -v t="$span" -v hz="$(getconf CLK_TCK)" \
             '{ printf "%s %s cpu%s %.3f\n", p, n, $1, (iops > 0 ? ($3 - $2) / hz / (iops * t) * 100000 : 0) }' \
             >>"$OUT/bench.cpu"
     fi

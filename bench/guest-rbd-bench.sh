@@ -55,6 +55,7 @@ if [[ ${BENCH_PIN:-1} != 0 && $(nproc) -ge 2 ]]; then
     CLIENT=(taskset -c 1)
     export FIO_CPU=1
     : >"$OUT/bench.cpu"
+    : >"$OUT/bench.ctxt"
 fi
 rbd "${C[@]}" create --size "${SIZE_MB}M" rbd/bench
 # Written in full, so reads fetch data from the OSD rather than answering holes with zeroes.
@@ -119,17 +120,28 @@ stall_report() {
     } >"$OUT/stall-$1-$2.txt" 2>&1 || true
 }
 
-# serve_ours LABEL [CEPH_ARGS]
-serve_ours() {
-    local pid dev i
+# on_ours LABEL ARGS...: `device serve ARGS` on the client's vCPU, fio's jobs on the device it
+# prints, then a clean stop. A server that prints no device within a minute fails the run.
+on_ours() {
+    local label=$1 pid dev i
+    shift
     rm -f "$W/ours.out"
-    CEPH_ARGS="$CEPH_ARGS ${2:-}" "${CLIENT[@]}" "$BIN" device serve --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 \
-        --name rbdbench --queues "$QUEUES" --log-level warn >"$W/ours.out" &
+    "${CLIENT[@]}" "$BIN" device serve "$@" --queues "$QUEUES" --log-level warn >"$W/ours.out" &
     pid=$!
     for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
     dev=$(head -n1 "$W/ours.out")
-    run_jobs "$1" "$dev"
+    if [[ $dev != /dev/* ]]; then
+        echo "device serve $* printed no device within a minute" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        return 1
+    fi
+    run_jobs "$label" "$dev"
     kill -TERM "$pid"; wait "$pid"
+}
+
+# serve_ours LABEL [CEPH_ARGS]: ours on the image, with these librados options added.
+serve_ours() {
+    CEPH_ARGS="$CEPH_ARGS ${2:-}" on_ours "$1" --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 --name rbdbench
 }
 
 vduse_rbd() { serve_ours vduse-rbd; }
@@ -147,17 +159,7 @@ krbd() {
 librbd() { CEPH_ARGS="$CEPH_ARGS --rbd_cache=false" CEPH_CONF=$CEPH/ceph.conf run_jobs librbd rbd:rbd/bench; }
 
 # null: our frontend alone, on the client's vCPU like the others.
-null() {
-    local pid dev i
-    rm -f "$W/null.out"
-    "${CLIENT[@]}" "$BIN" device serve --null --size "${SIZE_MB}M" --name rbdnull --queues "$QUEUES" \
-        --log-level warn >"$W/null.out" &
-    pid=$!
-    for i in $(seq 1 600); do [[ -s $W/null.out ]] && break; sleep 0.1; done
-    dev=$(head -n1 "$W/null.out")
-    run_jobs null "$dev"
-    kill -TERM "$pid"; wait "$pid"
-}
+null() { on_ours null --null --size "${SIZE_MB}M" --name rbdnull; }
 
 rbd_nbd() {
     local dev
@@ -172,20 +174,29 @@ rbd_nbd() {
 # gets one early slot and the median drops it.
 read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd librbd krbd rbd_nbd null}"
 [[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
+# The guest's state after each round (bench.rounds): a drift of the figures over the boot can
+# be told from memory running short (the OSD's file and Ceph's logs live in the guest's RAM).
+: >"$OUT/bench.rounds"
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
     for i in "${!devices[@]}"; do
         "${devices[$(((round - 1 + i) % ${#devices[@]}))]}"
     done
+    {
+        echo "after round $round: load $(cut -d' ' -f1-3 /proc/loadavg)"
+        free -m
+        df -m "$CEPH" | tail -n 1
+        grep -E '^(compact_stall|pgscan_direct|pgscan_kswapd|thp_fault_fallback) ' /proc/vmstat
+    } >>"$OUT/bench.rounds"
 done
 if [[ -n ${BENCH_PERF:-} ]]; then
     echo "--- perf round (not in the medians)" >&2
     mv "$OUT/bench.raw" "$OUT/bench.raw.keep"
-    [[ -e $OUT/bench.cpu ]] && mv "$OUT/bench.cpu" "$OUT/bench.cpu.keep"
+    for f in bench.cpu bench.ctxt; do if [[ -e $OUT/$f ]]; then mv "$OUT/$f" "$OUT/$f.keep"; fi; done
     for d in "${devices[@]}"; do PERF_JOBS=$BENCH_PERF "$d"; done
     mv "$OUT/bench.raw" "$OUT/bench.raw.perf"
     mv "$OUT/bench.raw.keep" "$OUT/bench.raw"
-    [[ -e $OUT/bench.cpu.keep ]] && mv "$OUT/bench.cpu.keep" "$OUT/bench.cpu"
+    for f in bench.cpu bench.ctxt; do if [[ -e $OUT/$f.keep ]]; then mv "$OUT/$f.keep" "$OUT/$f"; fi; done
     : >"$OUT/bench.perf"
     for f in "$OUT"/perf-*.data; do
         {
@@ -278,4 +289,25 @@ if [[ -s $OUT/bench.cpu ]]; then
             printf "\n"
         }
     }' "$OUT/bench.cpu" | tee -a "$OUT/bench.table"
+fi
+
+# Context switches: per job and device, the median over the rounds of the whole guest's
+# switches per request while fio counted. Each thread a request passes through costs a
+# switch to it and one away, whichever vCPU runs it: the count of hops on a request's path.
+if [[ -s $OUT/bench.ctxt ]]; then
+    echo "context switches per request, whole guest (median of the rounds):" | tee -a "$OUT/bench.table"
+    awk "$MEDIAN"'
+    {
+        vals[$1" "$2] = vals[$1" "$2] " " $3
+        if (!pseen[$1]++) peers[np++] = $1
+        if (!seen[$2]++) order[n++] = $2
+    }
+    END {
+        printf "%-18s", "job"; for (p = 0; p < np; p++) printf " %15s", peers[p]; printf "\n"
+        for (i = 0; i < n; i++) {
+            j = order[i]; printf "%-18s", j
+            for (p = 0; p < np; p++) printf " %15.2f", median(peers[p]" "j)
+            printf "\n"
+        }
+    }' "$OUT/bench.ctxt" | tee -a "$OUT/bench.table"
 fi
