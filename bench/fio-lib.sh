@@ -4,6 +4,11 @@
 # appended to $OUT/bench.cpu too, per 100k requests, and the guest's context switches over the
 # same time to $OUT/bench.ctxt, per request.
 #
+# With GUEST_CPU set instead, fio is not pinned, and the busy time of all vCPUs together goes to
+# bench.cpu as "PEER NAME guest SECONDS_PER_100K".
+#
+# run_jobs also takes off what the guest does while the device is idle (idle_rates).
+#
 # The CPU is sampled well inside the span fio counts, from 2 s after its start to 0.5 s before
 # its end, and divided by the requests fio ran in that time (its average IOPS times the time
 # measured): a process's start and exit cost CPU that no request does (in a TCG guest a fork
@@ -82,15 +87,15 @@ run_job() {
             { stall_report "$peer" "$name" 2>&3; kill -KILL "$fio_pid"; }) &
         watchdog=$!
     fi
-    if [[ -n ${FIO_CPU:-} || -n ${SERVER_PID:-} ]]; then
+    if [[ -n ${FIO_CPU:-} || -n ${SERVER_PID:-} || -n ${GUEST_CPU:-} ]]; then
         # 2 s after fio's start (perf's start slept the first one).
         if [[ -n $perf_pid ]]; then sleep 1; else sleep 2; fi
         t0=$(uptime_cs)
-        [[ -n ${FIO_CPU:-} ]] && { before=$(cpu_busy); ctxt0=$(ctxt); }
+        [[ -n ${FIO_CPU:-}${GUEST_CPU:-} ]] && { before=$(cpu_busy); ctxt0=$(ctxt); }
         [[ -n ${SERVER_PID:-} ]] && srv0=$(proc_cpu "$SERVER_PID")
         sleep "$((RUNTIME - 2)).5"
         t1=$(uptime_cs)
-        [[ -n ${FIO_CPU:-} ]] && { after=$(cpu_busy); ctxt1=$(ctxt); }
+        [[ -n ${FIO_CPU:-}${GUEST_CPU:-} ]] && { after=$(cpu_busy); ctxt1=$(ctxt); }
         [[ -n ${SERVER_PID:-} ]] && srv1=$(proc_cpu "$SERVER_PID")
     fi
     # Under the callers' `set -e` a bare wait would end the script on the killed fio's status,
@@ -121,19 +126,47 @@ run_job() {
         awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v hz="$(getconf CLK_TCK)" -v d=$((srv1 - srv0)) \
             'BEGIN { printf "%s %s srv %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
     fi
+    if [[ -z ${FIO_CPU:-} && -n ${GUEST_CPU:-} ]]; then
+        join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
+            -v t="$span" -v hz="$(getconf CLK_TCK)" '{ d += $3 - $2 }
+            END { printf "%s %s guest %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
+    fi
     if [[ -n ${FIO_CPU:-} ]]; then
-        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v d=$((ctxt1 - ctxt0)) \
-            'BEGIN { printf "%s %s %.2f\n", p, n, (iops > 0 ? d / (iops * t) : 0) }' >>"$OUT/bench.ctxt"
+        # Net of the idle rates (run_jobs), never below zero.
+        awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v d=$((ctxt1 - ctxt0)) -v idle="${IDLE_CTXT:-0}" \
+            'BEGIN { d -= idle * t; if (d < 0) d = 0; printf "%s %s %.2f\n", p, n, (iops > 0 ? d / (iops * t) : 0) }' \
+            >>"$OUT/bench.ctxt"
         # ticks are USER_HZ (100/s)
         join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
-            -v t="$span" -v hz="$(getconf CLK_TCK)" \
-            '{ printf "%s %s cpu%s %.3f\n", p, n, $1, (iops > 0 ? ($3 - $2) / hz / (iops * t) * 100000 : 0) }' \
-            >>"$OUT/bench.cpu"
+            -v t="$span" -v hz="$(getconf CLK_TCK)" -v idle="${IDLE_CPU:-}" '
+            BEGIN { m = split(idle, f, "\n"); for (i = 1; i <= m; i++) { split(f[i], g, " "); rate[g[1]] = g[2] } }
+            {
+                d = $3 - $2 - rate[$1] * t; if (d < 0) d = 0
+                printf "%s %s cpu%s %.3f\n", p, n, $1, (iops > 0 ? d / hz / (iops * t) * 100000 : 0)
+            }' >>"$OUT/bench.cpu"
     fi
 }
 
-# run_jobs PEER DEV: every job of $JOBS
+# idle_rates PEER: the guest's busy ticks per second of each vCPU and its context switches per
+# second, over 2 s with PEER's device up and idle, into IDLE_CPU ("CPU RATE" lines) and
+# IDLE_CTXT for run_job to take off each job's figures, and into $OUT/bench.idle.
+idle_rates() {
+    local t0 t1 b0 b1 c0 c1
+    t0=$(uptime_cs); b0=$(cpu_busy); c0=$(ctxt)
+    sleep 2
+    t1=$(uptime_cs); b1=$(cpu_busy); c1=$(ctxt)
+    IDLE_CPU=$(join <(echo "$b0") <(echo "$b1") | awk -v d=$((t1 - t0)) '{ printf "%s %.3f\n", $1, ($3 - $2) / (d / 100) }')
+    IDLE_CTXT=$(awk -v c=$((c1 - c0)) -v d=$((t1 - t0)) 'BEGIN { printf "%.1f", c / (d / 100) }')
+    echo "$1 idle: $IDLE_CTXT context switches/s, busy ticks/s per vCPU: $(tr '\n' ' ' <<<"$IDLE_CPU")" >>"$OUT/bench.idle"
+}
+
+# run_jobs PEER DEV: every job of $JOBS. With FIO_CPU, the device's idle rates are measured
+# first (idle_rates) and each job's CPU and context switches are net of them: what the guest
+# does anyway (timers, the device's own housekeeping, the OSD's background work) is not a
+# request's cost, and at a few hundred IOPS it would be a large share of the figure.
 run_jobs() {
     local j
+    IDLE_CPU='' IDLE_CTXT=0
+    if [[ -n ${FIO_CPU:-} ]]; then idle_rates "$1"; fi
     for j in "${JOBS[@]}"; do run_job "$1" "$2" "$j"; done
 }

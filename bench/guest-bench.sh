@@ -24,7 +24,8 @@
 # Each job's figure is the median over the rounds. Every configuration is labelled
 # CONFIG/STORAGE/qQUEUES in bench.raw. The server process's CPU time (all its threads,
 # /proc/PID/stat, user + system) over the span fio counts is written per 100k requests to
-# bench.cpu. bench.table shows every configuration, and for each row our best against the best
+# bench.cpu, and so is the busy time of the whole guest (all vCPUs); bench.split sets the two
+# apart. bench.table shows every configuration, and for each row our best against the best
 # configuration of the best server peer (qsd, rublk; the goal is >= 1.00x on every row) and
 # against the kernel loop device, the in-kernel ceiling. Everything in the guest is
 # emulated (TCG): compare ratios, not absolute figures.
@@ -178,6 +179,8 @@ config() {
 
 : >"$OUT/bench.raw"
 : >"$OUT/bench.cpu"
+# The whole guest's busy time too, for bench.split.
+export GUEST_CPU=1
 : >"$OUT/bench.failed"
 for round in $(seq 1 "$ROUNDS"); do
     echo "--- round $round" >&2
@@ -283,3 +286,36 @@ if [[ -s $OUT/bench.failed ]]; then
     echo "configurations that failed (their rows are missing or short):"
     sed 's/^/  /' "$OUT/bench.failed"
 fi | tee -a "$OUT/bench.table"
+
+# Where each configuration's CPU goes, per 100k requests: its server process, and the rest of
+# the guest over the same span (fio, the block layer and the frontend's kernel path: VDUSE's
+# bounce copies and interrupt work items, or ublk's driver). Where the guest's vCPUs are all
+# busy, the total decides the IOPS, and the rest tells what a server cannot save.
+awk -v counts="$COUNTS" -v storages="$STORAGES" '
+function median(key,    n, i, j, t, a) {
+    n = split(vals[key], a, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return n ? a[int((n + 1) / 2)] : 0
+}
+$3 == "srv" || $3 == "guest" {
+    split($1, part, "/"); if (!seenconf[part[1]]++) confs[nc++] = part[1]
+    if (!seenjob[$2]++) jobs[nj++] = $2
+    vals[$1" "$2" "$3] = vals[$1" "$2" "$3] " " $4
+}
+END {
+    ns = split(storages, S, " "); nq = split(counts, Q, " ")
+    for (si = 1; si <= ns; si++) for (qi = 1; qi <= nq; qi++) {
+        s = S[si]; q = Q[qi]
+        printf "\n== image on %s, %d queue%s: CPU seconds per 100k requests, server + rest of the guest\n", s, q, (q == 1 ? "" : "s")
+        printf "%-18s", "job"; for (c = 0; c < nc; c++) printf " %20s", confs[c]; printf "\n"
+        for (i = 0; i < nj; i++) {
+            j = jobs[i]; printf "%-18s", j
+            for (c = 0; c < nc; c++) {
+                label = confs[c] "/" s "/q" (confs[c] == "loop" ? 1 : q)
+                g = median(label " " j " guest"); v = median(label " " j " srv")
+                if (g) printf " %9.2f + %8.2f", v, g - v; else printf " %20s", "-"
+            }
+            printf "\n"
+        }
+    }
+}' "$OUT/bench.cpu" | tee "$OUT/bench.split"

@@ -88,6 +88,9 @@ if [[ ${BENCH_MAIN:-1} != 0 ]]; then
     GUEST_TMP_SIZE=${GUEST_TMP_SIZE:-2000m} GUEST_TIMEOUT=${GUEST_TIMEOUT:-7200} tests/guest/run.sh bench/guest-bench.sh "$out" >&2
     echo "fio, libaio, direct I/O, ${BENCH_RUNTIME:-5} s per job, median of ${BENCH_ROUNDS:-3} interleaved rounds:"
     cat "$out/bench.table"
+    echo
+    echo "Where the CPU goes (the server, and the rest of the guest over the same span):"
+    cat "$out/bench.split"
 fi
 if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
