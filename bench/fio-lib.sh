@@ -47,7 +47,8 @@ proc_cpu() {
 # SWITCHES_PER_REQUEST" to bench.ctxt. DEV is a block
 # device, or rbd:POOL/IMAGE for fio's own librbd engine (no block device: the userspace
 # client's ceiling), which reads the cluster from $CEPH_CONF. With PERF_JOBS listing NAME,
-# the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data.
+# the whole guest is sampled (perf, cpu-clock) while fio counts, into $OUT/perf-PEER-NAME.data
+# (a "/" in PEER becomes "_").
 # With SERVER_PID set, that process's CPU time (all threads, user + system) while fio counts is
 # appended to bench.cpu as "PEER NAME srv SECONDS_PER_100K".
 # A job still running BENCH_STALL_SECONDS (120) after its time is up has stalled: if the
@@ -73,7 +74,7 @@ run_job() {
     if [[ " ${PERF_JOBS:-} " == *" $name "* ]]; then
         # fio counts after its 1 s ramp, for RUNTIME seconds: perf samples the same.
         sleep 1
-        perf record -q -a -g -e cpu-clock -o "$OUT/perf-$peer-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
+        perf record -q -a -g -e cpu-clock -o "$OUT/perf-${peer//\//_}-$name.data" -- sleep "$RUNTIME" 2>/dev/null &
         perf_pid=$!
     fi
     if declare -F stall_report >/dev/null; then
