@@ -7,7 +7,9 @@
 # With GUEST_CPU set instead, fio is not pinned, and the busy time of all vCPUs together goes to
 # bench.cpu as "PEER NAME guest SECONDS_PER_100K".
 #
-# run_jobs also takes off what the guest does while the device is idle (idle_rates).
+# With FIO_CPU, run_jobs also takes off what the guest does while the device is idle
+# (idle_rates). GUEST_CPU's figures are not net of it: at the thousands of IOPS of the main
+# bench, the guest's background is a few percent of a request's share.
 #
 # The CPU is sampled well inside the span fio counts, from 2 s after its start to 0.5 s before
 # its end, and divided by the requests fio ran in that time (its average IOPS times the time
@@ -16,15 +18,15 @@
 # and shuts librados down), and at a few hundred IOPS they would add a millisecond to each
 # request's share.
 
-# cpu_busy: "CPU BUSY_TICKS" per vCPU, from /proc/stat (busy: all but idle and iowait)
-cpu_busy() {
-    awk '$1 ~ /^cpu[0-9]+$/ { print substr($1, 4), $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
-}
-
 if ((RUNTIME < 2)); then
     echo "fio-lib: RUNTIME must be 2 seconds or more (the CPU is sampled from 2 s in), not $RUNTIME" >&2
     exit 1
 fi
+
+# cpu_busy: "CPU BUSY_TICKS" per vCPU, from /proc/stat (busy: all but idle and iowait)
+cpu_busy() {
+    awk '$1 ~ /^cpu[0-9]+$/ { print substr($1, 4), $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
 
 # ctxt: the guest's context switches since boot, every CPU
 ctxt() {

@@ -269,9 +269,10 @@ if grep -q '^null ' "$OUT/bench.raw" && grep -q '^librbd ' "$OUT/bench.raw"; the
 fi
 
 # CPU: per job and device, the median over the rounds of each vCPU's busy seconds per 100k
-# requests while fio counted (vCPU 1: the client side; all: both, the kernel's share included).
+# requests while fio counted, net of the idle rates (vCPU 1: the client side; all: both, the
+# kernel's share included).
 if [[ -s $OUT/bench.cpu ]]; then
-    echo "CPU seconds per 100k requests (median of the rounds), client vCPU / all vCPUs:" | tee -a "$OUT/bench.table"
+    echo "CPU seconds per 100k requests, net of the idle rates (median of the rounds), client vCPU / all vCPUs:" | tee -a "$OUT/bench.table"
     awk "$MEDIAN"'
     # One line per (peer, job, cpu, round): sum the vCPUs of each run into "all".
     {
@@ -292,10 +293,11 @@ if [[ -s $OUT/bench.cpu ]]; then
 fi
 
 # Context switches: per job and device, the median over the rounds of the whole guest's
-# switches per request while fio counted. Each thread a request passes through costs a
-# switch to it and one away, whichever vCPU runs it: the count of hops on a request's path.
+# switches per request while fio counted, net of the idle rate (bench/fio-lib.sh). Each thread
+# a request passes through costs a switch to it and one away, whichever vCPU runs it: the
+# count of hops on a request's path.
 if [[ -s $OUT/bench.ctxt ]]; then
-    echo "context switches per request, whole guest (median of the rounds):" | tee -a "$OUT/bench.table"
+    echo "context switches per request, whole guest, net of the idle rate (median of the rounds):" | tee -a "$OUT/bench.table"
     awk "$MEDIAN"'
     {
         vals[$1" "$2] = vals[$1" "$2] " " $3
