@@ -129,24 +129,23 @@ run_job() {
         awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v hz="$(getconf CLK_TCK)" -v d=$((srv1 - srv0)) \
             'BEGIN { printf "%s %s srv %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
     fi
-    if [[ -z ${FIO_CPU:-} && -n ${GUEST_CPU:-} ]]; then
+    if [[ -n ${FIO_CPU:-}${GUEST_CPU:-} ]]; then
+        # Ticks are USER_HZ: per vCPU with FIO_CPU, all vCPUs together ("guest") with GUEST_CPU;
+        # net of the idle rates (run_jobs, FIO_CPU only), never below zero.
         join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
-            -v t="$span" -v hz="$(getconf CLK_TCK)" '{ d += $3 - $2 }
-            END { printf "%s %s guest %.3f\n", p, n, (iops > 0 ? d / hz / (iops * t) * 100000 : 0) }' >>"$OUT/bench.cpu"
+            -v t="$span" -v hz="$(getconf CLK_TCK)" -v idle="${IDLE_CPU:-}" -v each="${FIO_CPU:+1}" '
+            function share(d) { if (d < 0) d = 0; return iops > 0 ? d / hz / (iops * t) * 100000 : 0 }
+            BEGIN { m = split(idle, f, "\n"); for (i = 1; i <= m; i++) { split(f[i], g, " "); rate[g[1]] = g[2] } }
+            {
+                d = $3 - $2 - rate[$1] * t; sum += d
+                if (each) printf "%s %s cpu%s %.3f\n", p, n, $1, share(d)
+            }
+            END { if (!each) printf "%s %s guest %.3f\n", p, n, share(sum) }' >>"$OUT/bench.cpu"
     fi
     if [[ -n ${FIO_CPU:-} ]]; then
-        # Net of the idle rates (run_jobs), never below zero.
         awk -v p="$peer" -v n="$name" -v iops="$iops" -v t="$span" -v d=$((ctxt1 - ctxt0)) -v idle="${IDLE_CTXT:-0}" \
             'BEGIN { d -= idle * t; if (d < 0) d = 0; printf "%s %s %.2f\n", p, n, (iops > 0 ? d / (iops * t) : 0) }' \
             >>"$OUT/bench.ctxt"
-        # ticks are USER_HZ (100/s)
-        join <(echo "$before") <(echo "$after") | awk -v p="$peer" -v n="$name" -v iops="$iops" \
-            -v t="$span" -v hz="$(getconf CLK_TCK)" -v idle="${IDLE_CPU:-}" '
-            BEGIN { m = split(idle, f, "\n"); for (i = 1; i <= m; i++) { split(f[i], g, " "); rate[g[1]] = g[2] } }
-            {
-                d = $3 - $2 - rate[$1] * t; if (d < 0) d = 0
-                printf "%s %s cpu%s %.3f\n", p, n, $1, (iops > 0 ? d / hz / (iops * t) * 100000 : 0)
-            }' >>"$OUT/bench.cpu"
     fi
 }
 

@@ -126,7 +126,6 @@ command -v rublk >/dev/null && [[ -e /dev/ublk-control ]] && TARGETS+=(rublk-nul
 busy_ticks() { # all vCPUs' busy ticks (fio-lib.sh's cpu_busy, summed)
     cpu_busy | awk '{ s += $2 } END { print s }'
 }
-guest_switches() { awk '$1 == "ctxt" { print $2 }' /proc/stat; }
 server_switches() { # PID -> context switches of all its threads
     cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
 }
@@ -142,7 +141,7 @@ counted() {
         --randrepeat=0 --norandommap --output-format=terse --terse-version=3 >"$W/fio.out" &
     fio_pid=$!
     sleep 1
-    p0=$(proc_cpu "$SERVER_PID"); b0=$(busy_ticks); c0=$(guest_switches); s0=$(server_switches "$SERVER_PID")
+    p0=$(proc_cpu "$SERVER_PID"); b0=$(busy_ticks); c0=$(ctxt); s0=$(server_switches "$SERVER_PID")
     : >"$W/all.stat"
     : >"$W/srv.stat"
     if [[ $PERF_STAT != 0 ]]; then
@@ -153,7 +152,7 @@ counted() {
     fi
     # Not a bare `wait`: our server is a child of this shell too.
     wait "$fio_pid" "${stat_pids[@]}"
-    p1=$(proc_cpu "$SERVER_PID"); b1=$(busy_ticks); c1=$(guest_switches); s1=$(server_switches "$SERVER_PID")
+    p1=$(proc_cpu "$SERVER_PID"); b1=$(busy_ticks); c1=$(ctxt); s1=$(server_switches "$SERVER_PID")
     line=$(cat "$W/fio.out")
     if [[ $rw == *read ]]; then iops=$(cut -d';' -f8 <<<"$line"); else iops=$(cut -d';' -f49 <<<"$line"); fi
     reqs=$((iops * RUNTIME))
