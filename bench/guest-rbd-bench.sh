@@ -268,6 +268,41 @@ if grep -q '^null ' "$OUT/bench.raw" && grep -q '^librbd ' "$OUT/bench.raw"; the
     }' "$OUT/bench.raw" "$OUT/bench.cpu" | tee -a "$OUT/bench.table"
 fi
 
+# Paired ratios: the cluster's speed drifts within a boot (its first minutes are slow, and a
+# slot can run at half the speed of the next), and a ratio of medians taken from different
+# rounds carries that drift. Within a round the devices run back to back, so each round gives
+# one ratio of ours to each other device, and to the bound from that round's librbd and null
+# figures; the table shows their median and their range over the rounds. A range that holds
+# 1.00 says the row is within the boot's noise of the other.
+if grep -q '^vduse-rbd ' "$OUT/bench.raw"; then
+    echo "ours against each device within each round (median of the rounds' ratios, and their range):" | tee -a "$OUT/bench.table"
+    awk "$MEDIAN"'
+    function span(key,    n, i, lo, hi, a) {
+        n = split(vals[key], a, " ")
+        if (!n) return "-"
+        lo = hi = a[1]
+        for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
+        return sprintf("%.2fx (%.2f-%.2f)", median(key), lo, hi)
+    }
+    { k = $1" "$2; r = ++count[k]; iops[k" "r] = $3; if (r > rounds) rounds = r; if (!seen[$2]++) order[n++] = $2 }
+    END {
+        printf "%-18s %20s %20s %20s %20s\n", "job", "vs bound", "vs krbd", "vs rbd-nbd", "vs librbd"
+        for (i = 0; i < n; i++) {
+            j = order[i]
+            delete vals
+            for (r = 1; r <= rounds; r++) {
+                o = iops["vduse-rbd "j" "r]; l = iops["librbd "j" "r]; z = iops["null "j" "r]
+                if (!o) continue
+                if (l && z) vals["bound"] = vals["bound"] " " o * (1 / l + 1 / z)
+                if (iops["krbd "j" "r]) vals["krbd"] = vals["krbd"] " " o / iops["krbd "j" "r]
+                if (iops["rbd-nbd "j" "r]) vals["nbd"] = vals["nbd"] " " o / iops["rbd-nbd "j" "r]
+                if (l) vals["librbd"] = vals["librbd"] " " o / l
+            }
+            printf "%-18s %20s %20s %20s %20s\n", j, span("bound"), span("krbd"), span("nbd"), span("librbd")
+        }
+    }' "$OUT/bench.raw" | tee -a "$OUT/bench.table"
+fi
+
 # CPU: per job and device, the median over the rounds of each vCPU's busy seconds per 100k
 # requests while fio counted, net of the idle rates (vCPU 1: the client side; all: both, the
 # kernel's share included).
