@@ -23,6 +23,8 @@
 # its replies mostly where the loopback delivers them (the OSD's), so its client figure is
 # low and the all-vCPU figure is the fair one to compare.
 # BENCH_RBD_TUNED="CEPH_ARGS": one more device, ours with those librados options.
+# BENCH_RBD_BASELINE_BIN=PATH: one more device, ours as served by another build (the binary
+# at PATH, which the guest sees as the host does), compared with this build within each round.
 # BENCH_RBD_DEVICES: which of vduse_rbd, librbd, krbd, rbd_nbd and null run (all by default).
 # BENCH_JOBS: a subset of the jobs below, by name (all by default).
 # BENCH_PERF="JOB...": after the rounds, one more round samples the whole guest with perf
@@ -146,6 +148,8 @@ serve_ours() {
 
 vduse_rbd() { serve_ours vduse-rbd; }
 vduse_rbd_tuned() { serve_ours vduse-rbd-tuned "$BENCH_RBD_TUNED"; }
+# Another build of ours, for comparing two builds in one boot (boots differ more than builds).
+vduse_rbd_base() { BIN=$BENCH_RBD_BASELINE_BIN serve_ours vduse-rbd-base; }
 
 # The guest has no udev: `noudev` keeps the rbd CLI from waiting for its events for ever
 # (devtmpfs makes /dev/rbdN). Every map and unmap is bounded, so a hang fails the run.
@@ -174,6 +178,7 @@ rbd_nbd() {
 # gets one early slot and the median drops it.
 read -ra devices <<<"${BENCH_RBD_DEVICES:-vduse_rbd librbd krbd rbd_nbd null}"
 [[ -n ${BENCH_RBD_TUNED:-} ]] && devices+=(vduse_rbd_tuned)
+[[ -n ${BENCH_RBD_BASELINE_BIN:-} ]] && devices+=(vduse_rbd_base)
 # The guest's state after each round (bench.rounds): a drift of the figures over the boot can
 # be told from memory running short (the OSD's file and Ceph's logs live in the guest's RAM).
 : >"$OUT/bench.rounds"
@@ -230,16 +235,33 @@ END {
         printf "%-18s %10d %7d %10d %7d %10d %7d %10d %7d %8.2fx %9.2fx %9.2fx\n", j, o, om, k, km, b, bm, l, lm, (k ? o/k : 0), (b ? o/b : 0), (l ? o/l : 0)
     }
 }' "$OUT/bench.raw" | tee "$OUT/bench.table"
-if [[ -n ${BENCH_RBD_TUNED:-} ]]; then
-    echo "ours with CEPH_ARGS=\"$BENCH_RBD_TUNED\" against ours with the defaults (median IOPS):" | tee -a "$OUT/bench.table"
+# versus_ours LABEL: that device's IOPS against ours (the defaults of this build) within each
+# round, as the median of the rounds' ratios and their range (see the paired table below).
+versus_ours() {
     awk "$MEDIAN"'
-    { vals[$1" "$2] = vals[$1" "$2] " " $3; if (!seen[$2]++) order[n++] = $2 }
+    { k = $1" "$2; r = ++count[k]; iops[k" "r] = $3; if (r > rounds) rounds = r; if (!seen[$2]++) order[n++] = $2 }
     END {
+        printf "%-18s %10s %10s %20s\n", "job", "ours", label, "ratio (range)"
         for (i = 0; i < n; i++) {
-            j = order[i]; o = median("vduse-rbd "j); t = median("vduse-rbd-tuned "j)
-            printf "%-18s %10d %10d %8.2fx\n", j, o, t, (o ? t/o : 0)
+            j = order[i]; delete vals; lo = hi = 0
+            for (r = 1; r <= rounds; r++) {
+                o = iops["vduse-rbd "j" "r]; t = iops[label" "j" "r]
+                vals["o"] = vals["o"] " " o; vals["t"] = vals["t"] " " t
+                if (!o || !t) continue
+                q = t / o; vals["q"] = vals["q"] " " q
+                if (!lo || q < lo) lo = q; if (q > hi) hi = q
+            }
+            printf "%-18s %10d %10d %9.2fx (%.2f-%.2f)\n", j, median("o"), median("t"), median("q"), lo, hi
         }
-    }' "$OUT/bench.raw" | tee -a "$OUT/bench.table"
+    }' label="$1" "$OUT/bench.raw" | tee -a "$OUT/bench.table"
+}
+if [[ -n ${BENCH_RBD_TUNED:-} ]]; then
+    echo "ours with CEPH_ARGS=\"$BENCH_RBD_TUNED\" against ours with the defaults (median IOPS, and the within-round ratio):" | tee -a "$OUT/bench.table"
+    versus_ours vduse-rbd-tuned
+fi
+if [[ -n ${BENCH_RBD_BASELINE_BIN:-} ]]; then
+    echo "ours as built at $BENCH_RBD_BASELINE_BIN against this build (median IOPS, and the within-round ratio):" | tee -a "$OUT/bench.table"
+    versus_ours vduse-rbd-base
 fi
 
 # The bound of ours: each of our requests is a librbd operation inside a request of our
