@@ -33,7 +33,8 @@ read -ra JOBS <<<"${AB_JOBS:-randread randwrite}"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 CEPH=/tmp/ceph
-"$here/../tests/ceph/cluster.sh" start "$CEPH"
+# With cephx, as bench/guest-rbd-bench.sh: both sides connect as the `profile rbd` user.
+CEPH_AUTH=cephx "$here/../tests/ceph/cluster.sh" start "$CEPH"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" || true; done
@@ -58,7 +59,7 @@ serve() {
         --io-total 256M "rbd/ab-$side" >/dev/null
     # shellcheck disable=SC2086 # the flags are words
     CEPH_ARGS=$args taskset -c 1 "$bin" device serve --rbd "rbd/ab-$side" --ceph-monitors 127.0.0.1:6789 \
-        --name "ab$side" --queues 2 --log-level warn $flags >"$out" &
+        --ceph-user kubernetes --ceph-key-file "$CEPH/client.kubernetes.key" --name "ab$side" --queues 2 --log-level warn $flags >"$out" &
     pids+=($!)
     for i in $(seq 1 600); do [[ -s $out ]] && break; sleep 0.1; done
     dev[$side]=$(head -n1 "$out")

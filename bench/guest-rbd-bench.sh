@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs INSIDE the VDUSE guest (started by bench/run.sh): the RBD rows. A one-node Ceph
-# (tests/ceph/cluster.sh, BlueStore on a file, loopback only) serves one image, filled with
+# (tests/ceph/cluster.sh, BlueStore on a file, loopback only, cephx unless
+# BENCH_CEPH_AUTH=none) serves one image, filled with
 # data; the same fio jobs run on it through three block devices, in interleaved rounds within
 # this one boot:
 #   vduse-rbd   our `vduse-csi device serve --rbd` (librbd, asynchronous, cache off)
@@ -43,7 +44,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 W=/tmp/bench-rbd
 mkdir -p "$W"
 CEPH=/tmp/ceph
-"$here/../tests/ceph/cluster.sh" start "$CEPH"
+# cephx on, as on users' clusters (every client then signs its messages): ours connects as the
+# `profile rbd` user the tests and the README's install use, the others as client.admin.
+CEPH_AUTH=${BENCH_CEPH_AUTH:-cephx} "$here/../tests/ceph/cluster.sh" start "$CEPH"
+CEPH_USER=()
+[[ ${BENCH_CEPH_AUTH:-cephx} == cephx ]] && CEPH_USER=(--ceph-user kubernetes --ceph-key-file "$CEPH/client.kubernetes.key")
 trap '"$here/../tests/ceph/cluster.sh" stop "$CEPH"' EXIT
 C=(-c "$CEPH/ceph.conf")
 # Each client process gets an admin socket of its own (the conf's one is per name, and every
@@ -143,7 +148,7 @@ on_ours() {
 
 # serve_ours LABEL [CEPH_ARGS]: ours on the image, with these librados options added.
 serve_ours() {
-    CEPH_ARGS="$CEPH_ARGS ${2:-}" on_ours "$1" --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 --name rbdbench
+    CEPH_ARGS="$CEPH_ARGS ${2:-}" on_ours "$1" --rbd rbd/bench --ceph-monitors 127.0.0.1:6789 "${CEPH_USER[@]}" --name rbdbench
 }
 
 vduse_rbd() { serve_ours vduse-rbd; }

@@ -15,6 +15,7 @@
 #     vCPU 1 (BENCH_PIN=0: unpinned), and a second table gives CPU seconds per 100k requests;
 #     BENCH_RBD_TUNED="CEPH_ARGS" adds our device with those librados options as a fourth;
 #     BENCH_RBD_BASELINE_BIN=PATH adds our device served by another build (A/B in one boot);
+#     the cluster runs with cephx (BENCH_CEPH_AUTH=none: without);
 #     BENCH_RBD_DEVICES (default "vduse_rbd librbd krbd rbd_nbd null") picks the others (librbd:
 #     fio's librbd engine, no block device, the userspace ceiling; null: our frontend alone,
 #     which with librbd's row bounds ours); BENCH_PERF="JOB..." adds
@@ -97,7 +98,7 @@ if [[ ${BENCH_RBD:-1} != 0 ]]; then
     rbd_out=$repo/target/guest/bench-rbd
     rm -rf "$rbd_out"
     # Five devices × 3 rounds and a perf round took longer than run.sh's 20-minute default.
-    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_RBD_TUNED BENCH_RBD_BASELINE_BIN BENCH_RBD_DEVICES BENCH_PERF BENCH_STALL_SECONDS" \
+    GUEST_TIMEOUT=${GUEST_TIMEOUT:-3600} GUEST_ENV="$GUEST_ENV BENCH_RBD_SIZE_MB BENCH_PIN BENCH_CEPH_AUTH BENCH_RBD_TUNED BENCH_RBD_BASELINE_BIN BENCH_RBD_DEVICES BENCH_PERF BENCH_STALL_SECONDS" \
         tests/guest/run.sh bench/guest-rbd-bench.sh "$rbd_out" >&2
     echo
     echo "RBD (one-node Ceph in the guest, BlueStore on a file), same jobs, median of ${BENCH_ROUNDS:-3} rounds; IOPS:"
