@@ -32,6 +32,10 @@ QD=${AB_QD:-1}
 read -ra JOBS <<<"${AB_JOBS:-randread randwrite}"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
+if (($(nproc) < 2)); then
+    echo "guest-rbd-ab: needs 2 vCPUs (Ceph on one, the client side on the other)" >&2
+    exit 1
+fi
 CEPH=/tmp/ceph
 # With cephx, as bench/guest-rbd-bench.sh: both sides connect as the `profile rbd` user.
 CEPH_AUTH=cephx "$here/../tests/ceph/cluster.sh" start "$CEPH"
@@ -42,10 +46,6 @@ cleanup() {
 }
 trap cleanup EXIT
 C=(-c "$CEPH/ceph.conf")
-if (($(nproc) < 2)); then
-    echo "guest-rbd-ab: needs 2 vCPUs (Ceph on one, the client side on the other)" >&2
-    exit 1
-fi
 for daemon in ceph-mon ceph-mgr ceph-osd; do
     for pid in $(pgrep -x "$daemon"); do taskset -apc 0 "$pid" >/dev/null; done
 done
