@@ -46,24 +46,20 @@ cleanup() {
 }
 trap cleanup EXIT
 C=(-c "$CEPH/ceph.conf")
-for daemon in ceph-mon ceph-mgr ceph-osd; do
-    for pid in $(pgrep -x "$daemon"); do taskset -apc 0 "$pid" >/dev/null; done
-done
+# shellcheck source=bench/rbd-lib.sh
+source "$here/rbd-lib.sh"
+pin_ceph 0
 
 declare -A dev
 # serve SIDE BIN CEPH_ARGS FLAGS: one side's image and server; sets dev[SIDE].
 serve() {
-    local side=$1 bin=$2 args=$3 flags=$4 out=/tmp/ab-$1.out i
-    rbd "${C[@]}" create --size 256M "rbd/ab-$side"
-    rbd "${C[@]}" bench --io-type write --io-size 4M --io-threads 4 --io-pattern seq \
-        --io-total 256M "rbd/ab-$side" >/dev/null
+    local side=$1 bin=$2 args=$3 flags=$4 out=/tmp/ab-$1.out
+    filled_image "ab-$side" 256
     # shellcheck disable=SC2086 # the flags are words
     CEPH_ARGS=$args taskset -c 1 "$bin" device serve --rbd "rbd/ab-$side" --ceph-monitors 127.0.0.1:6789 \
         --ceph-user kubernetes --ceph-key-file "$CEPH/client.kubernetes.key" --name "ab$side" --queues 2 --log-level warn $flags >"$out" &
     pids+=($!)
-    for i in $(seq 1 600); do [[ -s $out ]] && break; sleep 0.1; done
-    dev[$side]=$(head -n1 "$out")
-    if [[ ${dev[$side]} != /dev/* ]]; then
+    if ! dev[$side]=$(served_device "$out"); then
         echo "guest-rbd-ab: side $side printed no device within a minute" >&2
         exit 1
     fi

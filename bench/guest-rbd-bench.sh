@@ -46,28 +46,26 @@ mkdir -p "$W"
 CEPH=/tmp/ceph
 # cephx on, as on users' clusters (every client then signs its messages): ours connects as the
 # `profile rbd` user the tests and the README's install use, the others as client.admin.
-CEPH_AUTH=${BENCH_CEPH_AUTH:-cephx} "$here/../tests/ceph/cluster.sh" start "$CEPH"
+AUTH=${BENCH_CEPH_AUTH:-cephx}
+CEPH_AUTH=$AUTH "$here/../tests/ceph/cluster.sh" start "$CEPH"
 CEPH_USER=()
-[[ ${BENCH_CEPH_AUTH:-cephx} == cephx ]] && CEPH_USER=(--ceph-user kubernetes --ceph-key-file "$CEPH/client.kubernetes.key")
+[[ $AUTH == cephx ]] && CEPH_USER=(--ceph-user kubernetes --ceph-key-file "$CEPH/client.kubernetes.key")
 trap '"$here/../tests/ceph/cluster.sh" stop "$CEPH"' EXIT
 C=(-c "$CEPH/ceph.conf")
+# shellcheck source=bench/rbd-lib.sh
+source "$here/rbd-lib.sh"
 # Each client process gets an admin socket of its own (the conf's one is per name, and every
 # CLI call as client.admin would take it over), so that stall_report can ask it what it waits for.
 export CEPH_ARGS="--admin-socket=$CEPH/run/\$name.\$pid.asok"
 CLIENT=()
 if [[ ${BENCH_PIN:-1} != 0 && $(nproc) -ge 2 ]]; then
-    for daemon in ceph-mon ceph-mgr ceph-osd; do
-        for pid in $(pgrep -x "$daemon"); do taskset -apc 0 "$pid" >/dev/null; done
-    done
+    pin_ceph 0
     CLIENT=(taskset -c 1)
     export FIO_CPU=1
     : >"$OUT/bench.cpu"
     : >"$OUT/bench.ctxt"
 fi
-rbd "${C[@]}" create --size "${SIZE_MB}M" rbd/bench
-# Written in full, so reads fetch data from the OSD rather than answering holes with zeroes.
-rbd "${C[@]}" bench --io-type write --io-size 4M --io-threads 4 --io-pattern seq \
-    --io-total "${SIZE_MB}M" rbd/bench >/dev/null
+filled_image bench "$SIZE_MB"
 
 # name rw bs iodepth numjobs
 JOBS=(
@@ -130,14 +128,12 @@ stall_report() {
 # on_ours LABEL ARGS...: `device serve ARGS` on the client's vCPU, fio's jobs on the device it
 # prints, then a clean stop. A server that prints no device within a minute fails the run.
 on_ours() {
-    local label=$1 pid dev i
+    local label=$1 pid dev
     shift
     rm -f "$W/ours.out"
     "${CLIENT[@]}" "$BIN" device serve "$@" --queues "$QUEUES" --log-level warn >"$W/ours.out" &
     pid=$!
-    for i in $(seq 1 600); do [[ -s $W/ours.out ]] && break; sleep 0.1; done
-    dev=$(head -n1 "$W/ours.out")
-    if [[ $dev != /dev/* ]]; then
+    if ! dev=$(served_device "$W/ours.out"); then
         echo "device serve $* printed no device within a minute" >&2
         kill -KILL "$pid" 2>/dev/null || true
         return 1
@@ -226,6 +222,15 @@ function median(key,    n, i, j, t, a) {
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return n ? a[int((n + 1) / 2)] : 0
 }'
+# span(KEY): the median of the numbers in vals[KEY] and their range, as "0.85x (0.70-0.98)"
+SPAN='
+function span(key,    n, i, lo, hi, a) {
+    n = split(vals[key], a, " ")
+    if (!n) return "-"
+    lo = hi = a[1]
+    for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
+    return sprintf("%.2fx (%.2f-%.2f)", median(key), lo, hi)
+}'
 
 # Table: per job, each device's median IOPS and MiB/s over the rounds, and our ratio to each.
 awk "$MEDIAN"'
@@ -243,20 +248,18 @@ END {
 # versus_ours LABEL: that device's IOPS against ours (the defaults of this build) within each
 # round, as the median of the rounds' ratios and their range (see the paired table below).
 versus_ours() {
-    awk "$MEDIAN"'
+    awk "$MEDIAN$SPAN"'
     { k = $1" "$2; r = ++count[k]; iops[k" "r] = $3; if (r > rounds) rounds = r; if (!seen[$2]++) order[n++] = $2 }
     END {
         printf "%-18s %10s %10s %20s\n", "job", "ours", label, "ratio (range)"
         for (i = 0; i < n; i++) {
-            j = order[i]; delete vals; lo = hi = 0
+            j = order[i]; delete vals
             for (r = 1; r <= rounds; r++) {
                 o = iops["vduse-rbd "j" "r]; t = iops[label" "j" "r]
                 vals["o"] = vals["o"] " " o; vals["t"] = vals["t"] " " t
-                if (!o || !t) continue
-                q = t / o; vals["q"] = vals["q"] " " q
-                if (!lo || q < lo) lo = q; if (q > hi) hi = q
+                if (o && t) vals["q"] = vals["q"] " " t / o
             }
-            printf "%-18s %10d %10d %9.2fx (%.2f-%.2f)\n", j, median("o"), median("t"), median("q"), lo, hi
+            printf "%-18s %10d %10d %20s\n", j, median("o"), median("t"), span("q")
         }
     }' label="$1" "$OUT/bench.raw" | tee -a "$OUT/bench.table"
 }
@@ -303,14 +306,7 @@ fi
 # 1.00 says the row is within the boot's noise of the other.
 if grep -q '^vduse-rbd ' "$OUT/bench.raw"; then
     echo "ours against each device within each round (median of the rounds' ratios, and their range):" | tee -a "$OUT/bench.table"
-    awk "$MEDIAN"'
-    function span(key,    n, i, lo, hi, a) {
-        n = split(vals[key], a, " ")
-        if (!n) return "-"
-        lo = hi = a[1]
-        for (i = 2; i <= n; i++) { if (a[i] + 0 < lo + 0) lo = a[i]; if (a[i] + 0 > hi + 0) hi = a[i] }
-        return sprintf("%.2fx (%.2f-%.2f)", median(key), lo, hi)
-    }
+    awk "$MEDIAN$SPAN"'
     { k = $1" "$2; r = ++count[k]; iops[k" "r] = $3; if (r > rounds) rounds = r; if (!seen[$2]++) order[n++] = $2 }
     END {
         printf "%-18s %20s %20s %20s %20s\n", "job", "vs bound", "vs krbd", "vs rbd-nbd", "vs librbd"
